@@ -1,0 +1,157 @@
+//! Multi-document YAML manifests of Services, EndpointSlices and Nodes, as `kubectl apply -f`
+//! would take them. Errors name the source, the document (1-based) and the field.
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use serde::de::DeserializeOwned;
+
+use crate::convert;
+use crate::error::ModelError;
+use crate::types::{EndpointSlice, Node, Service};
+
+/// One object read from a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+/// Everything one or more manifests hold, in the model's types.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+impl Objects {
+    pub fn push(&mut self, o: Object) {
+        match o {
+            Object::Service(s) => self.services.push(*s),
+            Object::EndpointSlice(s) => self.slices.push(*s),
+            Object::Node(n) => self.nodes.push(*n),
+        }
+    }
+
+    pub fn extend(&mut self, other: Objects) {
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+        self.nodes.extend(other.nodes);
+    }
+}
+
+fn decode<T: DeserializeOwned>(
+    source_name: &str,
+    document: usize,
+    value: serde_json::Value,
+) -> Result<T, ModelError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ModelError::Document {
+            source_name: source_name.to_string(),
+            document,
+            reason: format!("field {path}: {}", e.inner()),
+        }
+    })
+}
+
+fn wrap(source_name: &str, document: usize, e: ModelError) -> ModelError {
+    ModelError::InvalidDocument {
+        source_name: source_name.to_string(),
+        document,
+        source: Box::new(e),
+    }
+}
+
+/// Decode one document (already parsed to a JSON value). Kinds the proxy does not watch
+/// (Deployments, ConfigMaps, …) are ignored so a whole application manifest can be used.
+fn object(
+    source_name: &str,
+    document: usize,
+    value: serde_json::Value,
+    out: &mut Objects,
+) -> Result<(), ModelError> {
+    let doc_err = |reason: String| ModelError::Document {
+        source_name: source_name.to_string(),
+        document,
+        reason,
+    };
+    let kind = value
+        .get("kind")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| doc_err("field kind: missing".into()))?
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| doc_err("field apiVersion: missing".into()))?
+        .to_string();
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => {
+            let svc: core::Service = decode(source_name, document, value)?;
+            out.services
+                .push(convert::service(&svc).map_err(|e| wrap(source_name, document, e))?);
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let s: discovery::EndpointSlice = decode(source_name, document, value)?;
+            if let Some(s) =
+                convert::endpoint_slice(&s).map_err(|e| wrap(source_name, document, e))?
+            {
+                out.slices.push(s);
+            }
+        }
+        ("v1", "Node") => {
+            let n: core::Node = decode(source_name, document, value)?;
+            out.nodes
+                .push(convert::node(&n).map_err(|e| wrap(source_name, document, e))?);
+        }
+        ("v1", "List") => {
+            let items = value
+                .get("items")
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                object(source_name, document, item, out)?;
+            }
+        }
+        (_, "Service" | "Node" | "EndpointSlice") => {
+            return Err(doc_err(format!(
+                "field apiVersion: {api_version:?} is not served for kind {kind} (want {})",
+                if kind == "EndpointSlice" {
+                    "discovery.k8s.io/v1"
+                } else {
+                    "v1"
+                }
+            )));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Parse a multi-document YAML text. The whole text is rejected on the first bad document so
+/// that a half-edited file never replaces a good one.
+pub fn parse(source_name: &str, text: &str) -> Result<Objects, ModelError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|source| ModelError::Yaml {
+            source_name: source_name.to_string(),
+            source: Box::new(source),
+        })?;
+    let mut out = Objects::default();
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        if !doc.is_object() {
+            return Err(ModelError::Document {
+                source_name: source_name.to_string(),
+                document: i + 1,
+                reason: "not a mapping".into(),
+            });
+        }
+        object(source_name, i + 1, doc, &mut out)?;
+    }
+    Ok(out)
+}

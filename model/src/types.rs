@@ -1,0 +1,198 @@
+//! Small owned types the model works on. Kubernetes objects are converted into these at the
+//! edge (see `convert`), so everything downstream is cheap to clone, compare and hash.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// Namespace and name of a Service (or any namespaced object).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// IANA protocol number, as the kernel uses it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::IPv4 => "IPv4",
+            IpFamily::IPv6 => "IPv6",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum TrafficDistribution {
+    /// `PreferClose` (the original name) and `PreferSameZone` mean the same thing.
+    PreferSameZone,
+    PreferSameNode,
+}
+
+/// One entry of `spec.ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct ServicePort {
+    /// Empty for the single unnamed port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// Only kept for display: resolution happens through EndpointSlice ports by name.
+    pub target_port: Option<String>,
+}
+
+/// The parts of a core/v1 Service the proxy and DNS need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub service_type: ServiceType,
+    /// `spec.clusterIPs` (falling back to `spec.clusterIP`); empty for headless services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub headless: bool,
+    pub external_name: Option<String>,
+    pub ports: Vec<ServicePort>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// ClientIP affinity timeout in seconds, `None` when affinity is off.
+    pub session_affinity_timeout: Option<u32>,
+    pub external_traffic_local: bool,
+    pub internal_traffic_local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub publish_not_ready_addresses: bool,
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// One endpoint of an EndpointSlice (only `addresses[0]` is used, as kube-proxy does).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hostname: Option<String>,
+    /// `hints.forZones`; `None` when the endpoint carries no zone hints.
+    pub zone_hints: Option<Vec<String>>,
+    /// `hints.forNodes`; `None` when the endpoint carries no node hints.
+    pub node_hints: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct EndpointPort {
+    /// Empty for the unnamed port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// The parts of a discovery.k8s.io/v1 EndpointSlice the proxy and DNS need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// Value of the `kubernetes.io/service-name` label.
+    pub service: String,
+    pub family: IpFamily,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl EndpointSlice {
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey::new(&self.namespace, &self.service)
+    }
+}
+
+/// The node this proxy runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `status.addresses` of type InternalIP and ExternalIP, in the node's order.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Node {
+    pub fn zone(&self) -> Option<&str> {
+        self.labels
+            .get("topology.kubernetes.io/zone")
+            .map(String::as_str)
+    }
+}
