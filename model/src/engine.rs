@@ -142,6 +142,14 @@ impl Engine {
         self.slices.get(key).into_iter().flat_map(BTreeMap::values)
     }
 
+    /// The EndpointSlice held under this namespace and name, whatever service owns it.
+    pub fn slice(&self, namespace: &str, name: &str) -> Option<&Arc<EndpointSlice>> {
+        let owner = self
+            .slice_owner
+            .get(&(namespace.to_string(), name.to_string()))?;
+        self.slices.get(owner)?.get(name)
+    }
+
     /// True when some event since the last `sync` may change the desired state.
     pub fn has_pending(&self) -> bool {
         self.all_dirty || !self.dirty.is_empty()

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The ChangeSet is exact: what was added, changed (with the frontends and backends that
 //! moved) and removed, and nothing when a change nets to nothing.
 
@@ -21,7 +22,8 @@ fn slice(name: &str, svc: &str, ips: &[&str]) -> switchyard_model::EndpointSlice
     let eps: String = ips
         .iter()
         .map(|ip| format!("- addresses: [{ip}]\n"))
-        .collect();
+        .collect::<Vec<_>>()
+        .concat();
     let y = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints:\n{eps}"
     );

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Table tests of kube-proxy's service semantics. Each case is a set of manifests (YAML, as a
 //! user would write them) and the plan the model must compute for node `node-a`.
 

@@ -25,7 +25,7 @@ pub struct ServiceValue {
     pub count: u32,
     pub rev_nat_index: u16,
     pub flags: u8,
-    pub _pad: u8,
+    pub pad: u8,
     pub affinity_timeout: u32,
     pub service_id: u32,
 }

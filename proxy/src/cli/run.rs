@@ -1,0 +1,174 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Health};
+use crate::config::{Config, Settings};
+use crate::dataplane::{BackendChoice, select};
+use crate::error::SourceError;
+use crate::metrics::{BackendLabel, Metrics};
+use crate::source::{self, SourceSpec};
+use crate::store::Store;
+use crate::sync::{SyncLoop, SyncTiming};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where Services, EndpointSlices and the Node come from: `kube` or `manifests:DIR`.
+    #[arg(long, default_value = "kube")]
+    pub source: SourceSpec,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Configuration file (YAML, kube-proxy field names).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This node's name (kube-proxy's --hostname-override).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// cgroup v2 directory the socket load balancer attaches to.
+    #[arg(long)]
+    pub cgroup_path: Option<PathBuf>,
+    /// Overrides healthzBindAddress (empty disables).
+    #[arg(long)]
+    pub healthz_bind_address: Option<String>,
+    /// Overrides metricsBindAddress (empty disables).
+    #[arg(long)]
+    pub metrics_bind_address: Option<String>,
+}
+
+fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(h) = &args.healthz_bind_address {
+        cfg.healthz_bind_address.clone_from(h);
+    }
+    if let Some(m) = &args.metrics_bind_address {
+        cfg.metrics_bind_address.clone_from(m);
+    }
+    if let Some(c) = &args.cgroup_path {
+        cfg.cgroup_path = Some(c.clone());
+    }
+    Ok(cfg.validate()?)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = settings(&args)?;
+    let metrics = Arc::new(Metrics::new());
+    let (dataplane, reason) = select(args.backend)?;
+    tracing::info!(backend = dataplane.name(), %reason, "dataplane backend selected");
+    metrics
+        .backend_selected
+        .get_or_create(&BackendLabel {
+            backend: dataplane.name().into(),
+            reason,
+        })
+        .set(1);
+
+    let node_name = match (&args.source, &args.node_name) {
+        (_, Some(n)) => Some(n.clone()),
+        (SourceSpec::Kube, None) => return Err(SourceError::NoNodeName.into()),
+        (SourceSpec::Manifests(_), None) => None,
+    };
+    let store = Store::new(
+        settings.proxy_config(node_name.as_deref().unwrap_or_default()),
+        Arc::clone(&metrics),
+    );
+    let cancel = CancellationToken::new();
+    let health = Health::new(settings.sync_period * 2);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    match args.source.clone() {
+        SourceSpec::Kube => {
+            let client = source::kube::client().await?;
+            let (store, cancel, node) = (
+                Arc::clone(&store),
+                cancel.clone(),
+                node_name.clone().unwrap_or_default(),
+            );
+            tasks.spawn(async move {
+                source::kube::run(client, node, store, cancel).await;
+                Ok(())
+            });
+        }
+        SourceSpec::Manifests(dir) => {
+            let (store, cancel, node) = (Arc::clone(&store), cancel.clone(), node_name.clone());
+            // Fail at start on an unreadable directory rather than run with nothing.
+            std::fs::read_dir(&dir).map_err(|source| SourceError::ReadDir {
+                path: dir.clone(),
+                source,
+            })?;
+            tasks.spawn(async move {
+                source::manifests::run(dir, node, store, cancel)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+    }
+
+    let h = Arc::clone(&health);
+    let sync = SyncLoop {
+        store: Arc::clone(&store),
+        dataplane: Arc::new(Mutex::new(dataplane)),
+        timing: SyncTiming {
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+            retry: std::time::Duration::from_secs(1),
+        },
+        hooks: vec![Box::new(move |_| h.synced())],
+    };
+    {
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            sync.run(cancel).await;
+            Ok(())
+        });
+    }
+
+    let router = admin::router(Arc::clone(&health), Arc::clone(&metrics));
+    let mut binds: Vec<SocketAddr> = Vec::new();
+    binds.extend(settings.healthz_bind_address);
+    binds.extend(settings.metrics_bind_address.filter(|m| !binds.contains(m)));
+    for addr in binds {
+        let (router, cancel) = (router.clone(), cancel.clone());
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("admin HTTP on {addr}: {e}"))?;
+        tracing::info!(%addr, "admin HTTP listening");
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutting down"),
+        Some(r) = tasks.join_next() => {
+            cancel.cancel();
+            if let Ok(Err(e)) = r { return Err(e) }
+        }
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}

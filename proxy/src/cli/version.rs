@@ -1,0 +1,3 @@
+pub fn run() {
+    println!("switchyard {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,11 @@
+//! Switchyard's daemon: sources, store, sync loop, dataplane backends, admin HTTP and CLI.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod error;
+pub mod metrics;
+pub mod source;
+pub mod store;
+pub mod sync;

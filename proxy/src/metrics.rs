@@ -1,0 +1,118 @@
+//! Prometheus metrics, named like kube-proxy's where the meaning is the same.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub sync_duration: Histogram,
+    pub network_programming: Histogram,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub sync_errors: Counter,
+    pub service_ports: Gauge,
+    pub source_errors: Family<KindLabel, Counter>,
+    pub backend_selected: Family<BackendLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
+        let sync_errors = Counter::default();
+        let service_ports = Gauge::default();
+        let source_errors = Family::<KindLabel, Counter>::default();
+        let backend_selected = Family::<BackendLabel, Gauge>::default();
+        registry.register(
+            "sync_proxy_rules_duration_seconds",
+            "Time to apply one sync to the dataplane",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "Time from an object change arriving to it being programmed",
+            network_programming.clone(),
+        );
+        registry.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last successful sync",
+            last_sync_timestamp.clone(),
+        );
+        registry.register(
+            "switchyard_sync_errors",
+            "Syncs the dataplane refused",
+            sync_errors.clone(),
+        );
+        registry.register(
+            "switchyard_service_ports",
+            "Service ports (per family) in the desired state",
+            service_ports.clone(),
+        );
+        registry.register(
+            "switchyard_source_errors",
+            "Invalid objects ignored (their last good version is kept)",
+            source_errors.clone(),
+        );
+        registry.register(
+            "switchyard_backend",
+            "The dataplane backend in use (1) and why it was chosen",
+            backend_selected.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            sync_duration,
+            network_programming,
+            last_sync_timestamp,
+            sync_errors,
+            service_ports,
+            source_errors,
+            backend_selected,
+        }
+    }
+
+    pub fn source_error(&self, kind: &str) {
+        self.source_errors
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let reg = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if encode(&mut out, &reg).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,112 @@
+//! The Kubernetes API source: kube's watcher for Services, EndpointSlices and this node's Node
+//! object, with the default backoff. A (re)list is handed to the store whole at `InitDone`,
+//! so objects deleted while the watch was down disappear; a 410 Gone makes the watcher relist.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{StreamExt, pin_mut};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use switchyard_model::{ModelError, convert};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::SourceError;
+use crate::store::{Converted, Kind, ObjectId, Store};
+
+/// Build a client from the in-cluster environment or the kubeconfig (`KUBECONFIG`).
+pub async fn client() -> Result<Client, SourceError> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|source| SourceError::KubeConfig { source })?;
+    Client::try_from(config).map_err(|source| SourceError::Kube { source })
+}
+
+fn id_of<K: Resource>(o: &K) -> ObjectId {
+    ObjectId {
+        namespace: o.meta().namespace.clone().unwrap_or_default(),
+        name: o.meta().name.clone().unwrap_or_default(),
+    }
+}
+
+fn conv_service(s: &core::Service) -> Result<Converted, ModelError> {
+    convert::service(s).map(Converted::Service)
+}
+
+fn conv_slice(s: &discovery::EndpointSlice) -> Result<Converted, ModelError> {
+    Ok(convert::endpoint_slice(s)?.map_or(Converted::Ignored, Converted::Slice))
+}
+
+fn conv_node(n: &core::Node) -> Result<Converted, ModelError> {
+    convert::node(n).map(Converted::Node)
+}
+
+async fn watch_kind<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    kind: Kind,
+    conv: fn(&K) -> Result<Converted, ModelError>,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let stream = watcher::watcher(api, cfg).default_backoff();
+    pin_mut!(stream);
+    let mut listing: Vec<(ObjectId, Result<Converted, ModelError>)> = Vec::new();
+    loop {
+        let ev = tokio::select! {
+            () = cancel.cancelled() => return,
+            ev = stream.next() => ev,
+        };
+        let Some(ev) = ev else { return };
+        match ev {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(o)) => listing.push((id_of(&o), conv(&o))),
+            Ok(Event::InitDone) => {
+                let n = listing.len();
+                store.replace(kind, std::mem::take(&mut listing));
+                tracing::info!(kind = kind.as_str(), objects = n, "list complete");
+            }
+            Ok(Event::Apply(o)) => store.apply(kind, &id_of(&o), conv(&o)),
+            Ok(Event::Delete(o)) => store.delete(kind, &id_of(&o)),
+            Err(e) => {
+                // The backoff retries; a 410 Gone restarts with a fresh list.
+                tracing::warn!(kind = kind.as_str(), error = %e, "watch error; retrying");
+            }
+        }
+    }
+}
+
+/// Watch all three kinds until cancelled.
+pub async fn run(client: Client, node_name: String, store: Arc<Store>, cancel: CancellationToken) {
+    let svc = tokio::spawn(watch_kind(
+        Api::<core::Service>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::Service,
+        conv_service,
+        Arc::clone(&store),
+        cancel.clone(),
+    ));
+    let eps = tokio::spawn(watch_kind(
+        Api::<discovery::EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::EndpointSlice,
+        conv_slice,
+        Arc::clone(&store),
+        cancel.clone(),
+    ));
+    let node = tokio::spawn(watch_kind(
+        Api::<core::Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        Kind::Node,
+        conv_node,
+        store,
+        cancel,
+    ));
+    let _ = tokio::join!(svc, eps, node);
+}

@@ -1,0 +1,146 @@
+//! The manifest-directory source: every `*.yaml`, `*.yml` and `*.json` file in a directory,
+//! reloaded when the directory changes. A file that fails to parse is reported with the file,
+//! document and field, and its last good content stays in force.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use switchyard_model::Node;
+use switchyard_model::manifest::{self, Objects};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::SourceError;
+use crate::store::Store;
+
+/// The files of a manifest directory with the last good content of each.
+#[derive(Debug, Default)]
+pub struct ManifestDir {
+    pub dir: PathBuf,
+    last_good: BTreeMap<PathBuf, Objects>,
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestDir {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    /// Read the directory again. Returns everything in force and the errors of this read.
+    pub fn load(&mut self) -> Result<(Objects, Vec<SourceError>), SourceError> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map_err(|source| SourceError::ReadDir {
+                path: self.dir.clone(),
+                source,
+            })?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && is_manifest(p))
+            .collect();
+        files.sort();
+        let mut errors = Vec::new();
+        self.last_good.retain(|p, _| files.contains(p));
+        for f in &files {
+            let text = match std::fs::read_to_string(f) {
+                Ok(t) => t,
+                Err(source) => {
+                    errors.push(SourceError::ReadFile {
+                        path: f.clone(),
+                        source,
+                    });
+                    continue;
+                }
+            };
+            match manifest::parse(&f.display().to_string(), &text) {
+                Ok(objs) => {
+                    self.last_good.insert(f.clone(), objs);
+                }
+                Err(e) => errors.push(SourceError::Model(e)),
+            }
+        }
+        let mut all = Objects::default();
+        for objs in self.last_good.values() {
+            all.extend(objs.clone());
+        }
+        Ok((all, errors))
+    }
+}
+
+/// The node named `node_name`; without a name, the only Node in the manifests.
+pub fn pick_node(nodes: &[Node], node_name: Option<&str>) -> Option<Node> {
+    match node_name {
+        Some(n) => nodes.iter().find(|x| x.name == n).cloned(),
+        None if nodes.len() == 1 => nodes.first().cloned(),
+        None => None,
+    }
+}
+
+/// Load once into the store, then follow the directory until cancelled.
+pub async fn run(
+    dir: PathBuf,
+    node_name: Option<String>,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) -> Result<(), SourceError> {
+    let mut md = ManifestDir::new(&dir);
+    let push = |md: &mut ManifestDir| -> Result<(), SourceError> {
+        let (objs, errors) = md.load()?;
+        for e in &errors {
+            store.metrics().source_error("manifest");
+            tracing::error!(error = %e, "invalid manifest; keeping the last good content of that file");
+        }
+        let node = pick_node(&objs.nodes, node_name.as_deref());
+        tracing::info!(
+            services = objs.services.len(),
+            slices = objs.slices.len(),
+            node = node.as_ref().map(|n| n.name.as_str()),
+            "manifests loaded from {}",
+            md.dir.display()
+        );
+        store.replace_all(objs.services, objs.slices, node);
+        Ok(())
+    };
+    push(&mut md)?;
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|source| SourceError::Watch {
+        path: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| SourceError::Watch {
+            path: dir.clone(),
+            source,
+        })?;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            ev = rx.recv() => {
+                if ev.is_none() { return Ok(()) }
+                // Editors write in several steps; let the burst settle, then read once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                if let Err(e) = push(&mut md) {
+                    tracing::error!(error = %e, "reloading manifests failed; keeping the last good state");
+                }
+            }
+        }
+    }
+}
