@@ -142,6 +142,11 @@ impl Engine {
         self.slices.get(key).into_iter().flat_map(BTreeMap::values)
     }
 
+    /// Every EndpointSlice held, whether or not its Service is known.
+    pub fn all_slices(&self) -> impl Iterator<Item = &Arc<EndpointSlice>> {
+        self.slices.values().flat_map(BTreeMap::values)
+    }
+
     /// The EndpointSlice held under this namespace and name, whatever service owns it.
     pub fn slice(&self, namespace: &str, name: &str) -> Option<&Arc<EndpointSlice>> {
         let owner = self

@@ -1,0 +1,426 @@
+//! A protocol-faithful fake Kubernetes API server for Services, EndpointSlices and Nodes:
+//! list and watch with resourceVersions, bookmarks, `410 Gone` for compacted history, and
+//! the ability to drop every open watch stream. Tests drive kube's real client against it.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Resource {
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Service => "Service",
+            Resource::EndpointSlice => "EndpointSlice",
+            Resource::Node => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Resource::EndpointSlice => "discovery.k8s.io/v1",
+            Resource::Service | Resource::Node => "v1",
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Resource> {
+        match path {
+            "/api/v1/services" => Some(Resource::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Resource::EndpointSlice),
+            "/api/v1/nodes" => Some(Resource::Node),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StoredEvent {
+    rv: u64,
+    resource: Resource,
+    type_: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct ApiState {
+    rv: u64,
+    objects: BTreeMap<(Resource, String, String), Value>,
+    history: Vec<StoredEvent>,
+    /// Watches starting before this resourceVersion get 410 Gone.
+    compacted_below: u64,
+    /// While set, new watch requests are refused with 503 (the "API server is away").
+    refuse_watches: bool,
+    /// Every request path and query, in order.
+    requests: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<ApiState>>,
+    events: broadcast::Sender<StoredEvent>,
+    drop_gen: watch::Sender<u64>,
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    watch: Option<String>,
+    resource_version: Option<String>,
+    field_selector: Option<String>,
+    allow_watch_bookmarks: Option<bool>,
+    timeout_seconds: Option<u64>,
+}
+
+fn meta_str<'a>(o: &'a Value, field: &str) -> &'a str {
+    o.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+fn field_selector_matches(sel: Option<&str>, o: &Value) -> bool {
+    let Some(sel) = sel.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    sel.split(',').all(|req| match req.split_once('=') {
+        Some(("metadata.name", v)) => meta_str(o, "name") == v.trim_start_matches('='),
+        Some(("metadata.namespace", v)) => meta_str(o, "namespace") == v.trim_start_matches('='),
+        _ => true,
+    })
+}
+
+fn status_error(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code
+    })
+}
+
+impl FakeApi {
+    /// Start serving on 127.0.0.1 with an ephemeral port.
+    pub async fn start() -> anyhow::Result<FakeApi> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let api = FakeApi {
+            state: Arc::new(Mutex::new(ApiState {
+                rv: 100,
+                ..ApiState::default()
+            })),
+            events: broadcast::channel(4096).0,
+            drop_gen: watch::channel(0).0,
+            addr,
+            shutdown: CancellationToken::new(),
+        };
+        let app = Router::new().fallback(handle).with_state(api.clone());
+        let cancel = api.shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+        });
+        Ok(api)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server.
+    pub fn client(&self) -> anyhow::Result<kube::Client> {
+        let cfg = kube::Config::new(self.url().parse()?);
+        Ok(kube::Client::try_from(cfg)?)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ApiState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record(&self, st: &mut ApiState, resource: Resource, type_: &'static str, object: Value) {
+        let ev = StoredEvent {
+            rv: st.rv,
+            resource,
+            type_,
+            object,
+        };
+        st.history.push(ev.clone());
+        let _ = self.events.send(ev);
+    }
+
+    /// Create or replace an object (a manifest as JSON); returns its new resourceVersion.
+    pub fn apply(&self, resource: Resource, mut object: Value) -> u64 {
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        let ns = if resource == Resource::Node {
+            String::new()
+        } else {
+            let ns = meta_str(&object, "namespace");
+            if ns.is_empty() {
+                "default".into()
+            } else {
+                ns.to_string()
+            }
+        };
+        let name = meta_str(&object, "name").to_string();
+        object["apiVersion"] = json!(resource.api_version());
+        object["kind"] = json!(resource.kind());
+        if resource != Resource::Node {
+            object["metadata"]["namespace"] = json!(ns);
+        }
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        object["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+        let key = (resource, ns, name);
+        let type_ = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key, object.clone());
+        self.record(&mut st, resource, type_, object);
+        rv
+    }
+
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        let mut st = self.lock();
+        let ns = if resource == Resource::Node {
+            ""
+        } else {
+            namespace
+        };
+        let Some(mut obj) = st
+            .objects
+            .remove(&(resource, ns.to_string(), name.to_string()))
+        else {
+            return false;
+        };
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        self.record(&mut st, resource, "DELETED", obj);
+        true
+    }
+
+    /// Forget all history: every watch from an older resourceVersion gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.lock();
+        st.compacted_below = st.rv + 1;
+        st.history.clear();
+    }
+
+    /// End every open watch stream (as a restarting API server or a proxy timeout would).
+    pub fn drop_watches(&self) {
+        self.drop_gen.send_modify(|g| *g += 1);
+    }
+
+    pub fn refuse_watches(&self, refuse: bool) {
+        self.lock().refuse_watches = refuse;
+    }
+
+    /// The requests served so far (`path?query`).
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    /// How many list (not watch) requests were served for `path`.
+    pub fn list_count(&self, path: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with(path) && !r.contains("watch=true") && !r.contains("watch=1"))
+            .count()
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn handle(State(api): State<FakeApi>, uri: Uri, Query(p): Query<Params>) -> Response {
+    {
+        let mut st = api.lock();
+        st.requests.push(uri.to_string());
+    }
+    let Some(resource) = Resource::from_path(uri.path()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(status_error(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )),
+        )
+            .into_response();
+    };
+    let watching = matches!(p.watch.as_deref(), Some("true" | "1"));
+    if watching {
+        watch_response(&api, resource, &p)
+    } else {
+        list_response(&api, resource, &p)
+    }
+}
+
+fn list_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
+    let st = api.lock();
+    let items: Vec<Value> = st
+        .objects
+        .iter()
+        .filter(|((r, _, _), o)| {
+            *r == resource && field_selector_matches(p.field_selector.as_deref(), o)
+        })
+        .map(|(_, o)| o.clone())
+        .collect();
+    let body = json!({
+        "kind": format!("{}List", resource.kind()),
+        "apiVersion": resource.api_version(),
+        "metadata": {"resourceVersion": st.rv.to_string()},
+        "items": items,
+    });
+    axum::Json(body).into_response()
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+fn watch_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
+    let from: u64 = p
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (backlog, compacted, refuse, current) = {
+        let st = api.lock();
+        let backlog: Vec<StoredEvent> = st
+            .history
+            .iter()
+            .filter(|e| e.resource == resource && e.rv > from)
+            .cloned()
+            .collect();
+        (
+            backlog,
+            from < st.compacted_below && from != 0,
+            st.refuse_watches,
+            st.rv,
+        )
+    };
+    if refuse {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(status_error(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            )),
+        )
+            .into_response();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(256);
+    if compacted {
+        // The real API server answers 200 and sends the 410 as an ERROR event.
+        let msg = format!("too old resource version: {from} ({current})");
+        let ev = json!({"type": "ERROR", "object": status_error(410, "Expired", &msg)});
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(line(&ev))).await;
+        });
+    } else {
+        let mut live = api.events.subscribe();
+        let mut dropped = api.drop_gen.subscribe();
+        let selector = p.field_selector.clone();
+        let bookmarks = p.allow_watch_bookmarks.unwrap_or(false);
+        let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(300).min(300));
+        let shutdown = api.shutdown.clone();
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut last = from;
+            for e in backlog {
+                if !deliver(&tx, &e, resource, &mut last, selector.as_deref()).await {
+                    return;
+                }
+            }
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    () = &mut deadline => return,
+                    () = shutdown.cancelled() => return,
+                    _ = dropped.changed() => return,
+                    ev = live.recv() => {
+                        let Ok(e) = ev else { return };
+                        if !deliver(&tx, &e, resource, &mut last, selector.as_deref()).await {
+                            return;
+                        }
+                    }
+                    _ = tick.tick(), if bookmarks => {
+                        // Events are broadcast under the state lock, so every event up to
+                        // `rv` is already queued here: deliver them before promising `rv`.
+                        let rv = api.lock().rv;
+                        loop {
+                            match live.try_recv() {
+                                Ok(e) => {
+                                    if !deliver(&tx, &e, resource, &mut last, selector.as_deref()).await {
+                                        return;
+                                    }
+                                }
+                                Err(broadcast::error::TryRecvError::Empty) => break,
+                                Err(_) => return,
+                            }
+                        }
+                        let bm = json!({"type": "BOOKMARK", "object": {
+                            "kind": resource.kind(), "apiVersion": resource.api_version(),
+                            "metadata": {"resourceVersion": rv.to_string()}}});
+                        last = last.max(rv);
+                        if tx.send(Ok(line(&bm))).await.is_err() { return }
+                    }
+                }
+            }
+        });
+    }
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Send one event if it is for this watch and newer than what was sent; false when the
+/// client went away.
+async fn deliver(
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>,
+    e: &StoredEvent,
+    resource: Resource,
+    last: &mut u64,
+    selector: Option<&str>,
+) -> bool {
+    if e.resource != resource || e.rv <= *last {
+        return true;
+    }
+    *last = e.rv;
+    if !field_selector_matches(selector, &e.object) {
+        return true;
+    }
+    let ev = json!({"type": e.type_, "object": e.object});
+    tx.send(Ok(line(&ev))).await.is_ok()
+}

@@ -1,0 +1,3 @@
+//! Test support shared by the integration and end-to-end tests.
+
+pub mod fake_api;

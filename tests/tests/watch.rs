@@ -1,0 +1,276 @@
+//! kube's real client and watcher against the fake API server: the store converges after
+//! live events, a dropped watch, a 410 Gone with a relist, and invalid objects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchyard::metrics::Metrics;
+use switchyard::source;
+use switchyard::store::Store;
+use switchyard_model::ProxyConfig;
+use switchyard_tests::fake_api::{FakeApi, Resource};
+use tokio_util::sync::CancellationToken;
+
+fn svc(name: &str, ip: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "shop"},
+           "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}})
+}
+
+fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+    json!({"metadata": {"name": name, "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+fn node(name: &str, ip: &str) -> Value {
+    json!({"metadata": {"name": name},
+           "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+}
+
+/// What the store holds, in a form tests can compare.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Held {
+    initialized: bool,
+    /// name -> cluster IPs
+    services: BTreeMap<String, String>,
+    /// slice name -> endpoint addresses
+    slices: BTreeMap<String, String>,
+    node: Option<String>,
+}
+
+fn held(store: &Store) -> Held {
+    let initialized = store.initialized();
+    store.read(|e| Held {
+        initialized,
+        services: e
+            .services()
+            .map(|s| {
+                let ips: Vec<String> = s.cluster_ips.iter().map(ToString::to_string).collect();
+                (s.key.name.clone(), ips.join(","))
+            })
+            .collect(),
+        slices: e
+            .all_slices()
+            .map(|s| {
+                let ips: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
+                (s.name.clone(), ips.join(","))
+            })
+            .collect(),
+        node: e.node().map(|n| format!("{}={}", n.name, n.addresses[0])),
+    })
+}
+
+fn expect(services: &[(&str, &str)], slices: &[(&str, &str)], node: Option<&str>) -> Held {
+    Held {
+        initialized: true,
+        services: services
+            .iter()
+            .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+            .collect(),
+        slices: slices
+            .iter()
+            .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+            .collect(),
+        node: node.map(ToString::to_string),
+    }
+}
+
+async fn converge(store: &Store, want: &Held, what: &str) {
+    let start = Instant::now();
+    loop {
+        let got = held(store);
+        if &got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: store did not converge\n got: {got:?}\nwant: {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Harness {
+    api: FakeApi,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.api.stop();
+    }
+}
+
+async fn start(seed: impl FnOnce(&FakeApi)) -> Harness {
+    let api = FakeApi::start().await.unwrap();
+    seed(&api);
+    let store = Store::new(
+        ProxyConfig {
+            node_name: "node-a".into(),
+            ..ProxyConfig::default()
+        },
+        Arc::new(Metrics::new()),
+    );
+    let cancel = CancellationToken::new();
+    tokio::spawn(source::kube::run(
+        api.client().unwrap(),
+        "node-a".into(),
+        Arc::clone(&store),
+        cancel.clone(),
+    ));
+    Harness { api, store, cancel }
+}
+
+fn seed(api: &FakeApi) {
+    api.apply(Resource::Service, svc("a", "10.96.0.1"));
+    api.apply(Resource::Service, svc("b", "10.96.0.2"));
+    api.apply(Resource::EndpointSlice, slice("a-1", "a", &["10.244.1.1"]));
+    api.apply(Resource::EndpointSlice, slice("b-1", "b", &["10.244.1.2"]));
+    api.apply(Resource::Node, node("node-a", "172.30.0.10"));
+    // Another node: the field selector must keep it out.
+    api.apply(Resource::Node, node("node-b", "172.30.0.11"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_then_live_events() {
+    let h = start(seed).await;
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
+            Some("node-a=172.30.0.10"),
+        ),
+        "initial list",
+    )
+    .await;
+
+    h.api.apply(Resource::Service, svc("c", "10.96.0.3"));
+    h.api.apply(
+        Resource::EndpointSlice,
+        slice("a-1", "a", &["10.244.1.1", "10.244.1.9"]),
+    );
+    h.api.delete(Resource::Service, "shop", "b");
+    h.api.delete(Resource::EndpointSlice, "shop", "b-1");
+    h.api.apply(Resource::Node, node("node-a", "172.30.0.20"));
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.1"), ("c", "10.96.0.3")],
+            &[("a-1", "10.244.1.1,10.244.1.9")],
+            Some("node-a=172.30.0.20"),
+        ),
+        "live events",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watch_resumes_from_its_resource_version() {
+    let h = start(seed).await;
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
+            Some("node-a=172.30.0.10"),
+        ),
+        "initial list",
+    )
+    .await;
+    let lists_before = h.api.list_count("/api/v1/services");
+
+    // Drop every stream, and change things before the client can come back.
+    h.api.drop_watches();
+    h.api.apply(Resource::Service, svc("a", "10.96.0.11"));
+    h.api.delete(Resource::EndpointSlice, "shop", "b-1");
+    h.api
+        .apply(Resource::EndpointSlice, slice("b-2", "b", &["10.244.1.3"]));
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.11"), ("b", "10.96.0.2")],
+            &[("a-1", "10.244.1.1"), ("b-2", "10.244.1.3")],
+            Some("node-a=172.30.0.10"),
+        ),
+        "after dropped watch",
+    )
+    .await;
+    // The history was still there, so the watcher resumed without listing again.
+    assert_eq!(h.api.list_count("/api/v1/services"), lists_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_410_relists_and_drops_what_was_deleted_meanwhile() {
+    let h = start(seed).await;
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
+            Some("node-a=172.30.0.10"),
+        ),
+        "initial list",
+    )
+    .await;
+    let lists_before = h.api.list_count("/api/v1/services");
+
+    // The API server goes away; while it is away objects are deleted and created, and its
+    // history is compacted, so the client's resourceVersion is too old when it returns.
+    h.api.refuse_watches(true);
+    h.api.drop_watches();
+    h.api.delete(Resource::Service, "shop", "b");
+    h.api.delete(Resource::EndpointSlice, "shop", "b-1");
+    h.api.apply(Resource::Service, svc("c", "10.96.0.3"));
+    h.api
+        .apply(Resource::EndpointSlice, slice("c-1", "c", &["10.244.1.4"]));
+    h.api.compact();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.api.refuse_watches(false);
+
+    converge(
+        &h.store,
+        &expect(
+            &[("a", "10.96.0.1"), ("c", "10.96.0.3")],
+            &[("a-1", "10.244.1.1"), ("c-1", "10.244.1.4")],
+            Some("node-a=172.30.0.10"),
+        ),
+        "after 410 Gone",
+    )
+    .await;
+    assert!(
+        h.api.list_count("/api/v1/services") > lists_before,
+        "a 410 must lead to a relist: {:?}",
+        h.api.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_update_keeps_the_last_good_version() {
+    let h = start(seed).await;
+    let good = expect(
+        &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+        &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
+        Some("node-a=172.30.0.10"),
+    );
+    converge(&h.store, &good, "initial list").await;
+    h.api.apply(Resource::Service, svc("a", "10.96.0.999"));
+    // A later valid event proves the bad one was processed (and skipped) before it.
+    h.api.apply(Resource::Service, svc("z", "10.96.0.26"));
+    let mut want = good.clone();
+    want.services.insert("z".into(), "10.96.0.26".into());
+    converge(&h.store, &want, "after invalid update").await;
+    let metrics = h.store.metrics().encode();
+    assert!(
+        metrics.contains("switchyard_source_errors_total{kind=\"Service\"} 1"),
+        "{metrics}"
+    );
+}
