@@ -59,7 +59,7 @@ async fn nothing_is_programmed_before_every_initial_list() {
     let (store, cancel) = start(
         Box::new(rec.clone()),
         Duration::from_millis(10),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
     );
     store.replace(Kind::Service, vec![(id("a"), Ok(service("a", 1)))]);
     store.replace(Kind::EndpointSlice, vec![]);
@@ -86,7 +86,7 @@ async fn events_within_min_sync_period_coalesce_into_one_apply() {
     let (store, cancel) = start(
         Box::new(rec.clone()),
         Duration::from_millis(400),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
     );
     list_all(&store);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -142,7 +142,7 @@ async fn failed_apply_is_retried_as_a_full_sync_with_the_change() {
     let (store, cancel) = start(
         Box::new(faulty),
         Duration::from_millis(10),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
     );
     list_all(&store);
     tokio::time::sleep(Duration::from_millis(100)).await;
