@@ -103,7 +103,9 @@ pub struct Engine {
     slice_owner: HashMap<(String, String), ServiceKey>,
     node: Option<Node>,
     host_addresses: Vec<IpAddr>,
-    state: DesiredState,
+    /// Shared with consumers (dataplane, DNS); changed copy-on-write, so a consumer that
+    /// drops its handle before the next sync costs nothing.
+    state: Arc<DesiredState>,
     /// Service ports of each service currently in `state`.
     ports_of: HashMap<ServiceKey, Vec<ServicePortKey>>,
     dirty: BTreeSet<ServiceKey>,
@@ -124,6 +126,11 @@ impl Engine {
 
     pub fn state(&self) -> &DesiredState {
         &self.state
+    }
+
+    /// A cheap handle to the current state.
+    pub fn state_arc(&self) -> Arc<DesiredState> {
+        Arc::clone(&self.state)
     }
 
     pub fn node(&self) -> Option<&Node> {
@@ -313,6 +320,10 @@ impl Engine {
         self.dirty.clear();
 
         let mut cs = ChangeSet::default();
+        if keys.is_empty() {
+            return cs;
+        }
+        let state = Arc::make_mut(&mut self.state);
         for key in keys {
             let new_ports = match self.services.get(&key) {
                 Some(svc) => compute_service(
@@ -329,23 +340,23 @@ impl Engine {
             for p in new_ports {
                 let pk = p.key.clone();
                 let new = Arc::new(p);
-                match self.state.ports.get(&pk) {
+                match state.ports.get(&pk) {
                     Some(old) => {
                         if let Some(ch) = ChangeSet::diff_port(old, &new) {
                             cs.changed.push(ch);
-                            self.state.ports.insert(pk.clone(), new);
+                            state.ports.insert(pk.clone(), new);
                         }
                     }
                     None => {
                         cs.added.push(Arc::clone(&new));
-                        self.state.ports.insert(pk.clone(), new);
+                        state.ports.insert(pk.clone(), new);
                     }
                 }
                 new_keys.push(pk);
             }
             for ok in old_keys {
                 if !new_keys.contains(&ok)
-                    && let Some(old) = self.state.ports.remove(&ok)
+                    && let Some(old) = state.ports.remove(&ok)
                 {
                     cs.removed.push(old);
                 }

@@ -225,7 +225,7 @@ impl Store {
         let pending_since = inner.pending_since.take();
         Some(SyncOutput {
             changes,
-            state: Arc::new(inner.engine.state().clone()),
+            state: inner.engine.state_arc(),
             pending_since,
         })
     }

@@ -1,0 +1,100 @@
+//! `cargo xtask …`: bootstrap, build-ebpf, test, demo, bench.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Desired-state build vs one-endpoint ChangeSet at 10k services.
+    Model,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what the build and tests need (apt packages, nightly rust-src, bpf-linker).
+    Bootstrap,
+    /// Build the kernel programs into target/bpfel-unknown-none/release/switchyard.
+    BuildEbpf,
+    /// The project's test command: bootstrap, fmt, clippy, then every test (root tests too).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks, printed as ratios against a peer measured in the same run.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn bootstrap() -> anyhow::Result<()> {
+    run(Command::new("bash").arg(root().join("scripts/bootstrap.sh")))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Bootstrap => bootstrap(),
+        Cmd::BuildEbpf => run(Command::new("cargo")
+            .env(
+                "RUSTFLAGS",
+                "--cfg bpf_target_arch=\"x86_64\" -C debuginfo=2 -C link-arg=--btf",
+            )
+            .args([
+                "+nightly",
+                "build",
+                "--package",
+                "switchyard-ebpf",
+                "--bins",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+            ])),
+        Cmd::Test { args } => {
+            bootstrap()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+        }
+        Cmd::Bench { which } => match which {
+            Bench::Model => {
+                run(cargo().args(["bench", "-p", "switchyard-model", "--bench", "model"]))
+            }
+        },
+    }
+}
