@@ -16,6 +16,9 @@ use crate::types::{EndpointSlice, Node, Service, ServiceKey};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub ports: BTreeMap<ServicePortKey, Arc<ServicePortState>>,
+    /// This node's addresses (the Node object's first, then the host's): the dataplane
+    /// masquerades to the first of a family.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 impl DesiredState {
@@ -324,6 +327,17 @@ impl Engine {
             return cs;
         }
         let state = Arc::make_mut(&mut self.state);
+        let mut node_addresses: Vec<IpAddr> = self
+            .node
+            .as_ref()
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default();
+        for a in &self.host_addresses {
+            if !node_addresses.contains(a) {
+                node_addresses.push(*a);
+            }
+        }
+        state.node_addresses = node_addresses;
         for key in keys {
             let new_ports = match self.services.get(&key) {
                 Some(svc) => compute_service(

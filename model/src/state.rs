@@ -169,6 +169,12 @@ impl ServicePortState {
         self.route(self.external_traffic_local)
     }
 
+    /// Every cluster endpoint regardless of policy: what this node's pods reach through an
+    /// external frontend (kube-proxy short-circuits them to the cluster chain).
+    pub fn cluster_route(&self) -> Route<'_> {
+        self.route(false)
+    }
+
     fn route(&self, local: bool) -> Route<'_> {
         let set = if local {
             &self.local_backends

@@ -36,6 +36,12 @@ pub struct Config {
     /// Capacity of the service / backend maps.
     pub max_services: u32,
     pub max_backends: u32,
+    /// Where the eBPF backend pins its maps and links.
+    pub bpf_pin_dir: PathBuf,
+    /// `random` or `maglev` (a service's `switchyard.io/lb-algorithm` annotation overrides).
+    pub lb_algorithm: String,
+    /// Maglev lookup table size per service (prime).
+    pub maglev_table_size: u32,
 }
 
 impl Default for Config {
@@ -55,6 +61,9 @@ impl Default for Config {
             iptables_mode: "auto".into(),
             max_services: 65_536,
             max_backends: 1_048_576,
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/switchyard"),
+            lb_algorithm: "random".into(),
+            maglev_table_size: 16_381,
         }
     }
 }
@@ -158,6 +167,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total += Duration::from_secs_f64(secs);
     }
     Ok(total)
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..n)
+            .take_while(|d: &u32| d.saturating_mul(*d) <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn bind_address(field: &str, v: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -267,6 +283,18 @@ impl Config {
         }
         if self.max_services == 0 {
             return Err(invalid("maxServices", "must be greater than 0"));
+        }
+        if !matches!(self.lb_algorithm.as_str(), "random" | "maglev") {
+            return Err(invalid(
+                "lbAlgorithm",
+                format!("{:?} (want random or maglev)", self.lb_algorithm),
+            ));
+        }
+        if !is_prime(self.maglev_table_size) || self.maglev_table_size > 65_521 {
+            return Err(invalid(
+                "maglevTableSize",
+                format!("{} is not a prime up to 65521", self.maglev_table_size),
+            ));
         }
         if self.max_backends == 0 {
             return Err(invalid("maxBackends", "must be greater than 0"));

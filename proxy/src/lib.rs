@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod error;
 pub mod metrics;
+pub mod netlink;
 pub mod source;
 pub mod store;
 pub mod sync;

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub service_ports: Gauge,
     pub source_errors: Family<KindLabel, Counter>,
     pub backend_selected: Family<BackendLabel, Gauge>,
+    pub dataplane_capacity_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -50,6 +51,12 @@ impl Metrics {
         let service_ports = Gauge::default();
         let source_errors = Family::<KindLabel, Counter>::default();
         let backend_selected = Family::<BackendLabel, Gauge>::default();
+        let dataplane_capacity_errors = Counter::default();
+        registry.register(
+            "switchyard_dataplane_capacity_errors",
+            "Service ports not programmed because a map was full (the log names them)",
+            dataplane_capacity_errors.clone(),
+        );
         registry.register(
             "sync_proxy_rules_duration_seconds",
             "Time to apply one sync to the dataplane",
@@ -94,6 +101,7 @@ impl Metrics {
             service_ports,
             source_errors,
             backend_selected,
+            dataplane_capacity_errors,
         }
     }
 

@@ -1,3 +1,4 @@
 //! Test support shared by the integration and end-to-end tests.
 
 pub mod fake_api;
+pub mod sandbox;

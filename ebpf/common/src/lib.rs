@@ -1,41 +1,295 @@
 //! `#[repr(C)]` map keys and values shared by the kernel programs and userspace.
 //! Every type has explicit padding fields and a compile-time size check, so both sides agree
-//! byte for byte.
+//! byte for byte. Addresses and ports are kept in network byte order exactly as the kernel
+//! hands them to the programs (`u32::from_ne_bytes(octets)`, `port.to_be()`).
+//!
+//! Lookup path: frontend (addr, port, proto, scope) -> backend set (the "master" entry: count,
+//! slot base, flags, affinity timeout) -> slot (set, base + i) -> backend. Replacing a set's
+//! backends writes the new slots at the other base, flips the set entry, then deletes the old
+//! slots, so no lookup ever sees a half-written set.
 #![no_std]
 
-/// Key of the services map: a frontend (address, port, protocol) and its scope.
+use core::mem::size_of;
+
+/// Map names, as declared in the kernel object and pinned under the pin directory.
+pub mod maps {
+    pub const FRONTENDS4: &str = "SY_FRONTENDS4";
+    pub const FRONTENDS6: &str = "SY_FRONTENDS6";
+    pub const SETS: &str = "SY_SETS";
+    pub const SLOTS: &str = "SY_SLOTS";
+    pub const BACKENDS: &str = "SY_BACKENDS";
+    pub const AFFINITY: &str = "SY_AFFINITY";
+    pub const SOURCE_RANGES4: &str = "SY_SRC_RANGES4";
+    pub const CT4: &str = "SY_CT4";
+    pub const SOCK_REVNAT4: &str = "SY_SOCK_REVNAT4";
+    pub const SOCK_REVNAT6: &str = "SY_SOCK_REVNAT6";
+    pub const COUNTERS: &str = "SY_COUNTERS";
+    pub const CONFIG: &str = "SY_CONFIG";
+    pub const LOCAL_CIDRS4: &str = "SY_LOCAL_CIDRS4";
+
+    /// Every map, for cleanup and inspection.
+    pub const ALL: [&str; 13] = [
+        FRONTENDS4,
+        FRONTENDS6,
+        SETS,
+        SLOTS,
+        BACKENDS,
+        AFFINITY,
+        SOURCE_RANGES4,
+        CT4,
+        SOCK_REVNAT4,
+        SOCK_REVNAT6,
+        COUNTERS,
+        CONFIG,
+        LOCAL_CIDRS4,
+    ];
+}
+
+/// Traffic from outside the cluster (not from a local pod or the node's own sockets).
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// Traffic from pods and from sockets on the node (socket LB always uses this scope).
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// No endpoint anywhere: refuse (ICMP port unreachable / ECONNREFUSED).
+pub const SET_REJECT: u32 = 1 << 0;
+/// Endpoints exist but none usable under a Local policy: drop.
+pub const SET_DROP: u32 = 1 << 1;
+/// ClientIP session affinity; `affinity_timeout` holds the idle timeout in seconds.
+pub const SET_AFFINITY: u32 = 1 << 2;
+/// Slots hold a Maglev lookup table: pick by flow hash instead of at random.
+pub const SET_MAGLEV: u32 = 1 << 3;
+
+/// Only sources in the set's loadBalancerSourceRanges may use this frontend.
+pub const FE_SOURCE_RANGES: u32 = 1 << 0;
+/// Masquerade traffic that arrives through this key to the node address (external traffic
+/// under eTP=Cluster, traffic to ClusterIPs from outside the cluster, masqueradeAll).
+pub const FE_SNAT: u32 = 1 << 1;
+
+/// The backend runs on this node.
+pub const BE_LOCAL: u32 = 1 << 0;
+
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ServiceKey4 {
-    /// Network byte order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Frontend4Key {
     pub addr: u32,
-    /// Network byte order.
     pub port: u16,
     pub proto: u8,
-    /// 0 = external traffic, 1 = internal (cluster) traffic.
     pub scope: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKey4>() == 8);
+const _: () = assert!(size_of::<Frontend4Key>() == 8);
 
-/// Identity of a connection-level flag set programmed by userspace (placeholder for the
-/// eBPF dataplane issue; the layout is final).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ServiceValue {
-    pub count: u32,
-    pub rev_nat_index: u16,
-    pub flags: u8,
-    pub pad: u8,
-    pub affinity_timeout: u32,
-    pub service_id: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Frontend6Key {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<Frontend6Key>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FrontendValue {
+    pub set_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<FrontendValue>() == 8);
+
+/// The master entry of a backend set (one per service port, family and traffic view).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SetValue {
+    /// Number of live slots (the Maglev table size for Maglev sets).
+    pub count: u32,
+    /// Slots `slot_base .. slot_base + count` are live.
+    pub slot_base: u32,
+    pub flags: u32,
+    pub affinity_timeout: u32,
+    /// Index into the per-service counters.
+    pub service_id: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<SetValue>() == 24);
+
+/// The two slot bases a set alternates between.
+pub const SLOT_BASE_A: u32 = 0;
+pub const SLOT_BASE_B: u32 = 1 << 20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub set_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(size_of::<SlotKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendValue {
+    /// IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// The set this backend belongs to (a stale affinity entry is detected with it).
+    pub set_id: u32,
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<BackendValue>() == 28);
+
+pub const AFFINITY_CLIENT_ADDR4: u32 = 4;
+pub const AFFINITY_CLIENT_NETNS: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// The client's IPv4 address (tc path) or network-namespace cookie (socket LB).
+    pub client: u64,
+    pub set_id: u32,
+    pub kind: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+/// LPM key of the source-range map: 32 bits of set id, then the IPv4 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceRange4 {
+    pub set_id: u32,
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SourceRange4>() == 8);
+
+/// Connection-tracking key (IPv4 5-tuple as seen on the wire in that direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+
+/// Forward entries say what to rewrite the destination (and maybe source) to; reverse entries
+/// say what to rewrite a reply's source (and maybe destination) back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Value {
+    pub new_saddr: u32,
+    pub new_daddr: u32,
+    pub new_sport: u16,
+    pub new_dport: u16,
+    pub flags: u32,
+    pub service_id: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<Ct4Value>() == 24);
+
+pub const CT_REVERSE: u32 = 1 << 0;
+pub const CT_SNAT: u32 = 1 << 1;
+
+/// Socket-LB reverse translation for UDP replies and getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev4Key {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<SockRev4Key>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev4Value {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<SockRev4Value>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev6Key {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub pad: [u16; 3],
+}
+const _: () = assert!(size_of::<SockRev6Key>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRev6Value {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<SockRev6Value>() == 20);
+
+/// Per-service counters (per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub connections: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 24);
+
+/// Global settings, index 0 of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    /// The node address external traffic is masqueraded to (IPv4, network order).
+    pub snat_addr4: u32,
+    /// 1 when masqueradeAll is set.
+    pub masquerade_all: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// LPM key for the cluster (pod) CIDRs: traffic from them is internal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Cidr4 {
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<Cidr4>() == 4);
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod user {
-    // SAFETY: plain-old-data, #[repr(C)], no implicit padding (checked by the size asserts).
-    unsafe impl aya::Pod for super::ServiceKey4 {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: every type below is #[repr(C)], plain old data, with explicit padding fields
+    // and no implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for super::Frontend4Key {}
+    unsafe impl aya::Pod for super::Frontend6Key {}
+    unsafe impl aya::Pod for super::FrontendValue {}
+    unsafe impl aya::Pod for super::SetValue {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SourceRange4 {}
+    unsafe impl aya::Pod for super::Ct4Key {}
+    unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::SockRev4Key {}
+    unsafe impl aya::Pod for super::SockRev4Value {}
+    unsafe impl aya::Pod for super::SockRev6Key {}
+    unsafe impl aya::Pod for super::SockRev6Value {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Cidr4 {}
 }

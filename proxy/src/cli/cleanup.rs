@@ -1,23 +1,32 @@
+use std::path::PathBuf;
+
 use clap::Args;
 
-use crate::dataplane::{BackendChoice, select};
+use crate::config::Config;
+use crate::dataplane::BackendChoice;
+use crate::dataplane::ebpf::cleanup_pins;
 
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
     /// Only this backend's state (default: every backend's).
     #[arg(long, value_enum)]
     pub backend: Option<BackendChoice>,
+    /// Configuration file (for the pin directory and chain names).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
+/// Remove what backends programmed, without starting them: pinned maps and links (which
+/// detaches every program) for eBPF.
 pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
-    let choices = match args.backend {
-        Some(b) => vec![b],
-        None => vec![BackendChoice::None],
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
     };
-    for c in choices {
-        let (mut dp, _) = select(c)?;
-        dp.cleanup()?;
-        println!("cleaned up backend {}", dp.name());
+    let all = args.backend.is_none() || args.backend == Some(BackendChoice::Auto);
+    if all || args.backend == Some(BackendChoice::Ebpf) {
+        cleanup_pins(&cfg.bpf_pin_dir)?;
+        println!("ebpf: removed pins under {}", cfg.bpf_pin_dir.display());
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Health};
 use crate::config::{Config, Settings};
-use crate::dataplane::{BackendChoice, select};
+use crate::dataplane::{BackendChoice, BackendContext, select};
 use crate::error::SourceError;
 use crate::metrics::{BackendLabel, Metrics};
 use crate::source::{self, SourceSpec};
@@ -73,7 +73,11 @@ async fn shutdown_signal() {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = settings(&args)?;
     let metrics = Arc::new(Metrics::new());
-    let (dataplane, reason) = select(args.backend)?;
+    let ctx = BackendContext {
+        settings: settings.clone(),
+        metrics: Arc::clone(&metrics),
+    };
+    let (dataplane, reason) = select(args.backend, &ctx)?;
     tracing::info!(backend = dataplane.name(), %reason, "dataplane backend selected");
     metrics
         .backend_selected
@@ -124,10 +128,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    let kernel_backend = dataplane.name() != "none";
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    if kernel_backend {
+        let (store, dp, cancel) = (Arc::clone(&store), Arc::clone(&dataplane), cancel.clone());
+        tasks.spawn(async move {
+            crate::netlink::follow(store, dp, cancel)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
     let h = Arc::clone(&health);
     let sync = SyncLoop {
         store: Arc::clone(&store),
-        dataplane: Arc::new(Mutex::new(dataplane)),
+        dataplane: Arc::clone(&dataplane),
         timing: SyncTiming {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,

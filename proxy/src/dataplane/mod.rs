@@ -1,6 +1,8 @@
 //! The `Dataplane` trait every backend implements, plus the `none` backend, a recording fake
 //! and a fault-injecting wrapper used in tests.
 
+pub mod ebpf;
+
 use std::sync::{Arc, Mutex};
 
 use switchyard_model::{ChangeSet, DesiredState};
@@ -17,6 +19,11 @@ pub trait Dataplane: Send {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError>;
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError>;
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
+    /// The node's network interfaces now are `links` (names); backends with per-interface
+    /// programs attach to new ones.
+    fn links_changed(&mut self, _links: &[String]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 /// Programs nothing: for DNS-only nodes and for dry runs.
@@ -153,15 +160,72 @@ pub enum BackendChoice {
     None,
 }
 
-/// Build the chosen backend. Kernel backends arrive with their own issues; until then a
-/// request for one fails with the reason instead of silently programming nothing.
-pub fn select(choice: BackendChoice) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
+/// What a backend needs to start.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    pub settings: crate::config::Settings,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl BackendContext {
+    pub fn ebpf_config(&self) -> Result<ebpf::EbpfConfig, DataplaneError> {
+        let raw = &self.settings.raw;
+        let cgroup_path = match &raw.cgroup_path {
+            Some(p) => p.clone(),
+            None => ebpf::cgroup2_root().ok_or_else(|| DataplaneError::Unavailable {
+                backend: "ebpf",
+                reason: "no cgroup2 mount found: mount one or pass --cgroup-path".into(),
+            })?,
+        };
+        let table = raw.maglev_table_size;
+        Ok(ebpf::EbpfConfig {
+            pin_dir: raw.bpf_pin_dir.clone(),
+            cgroup_path,
+            interfaces: raw.interfaces.clone(),
+            capacity: ebpf::writer::Capacity {
+                services: raw.max_services,
+                backends: raw.max_backends,
+                slots: raw.max_backends.max(table.saturating_mul(4)),
+            },
+            render: ebpf::render::RenderConfig {
+                maglev_default: raw.lb_algorithm == "maglev",
+                maglev_table_size: table,
+            },
+            globals: ebpf::writer::Globals {
+                masquerade_all: self.settings.masquerade_all,
+                cluster_cidrs4: self
+                    .settings
+                    .cluster_cidrs
+                    .iter()
+                    .filter_map(|c| match c {
+                        ipnet::IpNet::V4(n) => {
+                            Some((ebpf::render::addr4(n.network()), n.prefix_len()))
+                        }
+                        ipnet::IpNet::V6(_) => None,
+                    })
+                    .collect(),
+            },
+        })
+    }
+}
+
+fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError> {
+    let cfg = ctx.ebpf_config()?;
+    Ok(Box::new(ebpf::EbpfDataplane::start(
+        cfg,
+        Arc::clone(&ctx.metrics),
+    )?))
+}
+
+/// Build the chosen backend, with the reason it was chosen. Backends that are not built yet
+/// are refused by name rather than silently programming nothing.
+pub fn select(
+    choice: BackendChoice,
+    ctx: &BackendContext,
+) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
     match choice {
         BackendChoice::None => Ok((Box::new(NoneDataplane), "requested".into())),
-        BackendChoice::Ebpf => Err(DataplaneError::Unavailable {
-            backend: "ebpf",
-            reason: "not built into this version yet".into(),
-        }),
+        BackendChoice::Ebpf => Ok((start_ebpf(ctx)?, "requested".into())),
         BackendChoice::Iptables => Err(DataplaneError::Unavailable {
             backend: "iptables",
             reason: "not built into this version yet".into(),
@@ -170,9 +234,14 @@ pub fn select(choice: BackendChoice) -> Result<(Box<dyn Dataplane>, String), Dat
             backend: "ipvs",
             reason: "not built into this version yet".into(),
         }),
-        BackendChoice::Auto => Err(DataplaneError::Unavailable {
-            backend: "auto",
-            reason: "no kernel backend (ebpf, iptables) is built into this version yet; use --backend none".into(),
-        }),
+        BackendChoice::Auto => match start_ebpf(ctx) {
+            Ok(dp) => Ok((dp, "auto: kernel and privileges allow eBPF".into())),
+            Err(e) => Err(DataplaneError::Unavailable {
+                backend: "auto",
+                reason: format!(
+                    "eBPF: {e}; no other kernel backend is built yet; use --backend none"
+                ),
+            }),
+        },
     }
 }

@@ -1,0 +1,330 @@
+//! The thin writer under the eBPF backend: put/delete/dump of the service maps behind a small
+//! trait, with the real (kernel maps through aya), a fake (in-memory, with an operation log)
+//! and a fault-injecting implementation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use switchyard_ebpf_common::{
+    BackendValue, Cidr4, Config, Frontend4Key, Frontend6Key, FrontendValue, SetValue, SlotKey,
+    SourceRange4,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map}: {op}: {reason}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub reason: String,
+}
+
+/// One write to the maps; the fake records these in order, the goldens compare them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    PutFrontend4(Frontend4Key, FrontendValue),
+    DelFrontend4(Frontend4Key),
+    PutFrontend6(Frontend6Key, FrontendValue),
+    DelFrontend6(Frontend6Key),
+    PutSet(u32, SetValue),
+    DelSet(u32),
+    PutSlot(SlotKey, u32),
+    DelSlot(SlotKey),
+    PutBackend(u32, BackendValue),
+    DelBackend(u32),
+    PutRange4(u32, u32, u8),
+    DelRange4(u32, u32, u8),
+    PutConfig(Config),
+    PutLocalCidr4(u32, u8),
+    DelLocalCidr4(u32, u8),
+}
+
+/// The content of the service maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dump {
+    pub frontends4: BTreeMap<Frontend4Key, FrontendValue>,
+    pub frontends6: BTreeMap<Frontend6Key, FrontendValue>,
+    pub sets: BTreeMap<u32, SetValue>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub ranges4: BTreeSet<(u32, u32, u8)>,
+    pub config: Config,
+    pub local_cidrs4: BTreeSet<(u32, u8)>,
+}
+
+impl Dump {
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutFrontend4(k, v) => {
+                self.frontends4.insert(*k, *v);
+            }
+            Op::DelFrontend4(k) => {
+                self.frontends4.remove(k);
+            }
+            Op::PutFrontend6(k, v) => {
+                self.frontends6.insert(*k, *v);
+            }
+            Op::DelFrontend6(k) => {
+                self.frontends6.remove(k);
+            }
+            Op::PutSet(k, v) => {
+                self.sets.insert(*k, *v);
+            }
+            Op::DelSet(k) => {
+                self.sets.remove(k);
+            }
+            Op::PutSlot(k, v) => {
+                self.slots.insert(*k, *v);
+            }
+            Op::DelSlot(k) => {
+                self.slots.remove(k);
+            }
+            Op::PutBackend(k, v) => {
+                self.backends.insert(*k, *v);
+            }
+            Op::DelBackend(k) => {
+                self.backends.remove(k);
+            }
+            Op::PutRange4(s, a, p) => {
+                self.ranges4.insert((*s, *a, *p));
+            }
+            Op::DelRange4(s, a, p) => {
+                self.ranges4.remove(&(*s, *a, *p));
+            }
+            Op::PutConfig(c) => self.config = *c,
+            Op::PutLocalCidr4(a, p) => {
+                self.local_cidrs4.insert((*a, *p));
+            }
+            Op::DelLocalCidr4(a, p) => {
+                self.local_cidrs4.remove(&(*a, *p));
+            }
+        }
+    }
+}
+
+pub trait MapIo: Send {
+    fn write(&mut self, op: &Op) -> Result<(), MapError>;
+    fn dump(&self) -> Result<Dump, MapError>;
+}
+
+/// In-memory maps that record every operation.
+#[derive(Debug, Clone, Default)]
+pub struct FakeMaps {
+    pub content: Dump,
+    pub log: Vec<Op>,
+}
+
+impl MapIo for FakeMaps {
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        self.content.apply(op);
+        self.log.push(op.clone());
+        Ok(())
+    }
+    fn dump(&self) -> Result<Dump, MapError> {
+        Ok(self.content.clone())
+    }
+}
+
+/// Fails the listed (1-based) write operations.
+#[derive(Debug, Clone, Default)]
+pub struct FaultyMaps<M> {
+    pub inner: M,
+    pub fail_writes: Vec<usize>,
+    writes: usize,
+}
+
+impl<M> FaultyMaps<M> {
+    pub fn new(inner: M, fail_writes: Vec<usize>) -> Self {
+        FaultyMaps {
+            inner,
+            fail_writes,
+            writes: 0,
+        }
+    }
+}
+
+impl<M: MapIo> MapIo for FaultyMaps<M> {
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        self.writes += 1;
+        if self.fail_writes.contains(&self.writes) {
+            return Err(MapError {
+                map: "faulty",
+                op: "write",
+                reason: format!("injected failure of write {}", self.writes),
+            });
+        }
+        self.inner.write(op)
+    }
+    fn dump(&self) -> Result<Dump, MapError> {
+        self.inner.dump()
+    }
+}
+
+/// The real kernel maps.
+pub struct AyaMaps {
+    fe4: aya::maps::HashMap<aya::maps::MapData, Frontend4Key, FrontendValue>,
+    fe6: aya::maps::HashMap<aya::maps::MapData, Frontend6Key, FrontendValue>,
+    sets: aya::maps::HashMap<aya::maps::MapData, u32, SetValue>,
+    slots: aya::maps::HashMap<aya::maps::MapData, SlotKey, u32>,
+    backends: aya::maps::HashMap<aya::maps::MapData, u32, BackendValue>,
+    ranges4: aya::maps::LpmTrie<aya::maps::MapData, SourceRange4, u8>,
+    config: aya::maps::Array<aya::maps::MapData, Config>,
+    local4: aya::maps::LpmTrie<aya::maps::MapData, Cidr4, u8>,
+}
+
+impl std::fmt::Debug for AyaMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AyaMaps")
+    }
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, MapError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| MapError {
+        map: name,
+        op: "open",
+        reason: "not in the kernel object".into(),
+    })?;
+    T::try_from(map).map_err(|e| MapError {
+        map: name,
+        op: "open",
+        reason: e.to_string(),
+    })
+}
+
+fn err(map: &'static str, op: &'static str) -> impl Fn(aya::maps::MapError) -> MapError {
+    move |e| MapError {
+        map,
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// Deleting something already gone is not an error (drift, or a retried sync).
+fn tolerate_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc_enoent()) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+const fn libc_enoent() -> i32 {
+    2
+}
+
+impl AyaMaps {
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<AyaMaps, MapError> {
+        use switchyard_ebpf_common::maps as m;
+        Ok(AyaMaps {
+            fe4: take(ebpf, m::FRONTENDS4)?,
+            fe6: take(ebpf, m::FRONTENDS6)?,
+            sets: take(ebpf, m::SETS)?,
+            slots: take(ebpf, m::SLOTS)?,
+            backends: take(ebpf, m::BACKENDS)?,
+            ranges4: take(ebpf, m::SOURCE_RANGES4)?,
+            config: take(ebpf, m::CONFIG)?,
+            local4: take(ebpf, m::LOCAL_CIDRS4)?,
+        })
+    }
+}
+
+fn range_key(set: u32, addr: u32, prefix: u8) -> aya::maps::lpm_trie::Key<SourceRange4> {
+    aya::maps::lpm_trie::Key::new(32 + u32::from(prefix), SourceRange4 { set_id: set, addr })
+}
+
+impl MapIo for AyaMaps {
+    fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        use switchyard_ebpf_common::maps as m;
+        match op {
+            Op::PutFrontend4(k, v) => self
+                .fe4
+                .insert(k, v, 0)
+                .map_err(err(m::FRONTENDS4, "update")),
+            Op::DelFrontend4(k) => {
+                tolerate_missing(self.fe4.remove(k)).map_err(err(m::FRONTENDS4, "delete"))
+            }
+            Op::PutFrontend6(k, v) => self
+                .fe6
+                .insert(k, v, 0)
+                .map_err(err(m::FRONTENDS6, "update")),
+            Op::DelFrontend6(k) => {
+                tolerate_missing(self.fe6.remove(k)).map_err(err(m::FRONTENDS6, "delete"))
+            }
+            Op::PutSet(k, v) => self.sets.insert(k, v, 0).map_err(err(m::SETS, "update")),
+            Op::DelSet(k) => tolerate_missing(self.sets.remove(k)).map_err(err(m::SETS, "delete")),
+            Op::PutSlot(k, v) => self.slots.insert(k, v, 0).map_err(err(m::SLOTS, "update")),
+            Op::DelSlot(k) => {
+                tolerate_missing(self.slots.remove(k)).map_err(err(m::SLOTS, "delete"))
+            }
+            Op::PutBackend(k, v) => self
+                .backends
+                .insert(k, v, 0)
+                .map_err(err(m::BACKENDS, "update")),
+            Op::DelBackend(k) => {
+                tolerate_missing(self.backends.remove(k)).map_err(err(m::BACKENDS, "delete"))
+            }
+            Op::PutRange4(s, a, p) => self
+                .ranges4
+                .insert(&range_key(*s, *a, *p), 1, 0)
+                .map_err(err(m::SOURCE_RANGES4, "update")),
+            Op::DelRange4(s, a, p) => tolerate_missing(self.ranges4.remove(&range_key(*s, *a, *p)))
+                .map_err(err(m::SOURCE_RANGES4, "delete")),
+            Op::PutConfig(c) => self.config.set(0, c, 0).map_err(err(m::CONFIG, "update")),
+            Op::PutLocalCidr4(a, p) => self
+                .local4
+                .insert(
+                    &aya::maps::lpm_trie::Key::new(u32::from(*p), Cidr4 { addr: *a }),
+                    1,
+                    0,
+                )
+                .map_err(err(m::LOCAL_CIDRS4, "update")),
+            Op::DelLocalCidr4(a, p) => tolerate_missing(self.local4.remove(
+                &aya::maps::lpm_trie::Key::new(u32::from(*p), Cidr4 { addr: *a }),
+            ))
+            .map_err(err(m::LOCAL_CIDRS4, "delete")),
+        }
+    }
+
+    fn dump(&self) -> Result<Dump, MapError> {
+        use switchyard_ebpf_common::maps as m;
+        let mut d = Dump::default();
+        for r in &self.fe4 {
+            let (k, v) = r.map_err(err(m::FRONTENDS4, "dump"))?;
+            d.frontends4.insert(k, v);
+        }
+        for r in &self.fe6 {
+            let (k, v) = r.map_err(err(m::FRONTENDS6, "dump"))?;
+            d.frontends6.insert(k, v);
+        }
+        for r in &self.sets {
+            let (k, v) = r.map_err(err(m::SETS, "dump"))?;
+            d.sets.insert(k, v);
+        }
+        for r in &self.slots {
+            let (k, v) = r.map_err(err(m::SLOTS, "dump"))?;
+            d.slots.insert(k, v);
+        }
+        for r in &self.backends {
+            let (k, v) = r.map_err(err(m::BACKENDS, "dump"))?;
+            d.backends.insert(k, v);
+        }
+        for r in self.ranges4.keys() {
+            let k = r.map_err(err(m::SOURCE_RANGES4, "dump"))?;
+            let data = k.data();
+            let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(32);
+            d.ranges4.insert((data.set_id, data.addr, prefix));
+        }
+        d.config = self.config.get(&0, 0).map_err(err(m::CONFIG, "dump"))?;
+        for r in self.local4.keys() {
+            let k = r.map_err(err(m::LOCAL_CIDRS4, "dump"))?;
+            d.local_cidrs4
+                .insert((k.data().addr, u8::try_from(k.prefix_len()).unwrap_or(32)));
+        }
+        Ok(d)
+    }
+}

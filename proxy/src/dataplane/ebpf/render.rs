@@ -1,0 +1,503 @@
+//! The pure half of the eBPF backend: one service port of the desired state -> the map entries
+//! that program it. Ids (backend sets, services for counters, backends) are allocated here and
+//! stay stable while the thing they name exists.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use switchyard_ebpf_common::{
+    BE_LOCAL, BackendValue, FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT,
+};
+use switchyard_model::{Backend, FrontendKind, Route, ServicePortKey, ServicePortState};
+
+use super::maglev;
+
+/// Annotation selecting the backend choice for one service: `random` or `maglev`.
+pub const ANNOTATION_LB_ALGORITHM: &str = "switchyard.io/lb-algorithm";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderConfig {
+    /// Maglev for every service unless its annotation says `random`.
+    pub maglev_default: bool,
+    /// Prime.
+    pub maglev_table_size: u32,
+}
+
+impl Default for RenderConfig {
+    fn default() -> Self {
+        RenderConfig {
+            maglev_default: false,
+            maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+        }
+    }
+}
+
+/// Which traffic a backend set serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum View {
+    /// ClusterIP traffic: internalTrafficPolicy applies.
+    Internal,
+    /// This node's pods and sockets reaching an external frontend: every cluster endpoint.
+    Cluster,
+    /// Traffic from outside to an external frontend: externalTrafficPolicy applies.
+    External,
+}
+
+/// A backend set as the kernel must hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub id: u32,
+    pub view: View,
+    pub flags: u32,
+    pub affinity_timeout: u32,
+    pub service_id: u32,
+    /// Backend id and value, sorted by address.
+    pub backends: Vec<(u32, BackendValue)>,
+    /// Backend ids in slot order (the Maglev table for Maglev sets).
+    pub slots: Vec<u32>,
+}
+
+/// Everything one service port puts into the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortRender {
+    pub service_id: u32,
+    pub sets: Vec<SetSpec>,
+    pub frontends4: Vec<(Frontend4Key, FrontendValue)>,
+    pub frontends6: Vec<(Frontend6Key, FrontendValue)>,
+    /// (set id, IPv4 network address, prefix length).
+    pub ranges4: Vec<(u32, u32, u8)>,
+}
+
+impl PortRender {
+    pub fn backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sets
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|(id, _)| *id))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what} capacity {limit} exhausted")]
+pub struct Exhausted {
+    pub what: &'static str,
+    pub limit: u32,
+}
+
+/// Ids `1..=limit`, reused after release.
+#[derive(Debug, Clone)]
+pub struct Ids {
+    what: &'static str,
+    limit: u32,
+    next: u32,
+    free: Vec<u32>,
+    used: HashSet<u32>,
+}
+
+impl Ids {
+    pub fn new(what: &'static str, limit: u32) -> Ids {
+        Ids {
+            what,
+            limit,
+            next: 1,
+            free: Vec::new(),
+            used: HashSet::new(),
+        }
+    }
+
+    pub fn alloc(&mut self) -> Result<u32, Exhausted> {
+        while let Some(id) = self.free.pop() {
+            if self.used.insert(id) {
+                return Ok(id);
+            }
+        }
+        while self.next <= self.limit {
+            let id = self.next;
+            self.next += 1;
+            if self.used.insert(id) {
+                return Ok(id);
+            }
+        }
+        Err(Exhausted {
+            what: self.what,
+            limit: self.limit,
+        })
+    }
+
+    /// Claim a specific id (re-adopting what a previous run left in the kernel).
+    pub fn reserve(&mut self, id: u32) -> bool {
+        id != 0 && id <= self.limit && self.used.insert(id)
+    }
+
+    pub fn release(&mut self, id: u32) {
+        if self.used.remove(&id) {
+            self.free.push(id);
+        }
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.len()
+    }
+}
+
+/// Stable ids for sets, services and backends.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    sets: HashMap<(ServicePortKey, View), u32>,
+    set_ids: Ids,
+    services: HashMap<ServicePortKey, u32>,
+    service_ids: Ids,
+    backends: HashMap<(u32, IpAddr, u16), u32>,
+    backend_ids: Ids,
+}
+
+impl Allocator {
+    pub fn new(max_services: u32, max_backends: u32) -> Allocator {
+        Allocator {
+            sets: HashMap::new(),
+            set_ids: Ids::new("backend set", max_services.saturating_mul(3)),
+            services: HashMap::new(),
+            // Service ids index the per-CPU counters array, sized by max_services.
+            service_ids: Ids::new("service", max_services.saturating_sub(1)),
+            backends: HashMap::new(),
+            backend_ids: Ids::new("backend", max_backends),
+        }
+    }
+
+    fn set(&mut self, key: &ServicePortKey, view: View) -> Result<u32, Exhausted> {
+        if let Some(id) = self.sets.get(&(key.clone(), view)) {
+            return Ok(*id);
+        }
+        let id = self.set_ids.alloc()?;
+        self.sets.insert((key.clone(), view), id);
+        Ok(id)
+    }
+
+    fn service(&mut self, key: &ServicePortKey) -> Result<u32, Exhausted> {
+        if let Some(id) = self.services.get(key) {
+            return Ok(*id);
+        }
+        let id = self.service_ids.alloc()?;
+        self.services.insert(key.clone(), id);
+        Ok(id)
+    }
+
+    fn backend(&mut self, set: u32, b: &Backend) -> Result<u32, Exhausted> {
+        if let Some(id) = self.backends.get(&(set, b.addr, b.port)) {
+            return Ok(*id);
+        }
+        let id = self.backend_ids.alloc()?;
+        self.backends.insert((set, b.addr, b.port), id);
+        Ok(id)
+    }
+
+    /// Re-adopt ids found in the kernel for a set of this port and view.
+    pub fn adopt_set(&mut self, key: &ServicePortKey, view: View, id: u32) -> bool {
+        if self.sets.contains_key(&(key.clone(), view)) || !self.set_ids.reserve(id) {
+            return false;
+        }
+        self.sets.insert((key.clone(), view), id);
+        true
+    }
+
+    pub fn adopt_service(&mut self, key: &ServicePortKey, id: u32) -> bool {
+        if self.services.contains_key(key) || !self.service_ids.reserve(id) {
+            return false;
+        }
+        self.services.insert(key.clone(), id);
+        true
+    }
+
+    pub fn adopt_backend(&mut self, set: u32, addr: IpAddr, port: u16, id: u32) -> bool {
+        if self.backends.contains_key(&(set, addr, port)) || !self.backend_ids.reserve(id) {
+            return false;
+        }
+        self.backends.insert((set, addr, port), id);
+        true
+    }
+
+    /// Forget the ids `old` used that `new` does not (a port changed or went away).
+    pub fn release_unused(
+        &mut self,
+        key: &ServicePortKey,
+        old: &PortRender,
+        new: Option<&PortRender>,
+    ) {
+        let new_sets: HashSet<u32> = new
+            .map(|n| n.sets.iter().map(|s| s.id).collect())
+            .unwrap_or_default();
+        let new_backends: HashSet<u32> = new.map(|n| n.backend_ids().collect()).unwrap_or_default();
+        for s in &old.sets {
+            if !new_sets.contains(&s.id) {
+                self.sets.retain(|_, v| *v != s.id);
+                self.set_ids.release(s.id);
+            }
+            for (id, _) in &s.backends {
+                if !new_backends.contains(id) {
+                    self.backends.retain(|_, v| v != id);
+                    self.backend_ids.release(*id);
+                }
+            }
+        }
+        if new.is_none()
+            && let Some(id) = self.services.remove(key)
+        {
+            self.service_ids.release(id);
+        }
+    }
+
+    /// The ids held for a port, as a render with no content (to release after a failure).
+    pub fn port_ids(&self, key: &ServicePortKey) -> PortRender {
+        let sets = self
+            .sets
+            .iter()
+            .filter(|((k, _), _)| k == key)
+            .map(|((_, view), id)| SetSpec {
+                id: *id,
+                view: *view,
+                flags: 0,
+                affinity_timeout: 0,
+                service_id: 0,
+                backends: self
+                    .backends
+                    .iter()
+                    .filter(|((s, _, _), _)| s == id)
+                    .map(|(_, b)| (*b, BackendValue::default()))
+                    .collect(),
+                slots: Vec::new(),
+            })
+            .collect();
+        PortRender {
+            sets,
+            ..PortRender::default()
+        }
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.set_ids.in_use(),
+            self.service_ids.in_use(),
+            self.backend_ids.in_use(),
+        )
+    }
+}
+
+pub fn addr4(a: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+pub fn addr6(a: std::net::Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+pub fn backend_value(set_id: u32, proto: u8, b: &Backend) -> BackendValue {
+    let (addr, family) = match b.addr {
+        IpAddr::V4(a) => ([addr4(a), 0, 0, 0], 4),
+        IpAddr::V6(a) => (addr6(a), 6),
+    };
+    BackendValue {
+        addr,
+        port: b.port.to_be(),
+        proto,
+        family,
+        set_id,
+        flags: if b.local { BE_LOCAL } else { 0 },
+    }
+}
+
+fn uses_maglev(s: &ServicePortState, cfg: &RenderConfig) -> bool {
+    match s
+        .annotations
+        .get(ANNOTATION_LB_ALGORITHM)
+        .map(String::as_str)
+    {
+        Some("maglev") => true,
+        Some("random") => false,
+        _ => cfg.maglev_default,
+    }
+}
+
+fn route_of(s: &ServicePortState, view: View) -> Route<'_> {
+    match view {
+        View::Internal => s.internal_route(),
+        View::Cluster => s.cluster_route(),
+        View::External => s.external_route(),
+    }
+}
+
+/// Render one service port.
+pub fn render_port(
+    s: &ServicePortState,
+    alloc: &mut Allocator,
+    cfg: &RenderConfig,
+) -> Result<PortRender, Exhausted> {
+    let key = &s.key;
+    let proto = s.key.protocol.number();
+    let service_id = alloc.service(key)?;
+    // Views that coincide share one set: with iTP=Cluster the internal view is the cluster
+    // view, and with eTP=Cluster the external view is too.
+    let canon = |v: View| match v {
+        View::Cluster if !s.internal_traffic_local => View::Internal,
+        View::External if !s.external_traffic_local => View::Cluster,
+        other => other,
+    };
+    let canon = |v: View| canon(canon(v));
+    let maglev = uses_maglev(s, cfg);
+
+    let mut out = PortRender {
+        service_id,
+        ..PortRender::default()
+    };
+    let mut set_for = |view: View, out: &mut PortRender| -> Result<u32, Exhausted> {
+        let view = canon(view);
+        let id = alloc.set(key, view)?;
+        if out.sets.iter().any(|x| x.id == id) {
+            return Ok(id);
+        }
+        let mut flags = 0;
+        let mut backends = Vec::new();
+        match route_of(s, view) {
+            Route::Reject => flags |= SET_REJECT,
+            Route::Drop => flags |= SET_DROP,
+            Route::Backends(bs) => {
+                for b in bs {
+                    backends.push((alloc.backend(id, b)?, backend_value(id, proto, b)));
+                }
+            }
+        }
+        if s.affinity_timeout_seconds.is_some() {
+            flags |= SET_AFFINITY;
+        }
+        let slots = if maglev && !backends.is_empty() {
+            flags |= SET_MAGLEV;
+            let names: Vec<Vec<u8>> = backends
+                .iter()
+                .map(|(_, v)| {
+                    let mut n = Vec::with_capacity(24);
+                    for w in v.addr {
+                        n.extend_from_slice(&w.to_ne_bytes());
+                    }
+                    n.extend_from_slice(&v.port.to_ne_bytes());
+                    n
+                })
+                .collect();
+            maglev::table(&names, cfg.maglev_table_size)
+                .into_iter()
+                .map(|i| backends[i as usize].0)
+                .collect()
+        } else {
+            backends.iter().map(|(id, _)| *id).collect()
+        };
+        out.sets.push(SetSpec {
+            id,
+            view,
+            flags,
+            affinity_timeout: s.affinity_timeout_seconds.unwrap_or(0),
+            service_id,
+            backends,
+            slots,
+        });
+        Ok(id)
+    };
+
+    let mut loopback_done = false;
+    for f in &s.frontends {
+        let external = f.kind.is_external();
+        let (int_view, ext_view) = if external {
+            (View::Cluster, View::External)
+        } else {
+            (View::Internal, View::Internal)
+        };
+        let int_set = set_for(int_view, &mut out)?;
+        let ext_set = set_for(ext_view, &mut out)?;
+        let ranges = f.kind == FrontendKind::LoadBalancer && !s.source_ranges.is_empty();
+        let range_flag = if ranges { FE_SOURCE_RANGES } else { 0 };
+        let ext_snat = if external && s.external_traffic_local {
+            0
+        } else {
+            FE_SNAT
+        };
+        let int_val = FrontendValue {
+            set_id: int_set,
+            flags: range_flag,
+        };
+        let ext_val = FrontendValue {
+            set_id: ext_set,
+            flags: range_flag | ext_snat,
+        };
+        let port = f.port.to_be();
+        match f.addr {
+            IpAddr::V4(a) => {
+                let k = |scope| Frontend4Key {
+                    addr: addr4(a),
+                    port,
+                    proto,
+                    scope,
+                };
+                out.frontends4.push((k(SCOPE_INTERNAL), int_val));
+                out.frontends4.push((k(SCOPE_EXTERNAL), ext_val));
+                if ranges {
+                    for r in &s.source_ranges {
+                        if let ipnet::IpNet::V4(n) = r {
+                            for set in [int_set, ext_set] {
+                                let e = (set, addr4(n.network()), n.prefix_len());
+                                if !out.ranges4.contains(&e) {
+                                    out.ranges4.push(e);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                let k = |scope| Frontend6Key {
+                    addr: addr6(a),
+                    port,
+                    proto,
+                    scope,
+                };
+                out.frontends6.push((k(SCOPE_INTERNAL), int_val));
+                out.frontends6.push((k(SCOPE_EXTERNAL), ext_val));
+            }
+        }
+        // NodePorts answer on loopback too, for sockets on the node (socket LB only).
+        if f.kind == FrontendKind::NodePort && !loopback_done {
+            loopback_done = true;
+            let v = FrontendValue {
+                set_id: int_set,
+                flags: 0,
+            };
+            match f.addr {
+                IpAddr::V4(_) => out.frontends4.push((
+                    Frontend4Key {
+                        addr: addr4(std::net::Ipv4Addr::LOCALHOST),
+                        port,
+                        proto,
+                        scope: SCOPE_INTERNAL,
+                    },
+                    v,
+                )),
+                IpAddr::V6(_) => out.frontends6.push((
+                    Frontend6Key {
+                        addr: addr6(std::net::Ipv6Addr::LOCALHOST),
+                        port,
+                        proto,
+                        scope: SCOPE_INTERNAL,
+                    },
+                    v,
+                )),
+            }
+        }
+    }
+    out.sets.sort_by_key(|s| s.id);
+    out.frontends4.sort_by_key(|(k, _)| *k);
+    out.frontends6.sort_by_key(|(k, _)| *k);
+    out.ranges4.sort_unstable();
+    Ok(out)
+}

@@ -1,0 +1,553 @@
+//! The reconciler between the desired state and the service maps.
+//!
+//! `apply` touches only the service ports in the ChangeSet. `full_sync` dumps the maps, adopts
+//! the ids a previous run left there (so a restart keeps affinity and does not churn), and
+//! writes exactly the difference, which also repairs drift.
+//!
+//! Order of writes for one port, so a lookup never sees a dangling or half-written entry:
+//! backends and source ranges first; then each changed set gets its new slots at the other
+//! base, the set entry is flipped, and the old slots are deleted; then frontends are written;
+//! then removed frontends, sets, ranges and backends are deleted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use switchyard_ebpf_common::{
+    Config, Frontend4Key, Frontend6Key, FrontendValue, SLOT_BASE_A, SLOT_BASE_B, SetValue, SlotKey,
+};
+use switchyard_model::{ChangeSet, DesiredState, ServicePortKey, ServicePortState};
+
+use super::io::{Dump, MapError, MapIo, Op};
+use super::render::{Allocator, Exhausted, PortRender, RenderConfig, SetSpec, render_port};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    /// Slots live at once (both halves of a set being replaced count).
+    pub slots: u32,
+}
+
+/// Node-wide settings written to the config and cluster-CIDR maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Globals {
+    pub masquerade_all: bool,
+    pub cluster_cidrs4: Vec<(u32, u8)>,
+}
+
+/// A service port that could not be programmed for lack of capacity; its previous state
+/// (if any) stays programmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityError {
+    pub service_port: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub capacity_errors: Vec<CapacityError>,
+    pub writes: usize,
+}
+
+pub struct Writer<M> {
+    pub io: M,
+    alloc: Allocator,
+    cfg: RenderConfig,
+    cap: Capacity,
+    globals: Globals,
+    ports: HashMap<ServicePortKey, PortRender>,
+    /// Current slot base of each programmed set.
+    bases: HashMap<u32, u32>,
+    live_slots: u64,
+    adopted: bool,
+    config: Option<Config>,
+}
+
+impl<M> std::fmt::Debug for Writer<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("ports", &self.ports.len())
+            .field("live_slots", &self.live_slots)
+            .finish_non_exhaustive()
+    }
+}
+
+fn other_base(b: u32) -> u32 {
+    if b == SLOT_BASE_A {
+        SLOT_BASE_B
+    } else {
+        SLOT_BASE_A
+    }
+}
+
+fn set_value(s: &SetSpec, base: u32) -> SetValue {
+    SetValue {
+        count: u32::try_from(s.slots.len()).unwrap_or(u32::MAX),
+        slot_base: base,
+        flags: s.flags,
+        affinity_timeout: s.affinity_timeout,
+        service_id: s.service_id,
+        pad: 0,
+    }
+}
+
+fn slot(set: u32, base: u32, i: usize) -> SlotKey {
+    SlotKey {
+        set_id: set,
+        slot: base + u32::try_from(i).unwrap_or(0),
+    }
+}
+
+fn node_ipv4(state: &DesiredState) -> u32 {
+    state
+        .node_addresses
+        .iter()
+        .find_map(|a| match a {
+            IpAddr::V4(v) => Some(super::render::addr4(*v)),
+            IpAddr::V6(_) => None,
+        })
+        .unwrap_or(0)
+}
+
+impl<M: MapIo> Writer<M> {
+    pub fn new(io: M, cfg: RenderConfig, cap: Capacity, globals: Globals) -> Self {
+        Writer {
+            io,
+            alloc: Allocator::new(cap.services, cap.backends),
+            cfg,
+            cap,
+            globals,
+            ports: HashMap::new(),
+            bases: HashMap::new(),
+            live_slots: 0,
+            adopted: false,
+            config: None,
+        }
+    }
+
+    fn write(&mut self, op: &Op, report: &mut Report) -> Result<(), MapError> {
+        report.writes += 1;
+        self.io.write(op)
+    }
+
+    fn config_for(&self, state: &DesiredState) -> Config {
+        Config {
+            snat_addr4: node_ipv4(state),
+            masquerade_all: u32::from(self.globals.masquerade_all),
+        }
+    }
+
+    fn ensure_config(&mut self, state: &DesiredState, report: &mut Report) -> Result<(), MapError> {
+        let c = self.config_for(state);
+        if self.config != Some(c) {
+            self.write(&Op::PutConfig(c), report)?;
+            self.config = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Render one port, checking slot capacity; on failure nothing is kept allocated beyond
+    /// what the port's previous render holds.
+    fn render(
+        &mut self,
+        s: &ServicePortState,
+        old: Option<&PortRender>,
+    ) -> Result<PortRender, String> {
+        let (attempt, reason) = match render_port(s, &mut self.alloc, &self.cfg) {
+            Ok(r) => {
+                let old_slots: u64 =
+                    old.map_or(0, |o| o.sets.iter().map(|s| s.slots.len() as u64).sum());
+                let new_slots: u64 = r.sets.iter().map(|s| s.slots.len() as u64).sum();
+                // While a set is replaced both halves are live.
+                if self.live_slots.saturating_sub(old_slots) + 2 * new_slots
+                    <= u64::from(self.cap.slots)
+                {
+                    return Ok(r);
+                }
+                (r, format!("slot capacity {} exhausted", self.cap.slots))
+            }
+            Err(Exhausted { what, limit }) => (
+                self.alloc.port_ids(&s.key),
+                format!("{what} capacity {limit} exhausted"),
+            ),
+        };
+        self.alloc.release_unused(&s.key, &attempt, old);
+        Err(reason)
+    }
+
+    /// Program one port's change. `new` is `None` when the port went away.
+    fn apply_port(
+        &mut self,
+        key: &ServicePortKey,
+        new: Option<&ServicePortState>,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let old = self.ports.get(key).cloned();
+        let new_r = match new {
+            Some(s) => match self.render(s, old.as_ref()) {
+                Ok(r) => Some(r),
+                Err(reason) => {
+                    tracing::error!(service_port = %key, %reason, "cannot program service: map capacity exhausted; its previous state stays");
+                    report.capacity_errors.push(CapacityError {
+                        service_port: key.to_string(),
+                        reason,
+                    });
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        let empty = PortRender::default();
+        let o = old.as_ref().unwrap_or(&empty);
+        let n = new_r.as_ref().unwrap_or(&empty);
+
+        // 1. Backends and source ranges the new state references.
+        let old_backends: HashMap<u32, _> = o
+            .sets
+            .iter()
+            .flat_map(|s| s.backends.iter().copied())
+            .collect();
+        for s in &n.sets {
+            for (id, v) in &s.backends {
+                if old_backends.get(id) != Some(v) {
+                    self.write(&Op::PutBackend(*id, *v), report)?;
+                }
+            }
+        }
+        for r in &n.ranges4 {
+            if !o.ranges4.contains(r) {
+                self.write(&Op::PutRange4(r.0, r.1, r.2), report)?;
+            }
+        }
+        // 2. Sets: new slots, flip, delete old slots.
+        for s in &n.sets {
+            let prev = o.sets.iter().find(|x| x.id == s.id);
+            let base = self.bases.get(&s.id).copied();
+            match (prev, base) {
+                (Some(p), Some(b)) if p.slots == s.slots => {
+                    if p.flags != s.flags
+                        || p.affinity_timeout != s.affinity_timeout
+                        || p.service_id != s.service_id
+                    {
+                        self.write(&Op::PutSet(s.id, set_value(s, b)), report)?;
+                    }
+                }
+                (prev, base) => {
+                    let nb = base.map_or(SLOT_BASE_A, other_base);
+                    for (i, be) in s.slots.iter().enumerate() {
+                        self.write(&Op::PutSlot(slot(s.id, nb, i), *be), report)?;
+                    }
+                    self.write(&Op::PutSet(s.id, set_value(s, nb)), report)?;
+                    if let (Some(p), Some(b)) = (prev, base) {
+                        for i in 0..p.slots.len() {
+                            self.write(&Op::DelSlot(slot(s.id, b, i)), report)?;
+                        }
+                        self.live_slots -= p.slots.len() as u64;
+                    }
+                    self.live_slots += s.slots.len() as u64;
+                    self.bases.insert(s.id, nb);
+                }
+            }
+        }
+        // 3. Frontends.
+        let old_fe4: HashMap<Frontend4Key, FrontendValue> = o.frontends4.iter().copied().collect();
+        let old_fe6: HashMap<Frontend6Key, FrontendValue> = o.frontends6.iter().copied().collect();
+        for (k, v) in &n.frontends4 {
+            if old_fe4.get(k) != Some(v) {
+                self.write(&Op::PutFrontend4(*k, *v), report)?;
+            }
+        }
+        for (k, v) in &n.frontends6 {
+            if old_fe6.get(k) != Some(v) {
+                self.write(&Op::PutFrontend6(*k, *v), report)?;
+            }
+        }
+        // 4. Removals, in reverse dependency order.
+        let new_fe4: BTreeSet<Frontend4Key> = n.frontends4.iter().map(|(k, _)| *k).collect();
+        let new_fe6: BTreeSet<Frontend6Key> = n.frontends6.iter().map(|(k, _)| *k).collect();
+        for (k, _) in &o.frontends4 {
+            if !new_fe4.contains(k) {
+                self.write(&Op::DelFrontend4(*k), report)?;
+            }
+        }
+        for (k, _) in &o.frontends6 {
+            if !new_fe6.contains(k) {
+                self.write(&Op::DelFrontend6(*k), report)?;
+            }
+        }
+        for p in &o.sets {
+            if !n.sets.iter().any(|s| s.id == p.id) {
+                self.write(&Op::DelSet(p.id), report)?;
+                if let Some(b) = self.bases.remove(&p.id) {
+                    for i in 0..p.slots.len() {
+                        self.write(&Op::DelSlot(slot(p.id, b, i)), report)?;
+                    }
+                    self.live_slots -= p.slots.len() as u64;
+                }
+            }
+        }
+        for r in &o.ranges4 {
+            if !n.ranges4.contains(r) {
+                self.write(&Op::DelRange4(r.0, r.1, r.2), report)?;
+            }
+        }
+        let new_backends: BTreeSet<u32> = n.backend_ids().collect();
+        for id in o.backend_ids() {
+            if !new_backends.contains(&id) {
+                self.write(&Op::DelBackend(id), report)?;
+            }
+        }
+        if let Some(old) = &old {
+            self.alloc.release_unused(key, old, new_r.as_ref());
+        }
+        match new_r {
+            Some(r) => {
+                self.ports.insert(key.clone(), r);
+            }
+            None => {
+                self.ports.remove(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Program a ChangeSet: work proportional to the change.
+    pub fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<Report, MapError> {
+        let mut report = Report::default();
+        self.ensure_config(state, &mut report)?;
+        for r in &changes.removed {
+            self.apply_port(&r.key, None, &mut report)?;
+        }
+        for c in &changes.changed {
+            self.apply_port(&c.new.key, Some(&c.new), &mut report)?;
+        }
+        for a in &changes.added {
+            self.apply_port(&a.key, Some(a), &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// Re-adopt ids found in the maps for the ports of `state`.
+    fn adopt(&mut self, state: &DesiredState, dump: &Dump) {
+        let mut trial = Allocator::new(self.cap.services, self.cap.backends);
+        let backend_ids: HashMap<(u32, [u32; 4], u16), u32> = dump
+            .backends
+            .iter()
+            .map(|(id, v)| ((v.set_id, v.addr, v.port), *id))
+            .collect();
+        let mut adopted = 0usize;
+        for s in state.values() {
+            let Ok(r) = render_port(s, &mut trial, &self.cfg) else {
+                continue;
+            };
+            let mut map_set: HashMap<u32, u32> = HashMap::new();
+            for (k, v) in &r.frontends4 {
+                if let Some(kv) = dump.frontends4.get(k) {
+                    map_set.insert(v.set_id, kv.set_id);
+                }
+            }
+            for (k, v) in &r.frontends6 {
+                if let Some(kv) = dump.frontends6.get(k) {
+                    map_set.insert(v.set_id, kv.set_id);
+                }
+            }
+            for set in &r.sets {
+                let Some(kid) = map_set.get(&set.id).copied() else {
+                    continue;
+                };
+                if !self.alloc.adopt_set(&s.key, set.view, kid) {
+                    continue;
+                }
+                adopted += 1;
+                if let Some(kv) = dump.sets.get(&kid) {
+                    self.alloc.adopt_service(&s.key, kv.service_id);
+                }
+                for (_, b) in &set.backends {
+                    if let Some(bid) = backend_ids.get(&(kid, b.addr, b.port)) {
+                        let addr = if b.family == 4 {
+                            IpAddr::V4(std::net::Ipv4Addr::from(b.addr[0].to_ne_bytes()))
+                        } else {
+                            let mut o = [0u8; 16];
+                            for (i, w) in b.addr.iter().enumerate() {
+                                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                            }
+                            IpAddr::V6(std::net::Ipv6Addr::from(o))
+                        };
+                        self.alloc
+                            .adopt_backend(kid, addr, u16::from_be(b.port), *bid);
+                    }
+                }
+            }
+        }
+        if adopted > 0 {
+            tracing::info!(
+                sets = adopted,
+                "re-adopted backend sets left in the pinned maps"
+            );
+        }
+    }
+
+    /// Make the maps hold exactly `state`.
+    pub fn full_sync(&mut self, state: &DesiredState) -> Result<Report, MapError> {
+        let mut report = Report::default();
+        let dump = self.io.dump()?;
+        if !self.adopted {
+            self.adopt(state, &dump);
+            self.adopted = true;
+        }
+
+        // Render everything (keeping what was programmed for ports that no longer fit).
+        let mut desired: HashMap<ServicePortKey, PortRender> = HashMap::new();
+        self.live_slots = 0;
+        for s in state.values() {
+            let old = self.ports.get(&s.key).cloned();
+            match self.render(s, old.as_ref()) {
+                Ok(r) => {
+                    self.live_slots += r.sets.iter().map(|x| x.slots.len() as u64).sum::<u64>();
+                    desired.insert(s.key.clone(), r);
+                }
+                Err(reason) => {
+                    tracing::error!(service_port = %s.key, %reason, "cannot program service: map capacity exhausted");
+                    report.capacity_errors.push(CapacityError {
+                        service_port: s.key.to_string(),
+                        reason,
+                    });
+                    if let Some(o) = old {
+                        desired.insert(s.key.clone(), o);
+                    }
+                }
+            }
+        }
+        for (k, old) in &self.ports {
+            if !desired.contains_key(k) {
+                self.alloc.release_unused(k, old, None);
+            }
+        }
+
+        // Global settings.
+        let c = self.config_for(state);
+        if dump.config != c {
+            self.write(&Op::PutConfig(c), &mut report)?;
+        }
+        self.config = Some(c);
+        let cidrs: BTreeSet<(u32, u8)> = self.globals.cluster_cidrs4.iter().copied().collect();
+        for c in cidrs.difference(&dump.local_cidrs4) {
+            self.write(&Op::PutLocalCidr4(c.0, c.1), &mut report)?;
+        }
+        for c in dump.local_cidrs4.difference(&cidrs) {
+            self.write(&Op::DelLocalCidr4(c.0, c.1), &mut report)?;
+        }
+
+        // Writes: backends, ranges, sets (slots then flip), frontends.
+        let mut want_backends = BTreeMap::new();
+        let mut want_ranges = BTreeSet::new();
+        let mut want_fe4 = BTreeMap::new();
+        let mut want_fe6 = BTreeMap::new();
+        let mut want_sets: BTreeMap<u32, &SetSpec> = BTreeMap::new();
+        for r in desired.values() {
+            for s in &r.sets {
+                want_sets.insert(s.id, s);
+                for (id, v) in &s.backends {
+                    want_backends.insert(*id, *v);
+                }
+            }
+            want_ranges.extend(r.ranges4.iter().copied());
+            want_fe4.extend(r.frontends4.iter().copied());
+            want_fe6.extend(r.frontends6.iter().copied());
+        }
+        for (id, v) in &want_backends {
+            if dump.backends.get(id) != Some(v) {
+                self.write(&Op::PutBackend(*id, *v), &mut report)?;
+            }
+        }
+        for r in &want_ranges {
+            if !dump.ranges4.contains(r) {
+                self.write(&Op::PutRange4(r.0, r.1, r.2), &mut report)?;
+            }
+        }
+        let mut want_slots: BTreeMap<SlotKey, u32> = BTreeMap::new();
+        self.bases.clear();
+        for (id, s) in &want_sets {
+            let kernel = dump.sets.get(id);
+            let live_ok = kernel.is_some_and(|k| {
+                k.count as usize == s.slots.len()
+                    && s.slots
+                        .iter()
+                        .enumerate()
+                        .all(|(i, be)| dump.slots.get(&slot(*id, k.slot_base, i)) == Some(be))
+            });
+            let base = match kernel {
+                Some(k) if live_ok => {
+                    if *k != set_value(s, k.slot_base) {
+                        self.write(&Op::PutSet(*id, set_value(s, k.slot_base)), &mut report)?;
+                    }
+                    k.slot_base
+                }
+                _ => {
+                    let nb = kernel.map_or(SLOT_BASE_A, |k| other_base(k.slot_base));
+                    for (i, be) in s.slots.iter().enumerate() {
+                        self.write(&Op::PutSlot(slot(*id, nb, i), *be), &mut report)?;
+                    }
+                    self.write(&Op::PutSet(*id, set_value(s, nb)), &mut report)?;
+                    nb
+                }
+            };
+            for (i, be) in s.slots.iter().enumerate() {
+                want_slots.insert(slot(*id, base, i), *be);
+            }
+            self.bases.insert(*id, base);
+        }
+        for (k, v) in &want_fe4 {
+            if dump.frontends4.get(k) != Some(v) {
+                self.write(&Op::PutFrontend4(*k, *v), &mut report)?;
+            }
+        }
+        for (k, v) in &want_fe6 {
+            if dump.frontends6.get(k) != Some(v) {
+                self.write(&Op::PutFrontend6(*k, *v), &mut report)?;
+            }
+        }
+        // Deletes: whatever the maps hold beyond the desired state.
+        for k in dump.frontends4.keys() {
+            if !want_fe4.contains_key(k) {
+                self.write(&Op::DelFrontend4(*k), &mut report)?;
+            }
+        }
+        for k in dump.frontends6.keys() {
+            if !want_fe6.contains_key(k) {
+                self.write(&Op::DelFrontend6(*k), &mut report)?;
+            }
+        }
+        for k in dump.sets.keys() {
+            if !want_sets.contains_key(k) {
+                self.write(&Op::DelSet(*k), &mut report)?;
+            }
+        }
+        for k in dump.slots.keys() {
+            if !want_slots.contains_key(k) {
+                self.write(&Op::DelSlot(*k), &mut report)?;
+            }
+        }
+        for r in &dump.ranges4 {
+            if !want_ranges.contains(r) {
+                self.write(&Op::DelRange4(r.0, r.1, r.2), &mut report)?;
+            }
+        }
+        for k in dump.backends.keys() {
+            if !want_backends.contains_key(k) {
+                self.write(&Op::DelBackend(*k), &mut report)?;
+            }
+        }
+        self.ports = desired;
+        Ok(report)
+    }
+
+    /// What is programmed for a port (for `switchyard` inspection and tests).
+    pub fn port(&self, key: &ServicePortKey) -> Option<&PortRender> {
+        self.ports.get(key)
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = (&ServicePortKey, &PortRender)> {
+        self.ports.iter()
+    }
+}

@@ -1,0 +1,68 @@
+//! A backend for end-to-end tests: answers HTTP on TCP and datagrams on UDP with its name and
+//! the client address it saw (`NAME CLIENT_IP`), so tests can tell which backend answered and
+//! whether the client address was kept.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let name = get("--name").unwrap_or_else(|| "backend".into());
+    let bind = get("--bind").unwrap_or_else(|| "0.0.0.0".into());
+    if let Some(port) = get("--udp") {
+        let sock = UdpSocket::bind(format!("{bind}:{port}"))?;
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
+            }
+        });
+    }
+    let port = get("--tcp").unwrap_or_else(|| "8080".into());
+    let listener = TcpListener::bind(format!("{bind}:{port}"))?;
+    // Signal readiness to whoever started us.
+    println!("ready");
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let peer: Option<SocketAddr> = s.peer_addr().ok();
+            // Serve requests on this connection until the client closes it, so a test can
+            // hold a connection open across a daemon restart.
+            let mut buf = [0u8; 4096];
+            let mut pending = Vec::new();
+            loop {
+                let Ok(n) = s.read(&mut buf) else { return };
+                if n == 0 {
+                    return;
+                }
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let req = String::from_utf8_lossy(&pending[..end]).to_string();
+                    pending.drain(..end + 4);
+                    let body = format!(
+                        "{name} {}\n",
+                        peer.map(|p| p.ip().to_string()).unwrap_or_default()
+                    );
+                    let close = req.to_ascii_lowercase().contains("connection: close");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+                        body.len(),
+                        if close { "close" } else { "keep-alive" }
+                    );
+                    if s.write_all(resp.as_bytes()).is_err() || close {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! A client for end-to-end tests. Optionally joins a cgroup (so the socket load balancer sees
+//! it) and a network namespace, then makes requests and prints one line per request:
+//! `ok NAME CLIENT_IP` as the backend answered, or `err KIND` (refused, timeout, ...).
+//!
+//! sy-probe [--cgroup DIR] [--netns NAME] (--tcp ADDR:PORT | --udp ADDR:PORT) [--count N]
+//!          [--timeout-ms MS] [--interval-ms MS] [--hold]
+//! With --hold it keeps one TCP connection open, reading a request line from stdin for each
+//! request, so a test can make requests on one connection across events.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+fn kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout",
+        std::io::ErrorKind::ConnectionReset => "reset",
+        std::io::ErrorKind::PermissionDenied => "denied",
+        _ if e.raw_os_error() == Some(113) => "unreachable",
+        _ => "other",
+    }
+}
+
+fn http(s: &mut TcpStream, keep: bool) -> std::io::Result<String> {
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: {}\r\n\r\n",
+        if keep { "keep-alive" } else { "close" }
+    );
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 1024];
+    loop {
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(i) = text.find("\r\n\r\n") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= i + 4 + len {
+                return Ok(text[i + 4..i + 4 + len].trim().to_string());
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "short response",
+    ))
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(cg) = get("--cgroup") {
+        std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())?;
+    }
+    if let Some(ns) = get("--netns") {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
+    let count: usize = get("--count").and_then(|c| c.parse().ok()).unwrap_or(1);
+    let timeout = Duration::from_millis(
+        get("--timeout-ms")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(2000),
+    );
+    let interval = Duration::from_millis(
+        get("--interval-ms")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+    );
+    let out = std::io::stdout();
+    if let Some(target) = get("--tcp") {
+        let addr: SocketAddr = target
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
+        if args.iter().any(|a| a == "--hold") {
+            let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            println!("connected {peer}");
+            out.lock().flush()?;
+            for _ in std::io::stdin().lock().lines() {
+                match http(&mut s, true) {
+                    Ok(body) => println!("ok {body}"),
+                    Err(e) => println!("err {}", kind(&e)),
+                }
+                out.lock().flush()?;
+            }
+            return Ok(());
+        }
+        for _ in 0..count {
+            let r = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                let peer = s.peer_addr()?;
+                if peer != addr {
+                    // getpeername must show the service address, not the backend's.
+                    return Ok(format!("peer-mismatch {peer}"));
+                }
+                http(&mut s, false)
+            });
+            match r {
+                Ok(body) => println!("ok {body}"),
+                Err(e) => println!("err {}", kind(&e)),
+            }
+            out.lock().flush()?;
+            std::thread::sleep(interval);
+        }
+    }
+    if let Some(target) = get("--udp") {
+        let addr: SocketAddr = target
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
+        for _ in 0..count {
+            let r = UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.send_to(b"hello", addr)?;
+                let mut buf = [0u8; 512];
+                let (n, from) = s.recv_from(&mut buf)?;
+                if from != addr {
+                    return Ok(format!("from-mismatch {from}"));
+                }
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+            });
+            match r {
+                Ok(body) => println!("ok {body}"),
+                Err(e) => println!("err {}", kind(&e)),
+            }
+            out.lock().flush()?;
+            std::thread::sleep(interval);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! A sandbox of network namespaces for end-to-end tests and the demo:
+//!
+//! ```text
+//!  client ns (172.30.0.2) ──veth── node ns (172.30.0.10, runs switchyard) ──veth── backend ns
+//!                                          │                                 (10.244.x.y/32 each,
+//!                                          └─ child cgroup (socket LB)         HTTP + UDP server)
+//! ```
+//!
+//! Every namespace, cgroup, pin directory and process it creates is removed by `Drop`, also
+//! when a test fails.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
+/// The node side of every backend veth (Calico-style point-to-point routing).
+const GATEWAY: &str = "169.254.1.1";
+
+pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Fail (not skip) when the test cannot run here.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (network namespaces, BPF): run the test suite as root"
+    );
+}
+
+/// Where cgroup v2 is mounted; mounts one under /run if the host has none.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && f[2] == "cgroup2" {
+            return Ok(PathBuf::from(f[1]));
+        }
+    }
+    let dir = PathBuf::from("/run/switchyard-cgroup2");
+    std::fs::create_dir_all(&dir)?;
+    sh(&["mount", "-t", "cgroup2", "none", &dir.to_string_lossy()])?;
+    Ok(dir)
+}
+
+/// The binaries the sandbox runs: switchyard and the test helpers, next to each other in the
+/// cargo target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Test executables live in target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendSpec {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+impl BackendSpec {
+    pub fn new(name: &str, ip: Ipv4Addr) -> BackendSpec {
+        BackendSpec {
+            name: name.to_string(),
+            ip,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Sandbox {
+    pub prefix: String,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    backends: BTreeMap<String, (BackendSpec, Option<Child>)>,
+    daemon: Option<Child>,
+}
+
+impl Sandbox {
+    pub fn node_ns(&self) -> String {
+        format!("{}-node", self.prefix)
+    }
+
+    pub fn client_ns(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+
+    fn ns_path(ns: &str) -> String {
+        format!("/var/run/netns/{ns}")
+    }
+
+    /// Build the topology and start a backend server in each backend namespace.
+    pub fn create(prefix: &str, backends: &[BackendSpec]) -> anyhow::Result<Sandbox> {
+        let cg_root = cgroup2_root()?;
+        let mut sb = Sandbox {
+            prefix: prefix.to_string(),
+            cgroup: cg_root.join(prefix),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            dir: tempfile::tempdir()?,
+            namespaces: Vec::new(),
+            backends: BTreeMap::new(),
+            daemon: None,
+        };
+        // Leftovers of an earlier run that was killed hard.
+        sb.remove_leftovers();
+        std::fs::create_dir_all(&sb.cgroup).context("creating the test cgroup")?;
+        let node = sb.node_ns();
+        let client = sb.client_ns();
+        for ns in [&node, &client] {
+            sh(&["ip", "netns", "add", ns])?;
+            sb.namespaces.push(ns.clone());
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let (n0, c0) = (format!("{prefix}n"), format!("{prefix}c"));
+        sh(&[
+            "ip", "link", "add", &n0, "type", "veth", "peer", "name", &c0,
+        ])?;
+        sh(&["ip", "link", "set", &n0, "netns", &node, "name", "ext0"])?;
+        sh(&["ip", "link", "set", &c0, "netns", &client, "name", "eth0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "ext0",
+        ])?;
+        sh(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &client, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
+        // LoadBalancer IPs of the examples sit in the node's subnet: route them via the node.
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "route",
+            "add",
+            "172.30.0.100/32",
+            "via",
+            &NODE_IP.to_string(),
+        ])?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &node,
+                "sysctl",
+                "-qw",
+                &format!("{k}={v}"),
+            ])?;
+        }
+        for b in backends {
+            sb.add_backend(b)?;
+        }
+        Ok(sb)
+    }
+
+    /// Add a backend namespace with its server.
+    pub fn add_backend(&mut self, b: &BackendSpec) -> anyhow::Result<()> {
+        let node = self.node_ns();
+        let ns = format!("{}-{}", self.prefix, b.name);
+        sh(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let host_if = format!("b{}", &b.name[..b.name.len().min(12)]);
+        let tmp = format!("{}t{}", self.prefix, self.backends.len());
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &tmp,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{tmp}p"),
+        ])?;
+        sh(&["ip", "link", "set", &tmp, "netns", &node, "name", &host_if])?;
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            &format!("{tmp}p"),
+            "netns",
+            &ns,
+            "name",
+            "eth0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            &host_if,
+        ])?;
+        sh(&["ip", "-n", &node, "link", "set", &host_if, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{}/32", b.ip),
+            "dev",
+            &host_if,
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/32", b.ip),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip", "-n", &ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+        ])?;
+        sh(&[
+            "ip", "-n", &ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
+        ])?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(bin("sy-backend"))
+            .args(["--name", &b.name, "--tcp", "8080", "--udp", "9125"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sy-backend")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            bail!("backend {} did not start", b.name);
+        }
+        self.backends
+            .insert(b.name.clone(), (b.clone(), Some(child)));
+        Ok(())
+    }
+
+    /// Stop a backend's server (the namespace stays).
+    pub fn stop_backend(&mut self, name: &str) {
+        if let Some((_, Some(mut c))) = self.backends.remove(name) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The daemon's config for this sandbox.
+    pub fn config_yaml(&self, extra: &str) -> String {
+        format!(
+            "clusterCIDR: 10.244.0.0/16\nsyncPeriod: 10s\nminSyncPeriod: 50ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: {}\n{extra}",
+            self.pin_dir.display()
+        )
+    }
+
+    /// Start `switchyard run` in the node namespace (only its network namespace: it keeps the
+    /// host's /sys, so bpffs and cgroup2 stay visible).
+    pub fn start_daemon(
+        &mut self,
+        manifests: &Path,
+        backend: &str,
+        extra_config: &str,
+    ) -> anyhow::Result<()> {
+        let cfg = self.dir.path().join("config.yaml");
+        std::fs::write(&cfg, self.config_yaml(extra_config))?;
+        let log = std::fs::File::create(self.dir.path().join("daemon.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", Self::ns_path(&self.node_ns())))
+            .arg(bin("switchyard"))
+            .args(["run", "--source"])
+            .arg(format!("manifests:{}", manifests.display()))
+            .args([
+                "--backend",
+                backend,
+                "--node-name",
+                "node-a",
+                "--cgroup-path",
+            ])
+            .arg(&self.cgroup)
+            .arg("--config")
+            .arg(&cfg)
+            .env("SWITCHYARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting switchyard")?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Stop the daemon as an operator would (SIGTERM), leaving pinned state in place.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn daemon_running(&mut self) -> bool {
+        self.daemon
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Run sy-probe with the given arguments; one line per request.
+    pub fn probe(&self, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let out = Command::new(bin("sy-probe"))
+            .args(args)
+            .output()
+            .context("running sy-probe")?;
+        if !out.status.success() {
+            bail!(
+                "sy-probe {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// A probe from a process in the socket-LB cgroup, in the node's network namespace.
+    pub fn probe_from_cgroup(&self, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let cg = self.cgroup.to_string_lossy().to_string();
+        let ns = self.node_ns();
+        let mut a = vec!["--cgroup", &cg, "--netns", &ns];
+        a.extend_from_slice(args);
+        self.probe(&a)
+    }
+
+    /// A probe from the outside client namespace.
+    pub fn probe_from_client(&self, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let ns = self.client_ns();
+        let mut a = vec!["--netns", &ns];
+        a.extend_from_slice(args);
+        self.probe(&a)
+    }
+
+    /// `ip netns exec <node> <cmd>`.
+    pub fn in_node(&self, cmd: &[&str]) -> anyhow::Result<String> {
+        let ns = self.node_ns();
+        let mut a = vec!["ip", "netns", "exec", &ns];
+        a.extend_from_slice(cmd);
+        sh(&a)
+    }
+
+    fn remove_leftovers(&self) {
+        if let Ok(list) = sh(&["ip", "netns", "list"]) {
+            for l in list.lines() {
+                let name = l.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&format!("{}-", self.prefix)) {
+                    let _ = sh(&["ip", "netns", "del", name]);
+                }
+            }
+        }
+        let _ = switchyard::dataplane::ebpf::cleanup_pins(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        let names: Vec<String> = self.backends.keys().cloned().collect();
+        for n in names {
+            self.stop_backend(&n);
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        let _ = switchyard::dataplane::ebpf::cleanup_pins(&self.pin_dir);
+        // Processes that joined the cgroup are gone; the directory can go.
+        if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            let parent = self.cgroup.parent().map(|p| p.join("cgroup.procs"));
+            for pid in procs.lines() {
+                if let Some(p) = &parent {
+                    let _ = std::fs::write(p, pid);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
