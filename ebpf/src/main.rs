@@ -13,10 +13,13 @@
 #![allow(static_mut_refs)]
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT};
+use aya_ebpf::bindings::{
+    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+};
 use aya_ebpf::helpers::generated::{
-    bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    bpf_redirect, bpf_set_retval, bpf_skb_change_tail,
+    bpf_fib_lookup as fib_lookup, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+    bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_set_retval, bpf_skb_change_tail,
 };
 use aya_ebpf::macros::{cgroup_sock_addr, classifier, map};
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -542,6 +545,43 @@ fn reject(ctx: &TcContext, p: &Packet) -> i32 {
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
+/// Send a translated packet on its way ourselves: after NAT the source may be a node address
+/// (masquerade, or the frontend on replies), which the stack's input path would drop as a
+/// martian; a FIB lookup and a redirect to the egress device skip that (and netfilter).
+#[inline(always)]
+fn forward(ctx: &TcContext, saddr: u32, daddr: u32, proto: u8, sport: u16, dport: u16) -> i32 {
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = 2;
+    params.l4_protocol = proto;
+    params.sport = sport;
+    params.dport = dport;
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        if ctx.store(0, &macs, 0).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
+        unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+    } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    } else {
+        // Local delivery or no route: the stack decides.
+        TC_ACT_OK as i32
+    }
+}
+
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
     let proto: u16 = ctx.load(12).ok()?;
@@ -613,6 +653,15 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
                 (p.daddr, p.dport)
             };
             rewrite(ctx, &p, ct.new_saddr, ct.new_sport, daddr, dport)?;
+            count(ct.service_id, 1, p.len as u64, 0);
+            return Ok(forward(
+                ctx,
+                ct.new_saddr,
+                daddr,
+                p.proto,
+                ct.new_sport,
+                dport,
+            ));
         } else {
             let (saddr, sport) = if ct.flags & CT_SNAT != 0 {
                 (ct.new_saddr, ct.new_sport)
@@ -620,9 +669,16 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
                 (p.saddr, p.sport)
             };
             rewrite(ctx, &p, saddr, sport, ct.new_daddr, ct.new_dport)?;
+            count(ct.service_id, 1, p.len as u64, 0);
+            return Ok(forward(
+                ctx,
+                saddr,
+                ct.new_daddr,
+                p.proto,
+                sport,
+                ct.new_dport,
+            ));
         }
-        count(ct.service_id, 1, p.len as u64, 0);
-        return Ok(TC_ACT_OK as i32);
     }
 
     let internal = LOCAL_CIDRS4
@@ -717,7 +773,9 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     CT4.insert(&rkey, &rev, 0)?;
     rewrite(ctx, &p, new_saddr, new_sport, be.addr[0], be.port)?;
     count(set.service_id, 1, p.len as u64, 1);
-    Ok(TC_ACT_OK as i32)
+    Ok(forward(
+        ctx, new_saddr, be.addr[0], p.proto, new_sport, be.port,
+    ))
 }
 
 #[classifier]

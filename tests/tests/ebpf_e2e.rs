@@ -149,3 +149,333 @@ fn cluster_ip_tcp_and_udp_through_socket_lb() {
         "{got:?}"
     );
 }
+
+const NODEPORT_EXTRA: &str = "  type: NodePort\n";
+
+fn nodeport_service(name: &str, ip: &str, np: u16, extra: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: {np}}}\n  - {{name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: {}}}\n{extra}",
+        np + 1
+    )
+}
+
+#[test]
+fn node_port_from_outside_is_masqueraded_and_etp_local_keeps_the_client() {
+    let _ = NODEPORT_EXTRA;
+    let manifests = format!(
+        "{}{}{}{}",
+        nodeport_service("np", "10.96.0.20", 30080, ""),
+        slice("np", &ALL3),
+        nodeport_service(
+            "local",
+            "10.96.0.21",
+            30090,
+            "  externalTrafficPolicy: Local\n"
+        ),
+        slice("local", &ALL3),
+    );
+    let mut c = Cluster::start("syc2", &manifests);
+    // eTP=Cluster: every backend, and the backend sees the node's address (masquerade).
+    let got = c.until(
+        "NodePort TCP",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.10:30080", "--count", "30"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(
+        got.iter().all(|l| l.ends_with(" 172.30.0.10")),
+        "masqueraded to the node: {got:?}"
+    );
+    assert!(names(&got).len() >= 2, "{got:?}");
+    let got = c.until(
+        "NodePort UDP",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--udp", "172.30.0.10:30081", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(got.iter().all(|l| l.ends_with(" 172.30.0.10")), "{got:?}");
+
+    // eTP=Local: only this node's backends (a1, a2), and they see the real client address.
+    let got = c.until(
+        "eTP=Local",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.10:30090", "--count", "30"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    let spread = names(&got);
+    assert!(
+        spread.keys().all(|k| k == "a1" || k == "a2"),
+        "only local backends: {spread:?}"
+    );
+    assert!(
+        got.iter().all(|l| l.ends_with(" 172.30.0.2")),
+        "client address kept: {got:?}"
+    );
+    // Pods and sockets on the node still reach every endpoint through the NodePort.
+    let got = c.until(
+        "eTP=Local from the node",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "127.0.0.1:30090", "--count", "40"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(
+        names(&got).contains_key("b1"),
+        "node-local clients use all endpoints: {got:?}"
+    );
+}
+
+#[test]
+fn no_endpoints_refuses_fast_and_removed_backend_stops_receiving() {
+    let manifests = format!(
+        "{}{}{}",
+        nodeport_service("empty", "10.96.0.30", 30100, ""),
+        service("web", "10.96.0.31", ""),
+        slice("web", &ALL3),
+    );
+    let mut c = Cluster::start("syc3", &manifests);
+    c.until(
+        "web up",
+        Duration::from_secs(20),
+        |sb| sb.probe_from_cgroup(&["--tcp", "10.96.0.31:80"]).unwrap(),
+        all_ok,
+    );
+    // No endpoints: refused at once, from the node (socket LB) and from outside (ICMP).
+    let t = Instant::now();
+    let got =
+        c.sb.probe_from_cgroup(&["--tcp", "10.96.0.30:80", "--timeout-ms", "3000"])
+            .unwrap();
+    assert_eq!(got, ["err refused"], "socket LB");
+    let got =
+        c.sb.probe_from_client(&["--tcp", "172.30.0.10:30100", "--timeout-ms", "3000"])
+            .unwrap();
+    assert_eq!(got, ["err refused"], "tc path");
+    let got =
+        c.sb.probe_from_client(&["--udp", "172.30.0.10:30101", "--timeout-ms", "3000"])
+            .unwrap();
+    assert_eq!(got, ["err refused"], "tc path UDP");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refusals must be fast, took {:?}",
+        t.elapsed()
+    );
+
+    // Remove b1 from the EndpointSlice: new connections stop reaching it.
+    let manifests = format!(
+        "{}{}{}",
+        nodeport_service("empty", "10.96.0.30", 30100, ""),
+        service("web", "10.96.0.31", ""),
+        slice("web", &ALL3[..2]),
+    );
+    c.write(&manifests);
+    c.until(
+        "b1 removed",
+        Duration::from_secs(5),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "10.96.0.31:80", "--count", "30"])
+                .unwrap()
+        },
+        |l| all_ok(l) && !names(l).contains_key("b1"),
+    );
+}
+
+#[test]
+fn session_affinity_sticks_then_spreads_and_expires() {
+    let affinity =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
+    let mut c = Cluster::start(
+        "syc4",
+        &format!(
+            "{}{}",
+            nodeport_service("sticky", "10.96.0.40", 30110, affinity),
+            slice("sticky", &ALL3)
+        ),
+    );
+    // 16 requests from one client all reach one backend, on both paths.
+    let got = c.until(
+        "affinity socket LB",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "10.96.0.40:80", "--count", "16"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert_eq!(names(&got).len(), 1, "one backend for one client: {got:?}");
+    let got = c.until(
+        "affinity tc",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.10:30110", "--count", "16"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert_eq!(names(&got).len(), 1, "one backend for one client: {got:?}");
+    let first = names(&got).keys().next().unwrap().clone();
+
+    // After the idle timeout a fresh choice is made: within a few rounds another backend
+    // answers (each round picks one of three at random).
+    let mut seen_other = false;
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(2300));
+        let got =
+            c.sb.probe_from_client(&["--tcp", "172.30.0.10:30110"])
+                .unwrap();
+        if names(&got).keys().any(|k| *k != first) {
+            seen_other = true;
+            break;
+        }
+    }
+    assert!(seen_other, "affinity never expired after timeoutSeconds");
+
+    // Affinity off: the same client spreads again.
+    c.write(&format!(
+        "{}{}",
+        nodeport_service("sticky", "10.96.0.40", 30110, ""),
+        slice("sticky", &ALL3)
+    ));
+    c.until(
+        "affinity off",
+        Duration::from_secs(5),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "10.96.0.40:80", "--count", "24"])
+                .unwrap()
+        },
+        |l| all_ok(l) && names(l).len() >= 2,
+    );
+}
+
+#[test]
+fn restart_keeps_open_connections_and_cleanup_leaves_nothing() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = Cluster::start(
+        "syc5",
+        &format!(
+            "{}{}",
+            nodeport_service("web", "10.96.0.50", 30120, ""),
+            slice("web", &ALL3)
+        ),
+    );
+    c.until(
+        "up",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.10:30120"])
+                .unwrap()
+        },
+        all_ok,
+    );
+
+    // One TCP connection through the tc path, held open across a daemon restart.
+    let mut held = std::process::Command::new(switchyard_tests::sandbox::bin("sy-probe"))
+        .args([
+            "--netns",
+            &c.sb.client_ns(),
+            "--tcp",
+            "172.30.0.10:30120",
+            "--hold",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = held.stdin.take().unwrap();
+    let mut out = BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("connected"), "{line}");
+    let mut ask = |stdin: &mut std::process::ChildStdin| {
+        writeln!(stdin, "go").unwrap();
+        stdin.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    let before = ask(&mut stdin);
+    assert!(before.starts_with("ok "), "{before}");
+
+    c.sb.stop_daemon();
+    assert!(
+        c.sb.pin_dir.join("SY_CT4").exists(),
+        "maps stay pinned while the daemon is down"
+    );
+    let during = ask(&mut stdin);
+    assert_eq!(
+        during, before,
+        "the connection keeps working while the daemon is down"
+    );
+    let dir = c.dir.clone();
+    c.sb.start_daemon(&dir, "ebpf", "").unwrap();
+    c.until(
+        "restarted",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.10:30120"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    let t = Instant::now();
+    while !c.sb.daemon_log().contains("re-adopted") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "restart must adopt the pinned state:\n{}",
+            c.sb.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = ask(&mut stdin);
+    assert_eq!(
+        after, before,
+        "same connection, same backend after the restart"
+    );
+    drop(stdin);
+    let _ = held.kill();
+    let _ = held.wait();
+
+    // cleanup: no pins, no tc links, no cgroup programs.
+    c.sb.stop_daemon();
+    let cfg = c.sb.dir.path().join("config.yaml");
+    let out = std::process::Command::new(switchyard_tests::sandbox::bin("switchyard"))
+        .args(["cleanup", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c.sb.pin_dir.exists(), "pin directory left behind");
+    let tc = c.sb.in_node(&["bpftool", "net", "show"]).unwrap();
+    assert!(
+        !tc.contains("sy_tc_ingress"),
+        "tc program left attached:\n{tc}"
+    );
+    let cg = switchyard_tests::sandbox::sh(&[
+        "bpftool",
+        "cgroup",
+        "show",
+        &c.sb.cgroup.to_string_lossy(),
+    ])
+    .unwrap();
+    assert!(!cg.contains("sy_"), "cgroup programs left attached:\n{cg}");
+    let progs = switchyard_tests::sandbox::sh(&["bpftool", "prog", "show"]).unwrap();
+    assert!(
+        !progs.contains("sy_connect4") || !progs.contains(&c.sb.prefix),
+        "{progs}"
+    );
+    let _ = Ipv4Addr::LOCALHOST;
+}

@@ -125,7 +125,9 @@ fn main() -> std::io::Result<()> {
         for _ in 0..count {
             let r = UdpSocket::bind("0.0.0.0:0").and_then(|s| {
                 s.set_read_timeout(Some(timeout))?;
-                s.send_to(b"hello", addr)?;
+                // Connected, so an ICMP port unreachable surfaces as ECONNREFUSED.
+                s.connect(addr)?;
+                s.send(b"hello")?;
                 let mut buf = [0u8; 512];
                 let (n, from) = s.recv_from(&mut buf)?;
                 if from != addr {
