@@ -1,5 +1,5 @@
 use clap::Parser;
-use switchyard::cli::{Cli, Command, cleanup, plan, run, version};
+use switchyard::cli::{Cli, Command, cleanup, maps, plan, run, version};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -15,6 +15,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Plan(a) => plan::run(&a),
         Command::Cleanup(a) => cleanup::run(&a),
+        Command::Maps(a) => maps::run(&a),
         Command::Run(a) => match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

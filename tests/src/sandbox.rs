@@ -408,6 +408,15 @@ impl Sandbox {
         self.probe(&a)
     }
 
+    /// A probe from inside a backend's namespace (a pod not in the socket-LB cgroup: its
+    /// traffic takes the tc path through its veth).
+    pub fn probe_from_backend(&self, backend: &str, args: &[&str]) -> anyhow::Result<Vec<String>> {
+        let ns = format!("{}-{backend}", self.prefix);
+        let mut a = vec!["--netns", &ns];
+        a.extend_from_slice(args);
+        self.probe(&a)
+    }
+
     /// `ip netns exec <node> <cmd>`.
     pub fn in_node(&self, cmd: &[&str]) -> anyhow::Result<String> {
         let ns = self.node_ns();

@@ -479,3 +479,88 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing() {
     );
     let _ = Ipv4Addr::LOCALHOST;
 }
+
+#[test]
+fn pods_source_ranges_and_new_interfaces_and_addresses() {
+    let lb = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: t}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.60\n  loadBalancerSourceRanges: [' 172.30.0.0/30 ']\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30130}]\nstatus: {loadBalancer: {ingress: [{ip: 172.30.0.100}]}}\n";
+    let closed = "---\napiVersion: v1\nkind: Service\nmetadata: {name: closed, namespace: t}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.61\n  loadBalancerSourceRanges: ['192.0.2.0/24']\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30131}]\nstatus: {loadBalancer: {ingress: [{ip: 172.30.0.100}]}}\n";
+    let closed = closed.replace("port: 80,", "port: 81,");
+    let manifests = format!(
+        "{}{}{lb}{}{closed}{}",
+        service("web", "10.96.0.62", ""),
+        slice("web", &ALL3),
+        slice("lb", &ALL3),
+        slice("closed", &ALL3)
+    );
+    let mut c = Cluster::start("syc6", &manifests);
+    // A pod (not in the socket-LB cgroup) reaches a ClusterIP through its veth's tc program;
+    // when it lands on itself (hairpin) the reply still comes back from the ClusterIP.
+    let got = c.until(
+        "pod -> ClusterIP",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_backend("a2", &["--tcp", "10.96.0.62:80", "--count", "30"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    let spread = names(&got);
+    assert!(spread.len() >= 2, "{spread:?}");
+    for l in &got {
+        let mut w = l.split_whitespace().skip(1);
+        let (name, seen) = (w.next().unwrap(), w.next().unwrap());
+        let want = if name == "a2" {
+            "172.30.0.10"
+        } else {
+            "10.244.1.12"
+        };
+        assert_eq!(
+            seen, want,
+            "hairpin is masqueraded, other pod traffic is not: {l}"
+        );
+    }
+    // loadBalancerSourceRanges: the client (172.30.0.2) is inside 172.30.0.0/30 for `lb`
+    // and outside the ranges of `closed`.
+    c.until(
+        "LB in range",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.100:80", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    let got =
+        c.sb.probe_from_client(&["--tcp", "172.30.0.100:81", "--timeout-ms", "700"])
+            .unwrap();
+    assert_eq!(
+        got,
+        ["err timeout"],
+        "source outside loadBalancerSourceRanges must be dropped"
+    );
+
+    // A new pod veth gets the tc program without a restart.
+    c.sb.add_backend(&BackendSpec::new("n1", Ipv4Addr::new(10, 244, 1, 99)))
+        .unwrap();
+    c.until(
+        "new veth",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_backend("n1", &["--tcp", "10.96.0.62:80", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    // A new node address becomes a NodePort frontend without a restart.
+    c.sb.in_node(&["ip", "addr", "add", "172.30.0.11/24", "dev", "ext0"])
+        .unwrap();
+    c.until(
+        "new node address",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.11:30130", "--count", "3"])
+                .unwrap()
+        },
+        all_ok,
+    );
+}

@@ -1,6 +1,7 @@
 //! `switchyard` command line: one subcommand per file.
 
 pub mod cleanup;
+pub mod maps;
 pub mod plan;
 pub mod run;
 pub mod version;
@@ -27,6 +28,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Print the frontends -> backends computed from a manifest directory (no root needed).
     Plan(plan::PlanArgs),
+    /// Show what the eBPF backend programmed (from the pinned maps), with counters.
+    Maps(maps::MapsArgs),
     /// Remove everything any backend programmed.
     Cleanup(cleanup::CleanupArgs),
     /// Print the version.

@@ -233,6 +233,59 @@ impl AyaMaps {
     }
 }
 
+fn pinned<T>(
+    dir: &std::path::Path,
+    name: &'static str,
+    wrap: fn(aya::maps::MapData) -> aya::maps::Map,
+) -> Result<T, MapError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(err(name, "open pin"))?;
+    T::try_from(wrap(data)).map_err(err(name, "open pin"))
+}
+
+impl AyaMaps {
+    /// Open the maps another process pinned under `dir` (for inspection).
+    pub fn from_pins(dir: &std::path::Path) -> Result<AyaMaps, MapError> {
+        use aya::maps::Map;
+        use switchyard_ebpf_common::maps as m;
+        Ok(AyaMaps {
+            fe4: pinned(dir, m::FRONTENDS4, Map::HashMap)?,
+            fe6: pinned(dir, m::FRONTENDS6, Map::HashMap)?,
+            sets: pinned(dir, m::SETS, Map::HashMap)?,
+            slots: pinned(dir, m::SLOTS, Map::HashMap)?,
+            backends: pinned(dir, m::BACKENDS, Map::HashMap)?,
+            ranges4: pinned(dir, m::SOURCE_RANGES4, Map::LpmTrie)?,
+            config: pinned(dir, m::CONFIG, Map::Array)?,
+            local4: pinned(dir, m::LOCAL_CIDRS4, Map::LpmTrie)?,
+        })
+    }
+}
+
+/// Per-service counters summed over CPUs, by service id.
+pub fn read_counters(
+    dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<u32, switchyard_ebpf_common::Counters>, MapError> {
+    use switchyard_ebpf_common::maps as m;
+    let arr: aya::maps::PerCpuArray<aya::maps::MapData, switchyard_ebpf_common::Counters> =
+        pinned(dir, m::COUNTERS, aya::maps::Map::PerCpuArray)?;
+    let mut out = std::collections::BTreeMap::new();
+    for i in 0..arr.len() {
+        let vals = arr.get(&i, 0).map_err(err(m::COUNTERS, "read"))?;
+        let mut sum = switchyard_ebpf_common::Counters::default();
+        for v in vals.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.connections += v.connections;
+        }
+        if sum != switchyard_ebpf_common::Counters::default() {
+            out.insert(i, sum);
+        }
+    }
+    Ok(out)
+}
+
 fn range_key(set: u32, addr: u32, prefix: u8) -> aya::maps::lpm_trie::Key<SourceRange4> {
     aya::maps::lpm_trie::Key::new(32 + u32::from(prefix), SourceRange4 { set_id: set, addr })
 }

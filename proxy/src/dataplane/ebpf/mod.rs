@@ -3,6 +3,7 @@
 //! (links pinned too, so a restart keeps everything working and replaces programs atomically),
 //! and programs the maps through the reconciler in `writer`.
 
+pub mod inspect;
 pub mod io;
 pub mod maglev;
 pub mod render;
