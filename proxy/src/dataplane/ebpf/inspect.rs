@@ -137,7 +137,7 @@ pub fn view(d: &Dump) -> Vec<FrontendView> {
             endpoint(IpAddr::V4(v4(k.addr)), k.port),
             k.proto,
             k.scope,
-            v,
+            *v,
         ));
     }
     for (k, v) in &d.frontends6 {
@@ -146,7 +146,7 @@ pub fn view(d: &Dump) -> Vec<FrontendView> {
             endpoint(IpAddr::V6(v6(k.addr)), k.port),
             k.proto,
             k.scope,
-            v,
+            *v,
         ));
     }
     out.sort();
