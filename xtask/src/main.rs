@@ -31,6 +31,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Sandbox of network namespaces running examples/ on the eBPF backend, with traffic.
+    Demo,
     /// Benchmarks, printed as ratios against a peer measured in the same run.
     Bench {
         #[arg(value_enum)]
@@ -90,6 +92,12 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+        }
+        Cmd::Demo => {
+            bootstrap()?;
+            run(cargo().args(["build", "--bins"]))?;
+            let demo = root().join("target/debug/sy-demo");
+            run(Command::new(demo).arg(root().join("examples")))
         }
         Cmd::Bench { which } => match which {
             Bench::Model => {
