@@ -6,7 +6,7 @@ set -euo pipefail
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-APT_PKGS=(iproute2 iptables nftables bpftool dnsutils dnsperf knot conntrack curl wrk jq python3 libelf-dev zlib1g-dev)
+APT_PKGS=(iproute2 iptables nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux)
 
 need_apt=()
 for p in "${APT_PKGS[@]}"; do
@@ -17,7 +17,12 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   say "installing apt packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || die "apt-get install ${need_apt[*]} failed"
+  # Servers installed for benchmarks (nginx, knot) must not start on the host.
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0; [ -e "$policy" ] && had_policy=1
+  [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || { [ "$had_policy" = 1 ] || rm -f "$policy"; die "apt-get install ${need_apt[*]} failed"; }
+  [ "$had_policy" = 1 ] || rm -f "$policy"
 fi
 
 command -v rustup >/dev/null || die "rustup not found: install Rust via rustup (stable 1.95 + nightly)"

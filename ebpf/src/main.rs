@@ -34,6 +34,8 @@ use switchyard_ebpf_common::{
 };
 
 const NO_PREALLOC: u32 = 1;
+/// Per-CPU LRU lists: inserts on busy CPUs do not contend on one global list.
+const NO_COMMON_LRU: u32 = 2;
 
 #[map(name = "SY_FRONTENDS4")]
 static FRONTENDS4: HashMap<Frontend4Key, FrontendValue> = HashMap::pinned(131_072, NO_PREALLOC);
@@ -50,9 +52,10 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(65_
 #[map(name = "SY_SRC_RANGES4")]
 static SRC_RANGES4: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(65_536, NO_PREALLOC);
 #[map(name = "SY_CT4")]
-static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(262_144, 0);
+static CT4: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(262_144, NO_COMMON_LRU);
 #[map(name = "SY_SOCK_REVNAT4")]
-static SOCK_REVNAT4: LruHashMap<SockRev4Key, SockRev4Value> = LruHashMap::pinned(131_072, 0);
+static SOCK_REVNAT4: LruHashMap<SockRev4Key, SockRev4Value> =
+    LruHashMap::pinned(131_072, NO_COMMON_LRU);
 #[map(name = "SY_SOCK_REVNAT6")]
 static SOCK_REVNAT6: LruHashMap<SockRev6Key, SockRev6Value> = LruHashMap::pinned(131_072, 0);
 #[map(name = "SY_COUNTERS")]

@@ -7,76 +7,16 @@
     clippy::cast_sign_loss
 )]
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use switchyard_model::types::{Endpoint, EndpointPort};
-use switchyard_model::{
-    EndpointSlice, Engine, IpFamily, Protocol, ProxyConfig, Service, ServiceKey, ServicePort,
-    ServiceType,
-};
+use switchyard_model::{Engine, ProxyConfig, synthetic};
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
 
 fn ip(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
-}
-
-fn service(i: u32) -> Service {
-    Service {
-        key: ServiceKey::new(format!("ns{}", i % 50), format!("svc{i}")),
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        service_type: ServiceType::NodePort,
-        cluster_ips: vec![ip(0x0a60_0000 + i)],
-        headless: false,
-        external_name: None,
-        ports: vec![ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: Some(30000 + u16::try_from(i % 2000).unwrap()),
-            target_port: None,
-        }],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity_timeout: None,
-        external_traffic_local: false,
-        internal_traffic_local: false,
-        health_check_node_port: None,
-        publish_not_ready_addresses: false,
-        traffic_distribution: None,
-    }
-}
-
-fn slice(i: u32, generation: u32) -> EndpointSlice {
-    EndpointSlice {
-        namespace: format!("ns{}", i % 50),
-        name: format!("svc{i}-abcde"),
-        service: format!("svc{i}"),
-        family: IpFamily::IPv4,
-        ports: vec![EndpointPort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        endpoints: (0..ENDPOINTS)
-            .map(|e| Endpoint {
-                address: ip(0x0af4_0000 + i * 16 + e + generation * 0x0010_0000),
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some(format!("node-{}", e % 3)),
-                zone: None,
-                hostname: None,
-                zone_hints: None,
-                node_hints: None,
-            })
-            .collect(),
-    }
 }
 
 fn engine() -> Engine {
@@ -93,8 +33,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let services: Vec<Service> = (0..SERVICES).map(service).collect();
-    let slices: Vec<EndpointSlice> = (0..SERVICES).map(|i| slice(i, 0)).collect();
+    let (services, slices) = synthetic::cluster(SERVICES, ENDPOINTS);
 
     // Full build: every object into a fresh engine and the first sync.
     let mut full = Vec::new();
@@ -114,7 +53,7 @@ fn main() {
     let mut one = Vec::new();
     for round in 0..2000u32 {
         let i = (round * 7919) % SERVICES;
-        let mut s = slice(i, 0);
+        let mut s = synthetic::slice(i, ENDPOINTS);
         s.endpoints[3].address = ip(0x0b00_0000 + round);
         let t = Instant::now();
         e.upsert_slice(s);
@@ -126,7 +65,7 @@ fn main() {
     let one_p50 = percentile(&mut one, 0.5);
     let one_p99 = percentile(&mut one, 0.99);
 
-    println!("model benchmark: {SERVICES} services x {ENDPOINTS} endpoints (NodePort, one port)");
+    println!("model benchmark: {SERVICES} services x {ENDPOINTS} endpoints (one port each)");
     println!("| work | time | ratio to full build |");
     println!("|---|---|---|");
     println!(

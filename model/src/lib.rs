@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod plan;
 pub mod selector;
 pub mod state;
+pub mod synthetic;
 pub mod types;
 
 pub use engine::{ChangeSet, DesiredState, Engine, ServicePortChange, diff};

@@ -134,8 +134,18 @@ fn object(
 /// Parse a multi-document YAML text. The whole text is rejected on the first bad document so
 /// that a half-edited file never replaces a good one.
 pub fn parse(source_name: &str, text: &str) -> Result<Objects, ModelError> {
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|source| ModelError::Yaml {
+    // A whole cluster's manifests are large but legitimate: raise the document and node
+    // budgets; the alias/anchor protections stay as they are.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1 << 21,
+            max_nodes: 1 << 27,
+            max_events: 1 << 29,
+            max_total_scalar_bytes: 1 << 30,
+        },
+    };
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|source| ModelError::Yaml {
             source_name: source_name.to_string(),
             source: Box::new(source),
         })?;

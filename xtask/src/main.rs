@@ -17,6 +17,8 @@ struct Cli {
 enum Bench {
     /// Desired-state build vs one-endpoint ChangeSet at 10k services.
     Model,
+    /// Map programming vs raw map updates; connection rate vs direct (root).
+    Ebpf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +104,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { which } => match which {
             Bench::Model => {
                 run(cargo().args(["bench", "-p", "switchyard-model", "--bench", "model"]))
+            }
+            Bench::Ebpf => {
+                bootstrap()?;
+                run(cargo().args(["build", "--release", "--bins"]))?;
+                run(&mut Command::new(root().join("target/release/sy-bench")))
             }
         },
     }

@@ -34,7 +34,11 @@ fn tally(lines: &[String]) -> String {
         let k = match l.strip_prefix("ok ") {
             Some(rest) => {
                 let mut w = rest.split_whitespace();
-                format!("{} (saw client {})", w.next().unwrap_or(""), w.next().unwrap_or(""))
+                format!(
+                    "{} (saw client {})",
+                    w.next().unwrap_or(""),
+                    w.next().unwrap_or("")
+                )
             }
             None => l.clone(),
         };
@@ -46,13 +50,17 @@ fn tally(lines: &[String]) -> String {
         .join("\n      ")
 }
 
-fn run(sb: &Arc<Mutex<Option<Sandbox>>>, examples: &PathBuf) -> anyhow::Result<()> {
-    let with = |f: &dyn Fn(&mut Sandbox) -> anyhow::Result<Vec<String>>| -> anyhow::Result<Vec<String>> {
-        let mut g = sb.lock().map_err(|_| anyhow::anyhow!("sandbox lock"))?;
-        let s = g.as_mut().ok_or_else(|| anyhow::anyhow!("interrupted"))?;
-        f(s)
-    };
-    println!("== starting switchyard run --source manifests:{} --backend ebpf (node namespace)", examples.display());
+fn run(sb: &Arc<Mutex<Option<Sandbox>>>, examples: &std::path::Path) -> anyhow::Result<()> {
+    let with =
+        |f: &dyn Fn(&mut Sandbox) -> anyhow::Result<Vec<String>>| -> anyhow::Result<Vec<String>> {
+            let mut g = sb.lock().map_err(|_| anyhow::anyhow!("sandbox lock"))?;
+            let s = g.as_mut().ok_or_else(|| anyhow::anyhow!("interrupted"))?;
+            f(s)
+        };
+    println!(
+        "== starting switchyard run --source manifests:{} --backend ebpf (node namespace)",
+        examples.display()
+    );
     with(&|s| {
         s.start_daemon(examples, "ebpf", "")?;
         Ok(Vec::new())
@@ -104,18 +112,26 @@ fn run(sb: &Arc<Mutex<Option<Sandbox>>>, examples: &PathBuf) -> anyhow::Result<(
             .output()?;
         Ok(vec![String::from_utf8_lossy(&out.stdout).into_owned()])
     })?;
-    println!("\n== programmed services (switchyard maps)\n{}", maps.join(""));
+    println!(
+        "\n== programmed services (switchyard maps)\n{}",
+        maps.join("")
+    );
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     require_root();
     let examples = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "examples".into()));
-    println!("== creating the sandbox: node, outside client and {} backend namespaces", backends().len());
+    println!(
+        "== creating the sandbox: node, outside client and {} backend namespaces",
+        backends().len()
+    );
     let sb = Arc::new(Mutex::new(Some(Sandbox::create("sydemo", &backends())?)));
     // Ctrl-C tears the sandbox down before exiting.
     let on_signal = Arc::clone(&sb);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::spawn(move || {
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;

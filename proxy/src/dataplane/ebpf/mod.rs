@@ -136,6 +136,35 @@ impl std::fmt::Debug for EbpfDataplane {
     }
 }
 
+/// Load the kernel object with its maps pinned under `pin_dir` and take the service maps,
+/// without attaching any program (benchmarks and tools).
+pub fn load_maps(
+    pin_dir: &Path,
+    capacity: &Capacity,
+) -> Result<(aya::Ebpf, AyaMaps), DataplaneError> {
+    ensure_bpffs(pin_dir)?;
+    std::fs::create_dir_all(pin_dir)
+        .map_err(|e| unavailable(format!("creating {}: {e}", pin_dir.display())))?;
+    let mut ebpf = loader(pin_dir, capacity)
+        .load(OBJECT)
+        .map_err(|e| unavailable(format!("loading the kernel object: {}", chain(&e))))?;
+    let maps = AyaMaps::take(&mut ebpf).map_err(|e| unavailable(e.to_string()))?;
+    Ok((ebpf, maps))
+}
+
+fn loader<'a>(pin_dir: &'a Path, capacity: &Capacity) -> aya::EbpfLoader<'a> {
+    let services = capacity.services;
+    let mut l = aya::EbpfLoader::new();
+    l.default_map_pin_directory(pin_dir)
+        .map_max_entries(m::FRONTENDS4, services.saturating_mul(8))
+        .map_max_entries(m::FRONTENDS6, services.saturating_mul(8))
+        .map_max_entries(m::SETS, services.saturating_mul(3))
+        .map_max_entries(m::SLOTS, capacity.slots)
+        .map_max_entries(m::BACKENDS, capacity.backends)
+        .map_max_entries(m::COUNTERS, services);
+    l
+}
+
 impl EbpfDataplane {
     /// Load the programs (reusing pinned maps), attach them, and take over the maps.
     pub fn start(cfg: EbpfConfig, metrics: Arc<Metrics>) -> Result<EbpfDataplane, DataplaneError> {
@@ -147,15 +176,7 @@ impl EbpfDataplane {
         ensure_bpffs(&cfg.pin_dir)?;
         std::fs::create_dir_all(cfg.pin_dir.join("links"))
             .map_err(|e| unavailable(format!("creating {}: {e}", cfg.pin_dir.display())))?;
-        let services = cfg.capacity.services;
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&cfg.pin_dir)
-            .map_max_entries(m::FRONTENDS4, services.saturating_mul(8))
-            .map_max_entries(m::FRONTENDS6, services.saturating_mul(8))
-            .map_max_entries(m::SETS, services.saturating_mul(3))
-            .map_max_entries(m::SLOTS, cfg.capacity.slots)
-            .map_max_entries(m::BACKENDS, cfg.capacity.backends)
-            .map_max_entries(m::COUNTERS, services)
+        let mut ebpf = loader(&cfg.pin_dir, &cfg.capacity)
             .load(OBJECT)
             .map_err(|e| {
                 unavailable(format!(

@@ -1,0 +1,497 @@
+//! `cargo xtask bench ebpf` (root): eBPF backend figures, each beside a peer measured in the
+//! same run.
+//!
+//! (a) full sync of N services × 10 endpoints into the maps vs the same number of raw map
+//!     updates; (b) p50/p99 of a one-endpoint change at that size vs a raw single update;
+//! (c) new connections/s (wrk, Connection: close) through the tc path and the socket LB vs the
+//!     same backend addressed directly, at 1 / 1k / 10k services.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use switchyard::dataplane::ebpf::io::{MapIo, Op};
+use switchyard::dataplane::ebpf::render::RenderConfig;
+use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
+use switchyard::dataplane::ebpf::{cleanup_pins, load_maps};
+use switchyard_ebpf_common::{Frontend4Key, FrontendValue};
+use switchyard_model::{Engine, ProxyConfig, synthetic};
+use switchyard_tests::sandbox::{bin, cgroup2_root, require_root, sh};
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn cap() -> Capacity {
+    Capacity {
+        services: 65_536,
+        backends: 1 << 20,
+        slots: 1 << 21,
+    }
+}
+
+fn maps_bench(services: u32) -> anyhow::Result<()> {
+    let pin = PathBuf::from(format!("/sys/fs/bpf/sybench{}", std::process::id()));
+    let (svcs, slices) = synthetic::cluster(services, 10);
+    let mut engine = Engine::new(ProxyConfig::default());
+    engine.replace_all(svcs, slices);
+    engine.sync();
+
+    let mut full = Vec::new();
+    let mut writes = 0;
+    let mut change = Vec::new();
+    for run in 0..3 {
+        let _ = cleanup_pins(&pin);
+        let (_ebpf, maps) = load_maps(&pin, &cap())?;
+        let mut w = Writer::new(maps, RenderConfig::default(), cap(), Globals::default());
+        let t = Instant::now();
+        let r = w.full_sync(engine.state())?;
+        full.push(t.elapsed());
+        writes = r.writes;
+        if run == 0 {
+            for k in 0..1000u32 {
+                let i = (k * 7919) % services;
+                let mut s = synthetic::slice(i, 10);
+                s.endpoints[3].address = std::net::IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + k));
+                engine.upsert_slice(s);
+                let cs = engine.sync();
+                let t = Instant::now();
+                w.apply(&cs, engine.state())?;
+                change.push(t.elapsed());
+            }
+        }
+        drop(w);
+        let _ = cleanup_pins(&pin);
+    }
+
+    // The floor, same run: as many raw single updates of fresh keys into a service map.
+    let (_ebpf, mut maps) = load_maps(&pin, &cap())?;
+    let mut single = Vec::with_capacity(writes);
+    let t = Instant::now();
+    for i in 0..u32::try_from(writes).unwrap_or(u32::MAX) {
+        let k = Frontend4Key {
+            addr: i,
+            port: 80,
+            proto: 6,
+            scope: 1,
+        };
+        let t1 = Instant::now();
+        maps.write(&Op::PutFrontend4(
+            k,
+            FrontendValue {
+                set_id: i,
+                flags: 0,
+            },
+        ))?;
+        single.push(t1.elapsed());
+    }
+    let raw_total = t.elapsed();
+    drop(maps);
+    let _ = cleanup_pins(&pin);
+
+    let full_p50 = pct(&mut full, 0.5);
+    let (c50, c99) = (pct(&mut change, 0.5), pct(&mut change, 0.99));
+    let (s50, s99) = (pct(&mut single, 0.5), pct(&mut single, 0.99));
+    println!(
+        "\n### eBPF map programming: {services} services × 10 endpoints ({writes} map writes per full sync)\n"
+    );
+    println!("| work | Switchyard | raw map-update floor, same run | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| full sync (median of 3, fresh maps) | {:.3} s | {:.3} s ({writes} single updates) | {:.2}× |",
+        full_p50.as_secs_f64(),
+        raw_total.as_secs_f64(),
+        full_p50.as_secs_f64() / raw_total.as_secs_f64()
+    );
+    println!(
+        "| one-endpoint change p50 (1000 changes) | {:.1} µs | {:.2} µs (one update) | {:.1}× |",
+        c50.as_secs_f64() * 1e6,
+        s50.as_secs_f64() * 1e6,
+        c50.as_secs_f64() / s50.as_secs_f64()
+    );
+    println!(
+        "| one-endpoint change p99 | {:.1} µs | {:.2} µs | {:.1}× |",
+        c99.as_secs_f64() * 1e6,
+        s99.as_secs_f64() * 1e6,
+        c99.as_secs_f64() / s99.as_secs_f64()
+    );
+    Ok(())
+}
+
+struct Topo {
+    tag: String,
+    work: tempfile::TempDir,
+    cgroup: PathBuf,
+    daemon: Option<std::process::Child>,
+}
+
+impl Topo {
+    fn node(&self) -> String {
+        format!("{}-node", self.tag)
+    }
+    fn cli(&self) -> String {
+        format!("{}-cli", self.tag)
+    }
+    fn be(&self) -> String {
+        format!("{}-be", self.tag)
+    }
+
+    /// client (10.1.0.2) -> node (10.1.0.1 | 10.2.0.1) -> backend (10.2.0.2 + endpoint /32s,
+    /// nginx answering 200 on 8080), like the peers' conn_rate.sh.
+    fn new(tag: &str, endpoints: &[Ipv4Addr]) -> anyhow::Result<Topo> {
+        let t = Topo {
+            tag: tag.into(),
+            work: tempfile::tempdir()?,
+            cgroup: cgroup2_root()?.join(tag),
+            daemon: None,
+        };
+        std::fs::create_dir_all(&t.cgroup)?;
+        let (node, cli, be) = (t.node(), t.cli(), t.be());
+        for ns in [&node, &cli, &be] {
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &format!("{tag}c"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{tag}n1"),
+        ])?;
+        sh(&["ip", "link", "set", &format!("{tag}c"), "netns", &cli])?;
+        sh(&["ip", "link", "set", &format!("{tag}n1"), "netns", &node])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &format!("{tag}b"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{tag}n2"),
+        ])?;
+        sh(&["ip", "link", "set", &format!("{tag}b"), "netns", &be])?;
+        sh(&["ip", "link", "set", &format!("{tag}n2"), "netns", &node])?;
+        sh(&[
+            "ip",
+            "-n",
+            &cli,
+            "addr",
+            "add",
+            "10.1.0.2/24",
+            "dev",
+            &format!("{tag}c"),
+        ])?;
+        sh(&["ip", "-n", &cli, "link", "set", &format!("{tag}c"), "up"])?;
+        sh(&[
+            "ip", "-n", &cli, "route", "add", "default", "via", "10.1.0.1",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "10.1.0.1/24",
+            "dev",
+            &format!("{tag}n1"),
+        ])?;
+        sh(&["ip", "-n", &node, "link", "set", &format!("{tag}n1"), "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "10.2.0.1/24",
+            "dev",
+            &format!("{tag}n2"),
+        ])?;
+        sh(&["ip", "-n", &node, "link", "set", &format!("{tag}n2"), "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &be,
+            "addr",
+            "add",
+            "10.2.0.2/24",
+            "dev",
+            &format!("{tag}b"),
+        ])?;
+        sh(&["ip", "-n", &be, "link", "set", &format!("{tag}b"), "up"])?;
+        for e in endpoints {
+            sh(&[
+                "ip",
+                "-n",
+                &be,
+                "addr",
+                "add",
+                &format!("{e}/32"),
+                "dev",
+                &format!("{tag}b"),
+            ])?;
+        }
+        sh(&[
+            "ip", "-n", &be, "route", "add", "default", "via", "10.2.0.1",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            "10.128.0.0/9",
+            "via",
+            "10.2.0.2",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        for ns in [&cli, &node] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_local_port_range=10000 65000",
+            ])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+            ])?;
+        }
+        let w = t.work.path().display().to_string();
+        std::fs::write(
+            t.work.path().join("nginx.conf"),
+            format!(
+                "worker_processes 1;\ndaemon on;\npid {w}/nginx.pid;\nerror_log {w}/nginx_error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 0;\n  client_body_temp_path {w}/cb; proxy_temp_path {w}/px; fastcgi_temp_path {w}/fc; uwsgi_temp_path {w}/uw; scgi_temp_path {w}/sc;\n  server {{ listen 8080 backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+            ),
+        )?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &be,
+            "nginx",
+            "-c",
+            &format!("{w}/nginx.conf"),
+            "-p",
+            &w,
+            "-e",
+            &format!("{w}/nginx_error.log"),
+        ])?;
+        Ok(t)
+    }
+
+    fn start_daemon(&mut self, manifests: &Path) -> anyhow::Result<()> {
+        let cfg = self.work.path().join("config.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "clusterCIDR: 10.128.0.0/9\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: /sys/fs/bpf/{}\n",
+                self.tag
+            ),
+        )?;
+        let log = std::fs::File::create(self.work.path().join("daemon.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.node()))
+            .arg(bin("switchyard"))
+            .args([
+                "run",
+                "--backend",
+                "ebpf",
+                "--node-name",
+                "node-0",
+                "--source",
+            ])
+            .arg(format!("manifests:{}", manifests.display()))
+            .arg("--cgroup-path")
+            .arg(&self.cgroup)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = cleanup_pins(Path::new(&format!("/sys/fs/bpf/{}", self.tag)));
+    }
+
+    /// wrk from the client namespace, or from the node namespace inside the socket-LB cgroup.
+    fn wrk(&self, from_node_cgroup: bool, url: &str, secs: u32) -> anyhow::Result<(f64, f64, f64)> {
+        let ns = if from_node_cgroup {
+            self.node()
+        } else {
+            self.cli()
+        };
+        let cg = self.cgroup.join("cgroup.procs");
+        let script = format!(
+            "{} exec nsenter --net=/var/run/netns/{ns} wrk -t2 -c8 -d{secs}s --latency -H 'Connection: close' {url}",
+            if from_node_cgroup {
+                format!("echo $$ > {};", cg.display())
+            } else {
+                String::new()
+            }
+        );
+        let out = Command::new("sh").args(["-c", &script]).output()?;
+        let txt = String::from_utf8_lossy(&out.stdout).to_string();
+        let rps: f64 = txt
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("wrk output: {txt}"))?;
+        let ms = |label: &str| -> f64 {
+            txt.lines()
+                .find(|l| l.trim_start().starts_with(label))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .map_or(0.0, |v| {
+                    let (num, unit) =
+                        v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+                    let x: f64 = num.parse().unwrap_or(0.0);
+                    match unit {
+                        "us" => x / 1000.0,
+                        "s" => x * 1000.0,
+                        _ => x,
+                    }
+                })
+        };
+        if txt.contains("Socket errors") || txt.contains("Non-2xx") {
+            eprintln!("wrk reported errors for {url}: {txt}");
+        }
+        Ok((rps, ms("50%"), ms("99%")))
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        if let Ok(pid) = std::fs::read_to_string(self.work.path().join("nginx.pid")) {
+            let _ = sh(&["kill", pid.trim()]);
+        }
+        for ns in [self.node(), self.cli(), self.be()] {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn wait_ok(t: &Topo, from_node: bool, url_addr: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let mut cmd = Command::new(bin("sy-probe"));
+        if from_node {
+            cmd.args([
+                "--cgroup",
+                &t.cgroup.to_string_lossy(),
+                "--netns",
+                &t.node(),
+            ]);
+        } else {
+            cmd.args(["--netns", &t.cli()]);
+        }
+        let out = cmd
+            .args(["--tcp", url_addr, "--timeout-ms", "500"])
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).starts_with("ok") {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_mins(2) {
+            let log = std::fs::read_to_string(t.work.path().join("daemon.log")).unwrap_or_default();
+            bail!("{url_addr} never answered; daemon log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
+    println!(
+        "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one\n"
+    );
+    println!("| path | N services | conn/s | p50 ms | p99 ms | conn/s vs direct | p99 vs direct |");
+    println!("|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        let last = n - 1;
+        let eps: Vec<Ipv4Addr> = (0..10).map(|e| synthetic::endpoint_ip(last, e)).collect();
+        let mut t = Topo::new(&format!("sybn{n}"), &eps)?;
+        let dir = t.work.path().join("manifests");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cluster.yaml"), synthetic::manifests(n, 10))?;
+        let vip = synthetic::cluster_ip(last);
+        let direct_url = format!("http://{}:8080/", eps[0]);
+        let vip_url = format!("http://{vip}:80/");
+        // Baselines without switchyard running.
+        let d_cli = t.wrk(false, &direct_url, secs)?;
+        let d_node = t.wrk(true, &direct_url, secs)?;
+        t.start_daemon(&dir)?;
+        wait_ok(&t, false, &format!("{vip}:80"))?;
+        wait_ok(&t, true, &format!("{vip}:80"))?;
+        let _ = t.wrk(false, &vip_url, 1)?;
+        let tc = t.wrk(false, &vip_url, secs)?;
+        let slb = t.wrk(true, &vip_url, secs)?;
+        let row = |name: &str, r: (f64, f64, f64), base: (f64, f64, f64)| {
+            println!(
+                "| {name} | {n} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} |",
+                r.0,
+                r.1,
+                r.2,
+                r.0 / base.0,
+                r.2 / base.2
+            );
+        };
+        row("direct, client ns -> endpoint (routed)", d_cli, d_cli);
+        row("eBPF tc path, client ns -> ClusterIP", tc, d_cli);
+        row("direct, node ns -> endpoint", d_node, d_node);
+        row("eBPF socket LB, node ns -> ClusterIP", slb, d_node);
+        drop(t);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    require_root();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let services = if quick { 2000 } else { 10_000 };
+    maps_bench(services)?;
+    let sizes: Vec<u32> = if quick {
+        vec![1, 1000]
+    } else {
+        vec![1, 1000, 10_000]
+    };
+    conn_bench(&sizes, if quick { 3 } else { 8 })?;
+    Ok(())
+}
