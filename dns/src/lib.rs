@@ -1,13 +1,14 @@
-//! Cluster DNS for `*.svc.<zone>` answered from model snapshots (filled by the DNS issue).
-//! For now it carries the snapshot type the proxy publishes on every sync.
+//! Node-local cluster DNS: answers `*.svc.<zone>` (and PTRs of cluster addresses) from an
+//! immutable snapshot of the model, swapped atomically after every sync, and forwards every
+//! other name upstream with a bounded cache.
 
-use std::sync::Arc;
+pub mod forward;
+pub mod metrics;
+pub mod resolve;
+pub mod server;
+pub mod snapshot;
 
-use switchyard_model::DesiredState;
-
-/// What the resolver answers from; swapped atomically on every sync.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub state: Arc<DesiredState>,
-    pub synced: bool,
-}
+pub use forward::{ForwardConfig, Forwarder};
+pub use metrics::DnsMetrics;
+pub use server::{Handler, SharedSnapshot, serve};
+pub use snapshot::{PodsMode, Snapshot, ZoneConfig};

@@ -81,6 +81,10 @@ pub struct DnsConfig {
     /// `disabled` or `insecure`.
     pub pods: String,
     pub cache_size: u32,
+    /// Longest time a forwarded positive answer is cached (seconds).
+    pub cache_max_ttl: u32,
+    /// Longest time a forwarded NXDOMAIN/NODATA is cached (seconds).
+    pub cache_negative_ttl: u32,
 }
 
 impl Default for DnsConfig {
@@ -93,6 +97,8 @@ impl Default for DnsConfig {
             upstream: Vec::new(),
             pods: "disabled".into(),
             cache_size: 10_000,
+            cache_max_ttl: 300,
+            cache_negative_ttl: 30,
         }
     }
 }

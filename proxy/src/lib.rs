@@ -4,6 +4,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod error;
 pub mod metrics;
 pub mod netlink;

@@ -105,6 +105,15 @@ impl Metrics {
         }
     }
 
+    /// Register metrics defined elsewhere (DNS) into the same registry.
+    pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
+        let mut reg = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut reg);
+    }
+
     pub fn source_error(&self, kind: &str) {
         self.source_errors
             .get_or_create(&KindLabel { kind: kind.into() })

@@ -36,6 +36,12 @@ pub struct RunArgs {
     /// Overrides metricsBindAddress (empty disables).
     #[arg(long)]
     pub metrics_bind_address: Option<String>,
+    /// Serve cluster DNS on ADDR:PORT, UDP and TCP (repeatable; adds to dns.listen).
+    #[arg(long = "dns-listen")]
+    pub dns_listen: Vec<SocketAddr>,
+    /// The cluster domain (default from the config, `cluster.local`).
+    #[arg(long)]
+    pub cluster_domain: Option<String>,
 }
 
 fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
@@ -138,7 +144,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from)
         });
     }
+    let mut hooks: Vec<crate::sync::SyncHook> = Vec::new();
+    let mut dns_listen = settings.dns_listen.clone();
+    for a in &args.dns_listen {
+        if !dns_listen.contains(a) {
+            dns_listen.push(*a);
+        }
+    }
+    if !dns_listen.is_empty() && settings.raw.dns.enabled {
+        let (handler, hook) = crate::dns::build(
+            &settings,
+            args.cluster_domain.as_deref(),
+            &dns_listen,
+            &store,
+            &metrics,
+        );
+        hooks.push(hook);
+        let cancel = cancel.clone();
+        // Bind now so a port clash fails the start, not later.
+        tasks.spawn(async move {
+            switchyard_dns::serve(handler, &dns_listen, cancel)
+                .await
+                .map_err(|e| anyhow::anyhow!("DNS: {e}"))
+        });
+    }
     let h = Arc::clone(&health);
+    hooks.push(Box::new(move |_| h.synced()));
     let sync = SyncLoop {
         store: Arc::clone(&store),
         dataplane: Arc::clone(&dataplane),
@@ -147,7 +178,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             sync_period: settings.sync_period,
             retry: std::time::Duration::from_secs(1),
         },
-        hooks: vec![Box::new(move |_| h.synced())],
+        hooks,
     };
     {
         let cancel = cancel.clone();

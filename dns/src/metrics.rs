@@ -1,0 +1,72 @@
+//! DNS metrics, registered into the daemon's registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub qtype: String,
+    pub rcode: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    pub queries: Family<QueryLabels, Counter>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub latency: Histogram,
+    /// From an object change arriving to DNS answering it.
+    pub programming: Histogram,
+    pub malformed: Counter,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            queries: Family::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            programming: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            malformed: Counter::default(),
+        }
+    }
+}
+
+impl DnsMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "switchyard_dns_queries",
+            "DNS queries by type and response code",
+            self.queries.clone(),
+        );
+        r.register(
+            "switchyard_dns_cache_hits",
+            "Forwarded queries answered from the cache",
+            self.cache_hits.clone(),
+        );
+        r.register(
+            "switchyard_dns_cache_misses",
+            "Forwarded queries sent upstream",
+            self.cache_misses.clone(),
+        );
+        r.register(
+            "switchyard_dns_request_duration_seconds",
+            "Time to answer a query",
+            self.latency.clone(),
+        );
+        r.register(
+            "switchyard_dns_programming_duration_seconds",
+            "Time from an object change to DNS answering from it",
+            self.programming.clone(),
+        );
+        r.register(
+            "switchyard_dns_malformed",
+            "Packets that were not DNS queries",
+            self.malformed.clone(),
+        );
+    }
+}
