@@ -107,6 +107,12 @@ impl Forwarder {
         &self.cfg.upstreams
     }
 
+    /// The cached answer for `req`, if any (no upstream traffic).
+    pub fn cached_response(&self, req: &Message) -> Option<Message> {
+        let q = req.queries.first()?;
+        self.cached(&(key_of(q.name()), u16::from(q.query_type())), req)
+    }
+
     fn cached(&self, key: &(String, u16), req: &Message) -> Option<Message> {
         let mut c = self
             .cache

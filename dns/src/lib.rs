@@ -2,6 +2,7 @@
 //! immutable snapshot of the model, swapped atomically after every sync, and forwards every
 //! other name upstream with a bounded cache.
 
+pub mod fast;
 pub mod forward;
 pub mod metrics;
 pub mod resolve;

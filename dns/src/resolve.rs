@@ -78,18 +78,18 @@ fn rdata(rec: &Rec) -> RData {
 }
 
 fn matches(rec: &Rec, t: RecordType) -> bool {
-    match (rec, t) {
-        (_, RecordType::ANY) => true,
-        (Rec::Addr(IpAddr::V4(_)), RecordType::A)
-        | (Rec::Addr(IpAddr::V6(_)), RecordType::AAAA)
-        | (Rec::Cname(_), RecordType::CNAME)
-        | (Rec::Srv { .. }, RecordType::SRV)
-        | (Rec::Txt(_), RecordType::TXT) => true,
-        _ => false,
-    }
+    matches!(
+        (rec, t),
+        (_, RecordType::ANY)
+            | (Rec::Addr(IpAddr::V4(_)), RecordType::A)
+            | (Rec::Addr(IpAddr::V6(_)), RecordType::AAAA)
+            | (Rec::Cname(_), RecordType::CNAME)
+            | (Rec::Srv { .. }, RecordType::SRV)
+            | (Rec::Txt(_), RecordType::TXT)
+    )
 }
 
-fn in_zone<'a>(key: &'a str, zone: &str) -> bool {
+fn in_zone(key: &str, zone: &str) -> bool {
     key == zone
         || (key.len() > zone.len()
             && key.ends_with(zone)

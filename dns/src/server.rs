@@ -107,15 +107,24 @@ impl RequestHandler for Handler {
     }
 }
 
-/// Serve UDP and TCP on every address until cancelled.
+/// Serve every address until cancelled: UDP on the fast path (a worker thread per CPU),
+/// TCP through hickory-server.
 pub async fn serve(
     handler: Handler,
     listen: &[SocketAddr],
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut server = Server::new(handler);
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let mut threads = Vec::new();
+    let mut server = Server::new(handler.clone());
     for addr in listen {
-        server.register_socket(tokio::net::UdpSocket::bind(addr).await?);
+        threads.extend(crate::fast::serve_udp(
+            &handler,
+            *addr,
+            workers,
+            &tokio::runtime::Handle::current(),
+            &cancel,
+        )?);
         server.register_listener(
             tokio::net::TcpListener::bind(addr).await?,
             Duration::from_secs(5),
@@ -125,6 +134,9 @@ pub async fn serve(
     }
     cancel.cancelled().await;
     let _ = server.shutdown_gracefully().await;
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     Ok(())
 }
 

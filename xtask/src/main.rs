@@ -19,6 +19,8 @@ enum Bench {
     Model,
     /// Map programming vs raw map updates; connection rate vs direct (root).
     Ebpf,
+    /// dnsperf QPS/latency vs Knot serving the same records, and the forwarding cache (root).
+    Dns,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +111,11 @@ fn main() -> anyhow::Result<()> {
                 bootstrap()?;
                 run(cargo().args(["build", "--release", "--bins"]))?;
                 run(&mut Command::new(root().join("target/release/sy-bench")))
+            }
+            Bench::Dns => {
+                bootstrap()?;
+                run(cargo().args(["build", "--release", "--bins"]))?;
+                run(Command::new(root().join("target/release/sy-bench")).arg("dns"))
             }
         },
     }

@@ -16,7 +16,12 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `switchyard=debug`.
-    #[arg(long, global = true, env = "SWITCHYARD_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_LOG",
+        default_value = "info,hickory_server=warn,hickory_proto=warn"
+    )]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,

@@ -481,9 +481,285 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The peers' synthetic cluster (shared/peers/cluster_model.py + gen_zone.py) as manifests, so
+/// Switchyard serves exactly the records the peer servers load from zone files.
+fn peer_cluster_manifests(n: u32) -> String {
+    use std::fmt::Write as _;
+    const PORTS: [(&str, u16); 6] = [
+        ("http", 80),
+        ("https", 443),
+        ("grpc", 8080),
+        ("metrics", 9090),
+        ("postgres", 5432),
+        ("redis", 6379),
+    ];
+    let svc_base = u32::from(Ipv4Addr::new(172, 30, 0, 10));
+    let ep_base = u32::from(Ipv4Addr::new(10, 128, 0, 1));
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: kubernetes, namespace: default}}\nspec: {{clusterIP: 172.30.0.1, ports: [{{name: https, port: 443}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec: {{clusterIP: 172.30.0.2, ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53}}, {{name: metrics, port: 9153}}]}}\n"
+    );
+    for i in 0..n {
+        let ns = format!("ns{}", i % 10);
+        let (pname, port) = PORTS[(i % 6) as usize];
+        if i % 10 == 5 {
+            let _ = write!(
+                s,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: {ns}}}\nspec: {{clusterIP: None, ports: [{{name: {pname}, port: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc{i}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: svc{i}}}}}\naddressType: IPv4\nports: [{{name: {pname}, port: {port}, protocol: TCP}}]\nendpoints:\n"
+            );
+            for k in 0..5 {
+                let _ = writeln!(
+                    s,
+                    "- {{addresses: [{}], hostname: svc{i}-{k}}}",
+                    Ipv4Addr::from(ep_base + i * 5 + k)
+                );
+            }
+        } else {
+            let _ = write!(
+                s,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: {ns}}}\nspec: {{clusterIP: {}, ports: [{{name: {pname}, port: {port}}}]}}\n",
+                Ipv4Addr::from(svc_base + i)
+            );
+        }
+    }
+    s
+}
+
+fn dnsperf(
+    ns: &str,
+    port: u16,
+    queries: &Path,
+    secs: u32,
+    extra: &[&str],
+) -> anyhow::Result<(f64, f64, String)> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-d",
+        ])
+        .arg(queries)
+        .args(["-c", "32", "-l", &secs.to_string()])
+        .args(extra)
+        .output()?;
+    let txt = String::from_utf8_lossy(&out.stdout).to_string();
+    let qps: f64 = txt
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries per second:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("dnsperf output: {txt}"))?;
+    let avg: f64 = txt
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Average Latency (s):"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let codes = txt
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Response codes:"))
+        .unwrap_or("-")
+        .trim()
+        .to_string();
+    Ok((qps, avg * 1000.0, codes))
+}
+
+fn dnsperf_p99(ns: &str, port: u16, queries: &Path, secs: u32) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-d",
+        ])
+        .arg(queries)
+        .args(["-c", "32", "-l", &secs.to_string(), "-v"])
+        .output()?;
+    let txt = String::from_utf8_lossy(&out.stdout);
+    let mut lat: Vec<f64> = txt
+        .lines()
+        .filter(|l| l.starts_with("> "))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .collect();
+    if lat.is_empty() {
+        return Ok((0.0, 0.0));
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok((
+        lat[lat.len() / 2],
+        lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+    ))
+}
+
+struct NsGuard(String, Vec<std::process::Child>);
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        for c in &mut self.1 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = sh(&["ip", "netns", "del", &self.0]);
+    }
+}
+
+fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let ns = format!("sybdns{}", std::process::id());
+    sh(&["ip", "netns", "add", &ns])?;
+    let mut guard = NsGuard(ns.clone(), Vec::new());
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+    let zones = work.path().join("zones");
+    let gen_zone = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_zone.py");
+    sh(&[
+        "python3",
+        &gen_zone.to_string_lossy(),
+        &n.to_string(),
+        "--out",
+        &zones.to_string_lossy(),
+    ])?;
+    let queries = zones.join("queries.txt");
+
+    // Knot serving the zone files.
+    let knot = work.path().join("knot");
+    std::fs::create_dir_all(knot.join("run"))?;
+    std::fs::create_dir_all(knot.join("db"))?;
+    std::fs::write(
+        knot.join("knot.conf"),
+        format!(
+            "server:\n    rundir: \"{k}/run\"\n    listen: 127.0.0.1@5300\nlog:\n  - target: stderr\n    any: warning\ndatabase:\n    storage: \"{k}/db\"\ncontrol:\n    listen: \"{k}/run/knot.sock\"\ntemplate:\n  - id: default\n    storage: \"{z}\"\n    file: \"%s.zone\"\n    semantic-checks: off\n    zonefile-sync: -1\n    zonefile-load: whole\n    journal-content: none\nzone:\n  - domain: cluster.local.\n  - domain: 30.172.in-addr.arpa.\n  - domain: 10.in-addr.arpa.\n",
+            k = knot.display(),
+            z = zones.display()
+        ),
+    )?;
+    guard.1.push(
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "knotd", "-c"])
+            .arg(knot.join("knot.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    // Switchyard serving the same cluster from manifests (DNS only), and a second instance
+    // with another cluster domain that forwards cluster.local to Knot (the cache-hit path).
+    let mdir = work.path().join("manifests");
+    std::fs::create_dir_all(&mdir)?;
+    std::fs::write(mdir.join("cluster.yaml"), peer_cluster_manifests(n))?;
+    let cfg = work.path().join("sy.yaml");
+    std::fs::write(
+        &cfg,
+        "healthzBindAddress: ''\nmetricsBindAddress: ''\ndns:\n  upstream: ['127.0.0.1:5300']\n  cacheMaxTtl: 300\n",
+    )?;
+    for (port, domain) in [(5302u16, "cluster.local"), (5303, "cluster2.local")] {
+        guard.1.push(
+            Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(bin("switchyard"))
+                .args([
+                    "run",
+                    "--backend",
+                    "none",
+                    "--node-name",
+                    "node-0",
+                    "--cluster-domain",
+                    domain,
+                    "--source",
+                ])
+                .arg(format!("manifests:{}", mdir.display()))
+                .arg("--config")
+                .arg(&cfg)
+                .args(["--dns-listen", &format!("127.0.0.1:{port}")])
+                .env("SWITCHYARD_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    // Ready when each answers svc0.
+    for port in [5300u16, 5302, 5303] {
+        let start = Instant::now();
+        loop {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    "-p",
+                    &port.to_string(),
+                    "@127.0.0.1",
+                    "svc0.ns0.svc.cluster.local",
+                ])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "172.30.0.10" {
+                break;
+            }
+            if start.elapsed() > Duration::from_mins(2) {
+                bail!("DNS server on {port} never answered");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The forwarded-name mix: only names the upstream answers (positive A).
+    let fwd_q = work.path().join("fwd_queries.txt");
+    let fwd: String = (0..n.min(2000))
+        .filter(|i| i % 10 != 5)
+        .map(|i| format!("svc{i}.ns{}.svc.cluster.local A\n", i % 10))
+        .collect();
+    std::fs::write(&fwd_q, fwd)?;
+
+    println!(
+        "\n### Cluster DNS, {n} services (peers' gen_zone.py data and query mix), dnsperf -c 32 -l {secs}s\n"
+    );
+    println!("| server | QPS | avg ms | p50 ms | p99 ms | QPS vs Knot | response codes |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (name, port, q) in [
+        ("Knot (authoritative, zone files)", 5300u16, &queries),
+        ("Switchyard (cluster zone from manifests)", 5302, &queries),
+        ("Switchyard forwarding to Knot, cache hits", 5303, &fwd_q),
+        ("Knot direct, same forwarded names", 5300, &fwd_q),
+    ] {
+        let _ = dnsperf(&ns, port, q, 2, &[])?;
+        let (qps, avg, codes) = dnsperf(&ns, port, q, secs, &[])?;
+        let (p50, p99) = dnsperf_p99(&ns, port, q, secs.min(5))?;
+        rows.push((name, qps, avg, p50, p99, codes));
+    }
+    let knot_qps = rows[0].1;
+    let knot_fwd = rows[3].1;
+    for (i, (name, qps, avg, p50, p99, codes)) in rows.iter().enumerate() {
+        let base = if i >= 2 { knot_fwd } else { knot_qps };
+        println!(
+            "| {name} | {qps:.0} | {avg:.3} | {p50:.3} | {p99:.3} | {:.2} | {codes} |",
+            qps / base
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     require_root();
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "dns") {
+        let quick = args.iter().any(|a| a == "--quick");
+        return dns_bench(
+            if quick { 2000 } else { 10_000 },
+            if quick { 3 } else { 10 },
+        );
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let services = if quick { 2000 } else { 10_000 };
     maps_bench(services)?;
