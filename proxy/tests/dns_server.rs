@@ -1,0 +1,299 @@
+//! A real `switchyard run --backend none --dns-listen 127.0.0.1:PORT` queried with `dig`:
+//! every record kind, TCP, a Service change answered within one sync, malformed and oversized
+//! packets, and forwarding through a fake upstream (cache hits, TCP fallback on truncation).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::rdata::{A, TXT};
+use hickory_proto::rr::{RData, Record};
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn dig(port: u16, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig (dnsutils) must be installed: cargo xtask bootstrap");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn short(port: u16, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["+short"];
+    a.extend_from_slice(args);
+    let mut v: Vec<String> = dig(port, &a).lines().map(str::to_string).collect();
+    v.sort();
+    v
+}
+
+fn status(port: u16, args: &[&str]) -> String {
+    let out = dig(port, args);
+    out.lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| format!("no answer: {out}"))
+}
+
+/// A fake upstream: A 192.0.2.1 (TTL 60) for anything; for `big.example.org` a truncated UDP
+/// answer and the full answer over TCP. Counts the UDP queries it gets.
+fn fake_upstream() -> (u16, Arc<AtomicUsize>) {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&count);
+    let answer = |req: &Message, truncated: bool| -> Vec<u8> {
+        let mut m = Message::new(req.metadata.id, MessageType::Response, req.metadata.op_code);
+        m.metadata.recursion_available = true;
+        m.queries.clone_from(&req.queries);
+        let q = &req.queries[0];
+        if truncated {
+            m.metadata.truncation = true;
+        } else if q.name().to_ascii().starts_with("big.") {
+            for i in 0..40 {
+                m.answers.push(Record::from_rdata(
+                    q.name().clone(),
+                    60,
+                    RData::TXT(TXT::new(vec![format!("{i:04}-{}", "x".repeat(60))])),
+                ));
+            }
+        } else {
+            m.answers.push(Record::from_rdata(
+                q.name().clone(),
+                60,
+                RData::A(A([192, 0, 2, 1].into())),
+            ));
+        }
+        m.to_vec().unwrap()
+    };
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            c.fetch_add(1, Ordering::SeqCst);
+            let Ok(req) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let big = req.queries[0].name().to_ascii().starts_with("big.");
+            let _ = udp.send_to(&answer(&req, big), peer);
+        }
+    });
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in tcp.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut l = [0u8; 2];
+            if s.read_exact(&mut l).is_err() {
+                continue;
+            }
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(l))];
+            if s.read_exact(&mut buf).is_err() {
+                continue;
+            }
+            let req = Message::from_vec(&buf).unwrap();
+            let out = answer(&req, false);
+            let _ = s.write_all(&u16::try_from(out.len()).unwrap().to_be_bytes());
+            let _ = s.write_all(&out);
+        }
+    });
+    (port, count)
+}
+
+fn start(manifests: &std::path::Path, upstream: u16) -> (Daemon, u16, tempfile::TempDir) {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!("minSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\ndns:\n  upstream: ['127.0.0.1:{upstream}']\n"),
+    )
+    .unwrap();
+    let d = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "run",
+                "--backend",
+                "none",
+                "--node-name",
+                "node-a",
+                "--source",
+            ])
+            .arg(format!("manifests:{}", manifests.display()))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--dns-listen", &format!("127.0.0.1:{port}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while short(port, &["frontend.shop.svc.cluster.local"]) != ["10.96.10.10"] {
+        assert!(t.elapsed() < Duration::from_secs(20), "DNS never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (d, port, dir)
+}
+
+fn examples_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn dig_answers_every_record_kind_of_the_examples() {
+    let (up, _) = fake_upstream();
+    let m = examples_copy();
+    let (_d, p, _dir) = start(m.path(), up);
+    let z = ".shop.svc.cluster.local";
+    assert_eq!(short(p, &[&format!("frontend{z}")]), ["10.96.10.10"]);
+    assert_eq!(short(p, &[&format!("search{z}"), "AAAA"]), ["fd00:96::40"]);
+    assert_eq!(
+        short(p, &[&format!("db{z}")]),
+        ["10.244.1.51", "10.244.2.51"]
+    );
+    assert_eq!(short(p, &[&format!("db-1.db{z}")]), ["10.244.2.51"]);
+    assert_eq!(
+        short(p, &[&format!("_http._tcp.frontend{z}"), "SRV"]),
+        [format!("0 100 80 frontend{z}.")]
+    );
+    assert_eq!(
+        short(p, &[&format!("_postgres._tcp.db{z}"), "SRV"]),
+        [
+            format!("0 50 5432 db-0.db{z}."),
+            format!("0 50 5432 db-1.db{z}.")
+        ]
+    );
+    assert_eq!(short(p, &["-x", "10.96.10.20"]), [format!("cart{z}.")]);
+    assert_eq!(short(p, &["-x", "10.244.1.51"]), [format!("db-0.db{z}.")]);
+    // ExternalName outside the zone: the CNAME alone; the client's resolver goes on.
+    assert_eq!(
+        short(p, &[&format!("payments{z}")]),
+        ["payments.example.com."]
+    );
+    assert_eq!(
+        short(p, &["dns-version.cluster.local", "TXT"]),
+        ["\"1.1.0\""]
+    );
+    assert_eq!(status(p, &[&format!("nope{z}")]), "NXDOMAIN");
+    let nodata = dig(p, &[&format!("frontend{z}"), "AAAA"]);
+    assert!(
+        nodata.contains("status: NOERROR")
+            && nodata.contains("ANSWER: 0")
+            && nodata.contains("SOA"),
+        "{nodata}"
+    );
+    assert_eq!(status(p, &["shop.svc.cluster.local"]), "NOERROR");
+    // Case-insensitive, answered in the query's case; over TCP too.
+    assert!(
+        dig(p, &["FrontEnd.SHOP.svc.cluster.local"])
+            .contains("FrontEnd.SHOP.svc.cluster.local. 5 IN\tA\t10.96.10.10")
+    );
+    assert_eq!(short(p, &["+tcp", &format!("cart{z}")]), ["10.96.10.20"]);
+}
+
+#[test]
+fn a_service_change_is_answered_within_one_sync() {
+    let (up, _) = fake_upstream();
+    let m = examples_copy();
+    let (_d, p, _dir) = start(m.path(), up);
+    assert_eq!(short(p, &["cart.shop.svc.cluster.local"]), ["10.96.10.20"]);
+    let shop = m.path().join("shop.yaml");
+    let text = std::fs::read_to_string(&shop)
+        .unwrap()
+        .replace("clusterIP: 10.96.10.20", "clusterIP: 10.96.10.29");
+    let tmp = m.path().join(".shop.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    let t = Instant::now();
+    std::fs::rename(&tmp, &shop).unwrap();
+    while short(p, &["cart.shop.svc.cluster.local"]) != ["10.96.10.29"] {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "change not answered within a sync"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("change answered after {:?}", t.elapsed());
+}
+
+#[test]
+fn malformed_and_oversized_packets_do_not_hurt_other_clients() {
+    let (up, _) = fake_upstream();
+    let m = examples_copy();
+    let (_d, p, _dir) = start(m.path(), up);
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    // A header claiming one question, then garbage: FORMERR with our ID.
+    let mut garbage = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    garbage.extend_from_slice(&[0xff; 40]);
+    s.send_to(&garbage, ("127.0.0.1", p)).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = s.recv_from(&mut buf).unwrap();
+    assert!(
+        n >= 12 && buf[0] == 0x12 && buf[1] == 0x34 && buf[3] & 0x0f == 1,
+        "want FORMERR: {:?}",
+        &buf[..n]
+    );
+    // Too short to be DNS, a response packet, and an oversized datagram: dropped or FORMERR.
+    for pkt in [
+        vec![1u8, 2, 3],
+        vec![0x12, 0x34, 0x81, 0x80, 0, 0, 0, 0, 0, 0, 0, 0],
+        vec![0u8; 4000],
+    ] {
+        s.send_to(&pkt, ("127.0.0.1", p)).unwrap();
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            assert!(
+                n >= 12 && buf[3] & 0x0f == 1,
+                "only FORMERR may come back: {:?}",
+                &buf[..n.min(16)]
+            );
+        }
+    }
+    assert_eq!(
+        short(p, &["frontend.shop.svc.cluster.local"]),
+        ["10.96.10.10"],
+        "others still answered"
+    );
+}
+
+#[test]
+fn forwarding_caches_and_falls_back_to_tcp() {
+    let (up, count) = fake_upstream();
+    let m = examples_copy();
+    let (_d, p, _dir) = start(m.path(), up);
+    let before = count.load(Ordering::SeqCst);
+    assert_eq!(short(p, &["www.example.org"]), ["192.0.2.1"]);
+    assert_eq!(short(p, &["www.example.org"]), ["192.0.2.1"]);
+    assert_eq!(short(p, &["WWW.example.org"]), ["192.0.2.1"]);
+    assert_eq!(
+        count.load(Ordering::SeqCst) - before,
+        1,
+        "the second and third queries come from the cache"
+    );
+    // A truncated UDP answer from upstream is retried over TCP; the client gets it over TCP.
+    let big = short(p, &["+tcp", "big.example.org", "TXT"]);
+    assert_eq!(big.len(), 40, "{big:?}");
+}

@@ -1,0 +1,72 @@
+//! A client namespace whose resolv.conf points at switchyard's DNS (search path and ndots:5
+//! as in a pod) resolves short service names with the system resolver (`getent hosts`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use switchyard_tests::sandbox::{Sandbox, require_root, sh};
+
+/// Removes /etc/netns/<ns> (where `ip netns exec` finds the namespace's resolv.conf).
+struct EtcNetns(PathBuf);
+impl Drop for EtcNetns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            // Only if empty: other namespaces may have their own files there.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+#[test]
+fn pod_resolv_conf_resolves_short_service_names() {
+    require_root();
+    let mut sb = Sandbox::create("syd1", &[]).unwrap();
+    let etc = EtcNetns(PathBuf::from(format!("/etc/netns/{}", sb.client_ns())));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("resolv.conf"),
+        "search shop.svc.cluster.local svc.cluster.local cluster.local\nnameserver 172.30.0.10\noptions ndots:5 timeout:1 attempts:2\n",
+    )
+    .unwrap();
+    let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+    sb.start_daemon(
+        &examples,
+        "none",
+        "dns:\n  listen: ['172.30.0.10:53']\n  upstream: ['127.0.0.1:9']\n",
+    )
+    .unwrap();
+    let getent = |name: &str| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &sb.client_ns(),
+            "getent",
+            "hosts",
+            name,
+        ])
+        .unwrap_or_default()
+    };
+    let t = Instant::now();
+    loop {
+        let got = getent("frontend");
+        if got.contains("10.96.10.10") {
+            assert!(got.contains("frontend.shop.svc.cluster.local"), "{got}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never resolved: {got:?}\n{}",
+            sb.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Another namespace through the second search domain, and a headless endpoint.
+    assert!(getent("kube-dns.kube-system").contains("10.96.0.10"));
+    assert!(getent("db-1.db").contains("10.244.2.51"));
+    // A name that does not exist fails (NXDOMAIN through every search domain).
+    assert_eq!(getent("nosuchservice"), "");
+    drop(etc);
+}
