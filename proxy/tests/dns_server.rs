@@ -50,8 +50,10 @@ fn status(port: u16, args: &[&str]) -> String {
     let out = dig(port, args);
     out.lines()
         .find_map(|l| l.split("status: ").nth(1))
-        .map(|s| s.split(',').next().unwrap_or("").to_string())
-        .unwrap_or_else(|| format!("no answer: {out}"))
+        .map_or_else(
+            || format!("no answer: {out}"),
+            |s| s.split(',').next().unwrap_or("").to_string(),
+        )
 }
 
 /// A fake upstream: A 192.0.2.1 (TTL 60) for anything; for `big.example.org` a truncated UDP
