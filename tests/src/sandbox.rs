@@ -182,6 +182,18 @@ impl Sandbox {
             "via",
             &NODE_IP.to_string(),
         ])?;
+        // A default route, as a real node has: locally originated traffic to a ClusterIP must
+        // route somewhere before iptables' OUTPUT DNAT can rewrite it.
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            "default",
+            "via",
+            &CLIENT_IP.to_string(),
+        ])?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),

@@ -28,5 +28,12 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         cleanup_pins(&cfg.bpf_pin_dir)?;
         println!("ebpf: removed pins under {}", cfg.bpf_pin_dir.display());
     }
+    if all
+        || args.backend == Some(BackendChoice::Iptables)
+        || args.backend == Some(BackendChoice::Ipvs)
+    {
+        crate::dataplane::iptables::cleanup_all()?;
+        println!("iptables: removed SY- chains and hooks (legacy and nft)");
+    }
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! and a fault-injecting wrapper used in tests.
 
 pub mod ebpf;
+pub mod iptables;
+pub mod ipvs;
 
 use std::sync::{Arc, Mutex};
 
@@ -211,14 +213,38 @@ impl BackendContext {
 
 fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError> {
     let cfg = ctx.ebpf_config()?;
-    Ok(Box::new(ebpf::EbpfDataplane::start(
-        cfg,
-        Arc::clone(&ctx.metrics),
-    )?))
+    let dp = ebpf::EbpfDataplane::start(cfg, Arc::clone(&ctx.metrics))?;
+    // Switching from iptables: its rules would otherwise still catch service traffic.
+    if let Err(e) = iptables::cleanup_all() {
+        tracing::warn!(error = %e, "removing the iptables backend's rules");
+    }
+    Ok(Box::new(dp))
 }
 
-/// Build the chosen backend, with the reason it was chosen. Backends that are not built yet
-/// are refused by name rather than silently programming nothing.
+fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
+    let (flavor, why) = iptables::detect(&ctx.settings.raw.iptables_mode)?;
+    let s = &ctx.settings;
+    let dp = iptables::IptablesDataplane::start(
+        flavor,
+        iptables::render::RenderConfig::new(&s.cluster_cidrs, s.masquerade_all, s.masquerade_bit),
+    )?;
+    // Switching from eBPF: detach its programs and drop its pinned maps.
+    if let Err(e) = ebpf::cleanup_pins(&s.raw.bpf_pin_dir) {
+        tracing::warn!(error = %e, "removing the eBPF backend's pins");
+    }
+    // And the other iptables flavor's rules, if the node moved between them.
+    let other = if flavor == iptables::Flavor::Legacy {
+        iptables::Flavor::Nft
+    } else {
+        iptables::Flavor::Legacy
+    };
+    if let Err(e) = iptables::cleanup_flavor(other) {
+        tracing::warn!(error = %e, "removing the other iptables flavor's rules");
+    }
+    Ok((Box::new(dp), format!("{} ({why})", flavor.name())))
+}
+
+/// Build the chosen backend, with the reason it was chosen.
 pub fn select(
     choice: BackendChoice,
     ctx: &BackendContext,
@@ -226,22 +252,18 @@ pub fn select(
     match choice {
         BackendChoice::None => Ok((Box::new(NoneDataplane), "requested".into())),
         BackendChoice::Ebpf => Ok((start_ebpf(ctx)?, "requested".into())),
-        BackendChoice::Iptables => Err(DataplaneError::Unavailable {
-            backend: "iptables",
-            reason: "not built into this version yet".into(),
-        }),
-        BackendChoice::Ipvs => Err(DataplaneError::Unavailable {
-            backend: "ipvs",
-            reason: "not built into this version yet".into(),
-        }),
+        BackendChoice::Iptables => start_iptables(ctx),
+        BackendChoice::Ipvs => Err(ipvs::unavailable_reason()),
         BackendChoice::Auto => match start_ebpf(ctx) {
             Ok(dp) => Ok((dp, "auto: kernel and privileges allow eBPF".into())),
-            Err(e) => Err(DataplaneError::Unavailable {
-                backend: "auto",
-                reason: format!(
-                    "eBPF: {e}; no other kernel backend is built yet; use --backend none"
-                ),
-            }),
+            Err(ebpf_err) => {
+                tracing::warn!(error = %ebpf_err, "eBPF backend unavailable; trying iptables");
+                let (dp, why) = start_iptables(ctx).map_err(|e| DataplaneError::Unavailable {
+                    backend: "auto",
+                    reason: format!("eBPF: {ebpf_err}; iptables: {e}"),
+                })?;
+                Ok((dp, format!("auto: eBPF unavailable ({ebpf_err}); {why}")))
+            }
         },
     }
 }
