@@ -238,6 +238,16 @@ pub struct IptablesDataplane {
 }
 
 impl IptablesDataplane {
+    /// A renderer without kernel access (golden tests, tracing).
+    pub fn start_unprivileged(flavor: Flavor, cfg: RenderConfig) -> IptablesDataplane {
+        IptablesDataplane {
+            flavor,
+            cfg,
+            ports: BTreeMap::new(),
+            states: BTreeMap::new(),
+        }
+    }
+
     pub fn start(flavor: Flavor, cfg: RenderConfig) -> Result<IptablesDataplane, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(unavailable("needs root (CAP_NET_ADMIN)"));

@@ -1,0 +1,329 @@
+//! iptables rendering (golden restore input, partial sync, packet tracer over the rules) and
+//! IPVS message encoding and planning. No root needed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use switchyard::dataplane::iptables::render::RenderConfig;
+use switchyard::dataplane::iptables::tracer::{Outcome, Packet, trace};
+use switchyard::dataplane::iptables::{Flavor, IptablesDataplane};
+use switchyard::dataplane::ipvs;
+use switchyard_model::{Engine, Protocol, ProxyConfig, manifest};
+
+const CLUSTER: &str = r"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 172.30.0.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  loadBalancerSourceRanges: ['192.0.2.0/24']
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.2.5], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: t}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.11
+  externalTrafficPolicy: Local
+  ports: [{port: 80, nodePort: 30090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: t, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: [10.244.2.7], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: itp, namespace: t}
+spec: {clusterIP: 10.96.0.13, internalTrafficPolicy: Local, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: itp-1, namespace: t, labels: {kubernetes.io/service-name: itp}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: [10.244.2.8], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: t}
+spec: {clusterIP: 10.96.0.12, sessionAffinity: ClientIP, ports: [{port: 53, protocol: UDP}]}
+";
+
+fn engine(yaml: &str) -> Engine {
+    let objs = manifest::parse("t", yaml).unwrap();
+    let mut e = Engine::new(ProxyConfig {
+        node_name: "node-a".into(),
+        ..ProxyConfig::default()
+    });
+    e.set_node(objs.nodes.into_iter().next());
+    e.replace_all(objs.services, objs.slices);
+    e.sync();
+    e
+}
+
+fn dp() -> IptablesDataplane {
+    IptablesDataplane::start_unprivileged(
+        Flavor::Nft,
+        RenderConfig::new(&["10.244.0.0/16".parse().unwrap()], false, 14),
+    )
+}
+
+#[test]
+fn full_restore_input_is_golden() {
+    let e = engine(CLUSTER);
+    let mut d = dp();
+    let got = d.full_input(e.state(), &BTreeSet::from(["SY-SVC-STALE".to_string()]));
+    let golden = include_str!("golden/iptables_full.txt");
+    if got != golden {
+        std::fs::write(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/golden/iptables_full.txt.new"
+            ),
+            &got,
+        )
+        .unwrap();
+        panic!(
+            "restore input differs from tests/golden/iptables_full.txt (new output in .new):\n{got}"
+        );
+    }
+}
+
+#[test]
+fn partial_sync_writes_only_the_changed_service_and_deletes_its_old_chains() {
+    let mut e = engine(CLUSTER);
+    let mut d = dp();
+    d.full_input(e.state(), &BTreeSet::new());
+    let objs = manifest::parse(
+        "t",
+        &CLUSTER.replace("- {addresses: [10.244.2.5], nodeName: node-b}\n", ""),
+    )
+    .unwrap();
+    e.replace_all(objs.services, objs.slices);
+    let cs = e.sync();
+    assert_eq!(cs.len(), 1);
+    let input = d.partial_input(&cs);
+    // Only web's chains (plus the shared dispatch and fixed chains) are declared.
+    let declared: Vec<&str> = input
+        .lines()
+        .filter(|l| l.starts_with(":SY-SVC") || l.starts_with(":SY-SVL"))
+        .collect();
+    let web_svc = switchyard::dataplane::iptables::render::chain("SVC", &cs.changed[0].new.key);
+    assert_eq!(declared, [format!(":{web_svc} - [0:0]")]);
+    assert!(
+        !input.contains("t/local:"),
+        "the unchanged service's chains must not be rewritten except dispatch rules:\n{input}"
+    );
+    // The endpoint chain of the removed endpoint is deleted.
+    assert_eq!(
+        input
+            .lines()
+            .filter(|l| l.starts_with("-X SY-SEP-"))
+            .count(),
+        1,
+        "{input}"
+    );
+}
+
+fn pkt(src: [u8; 4], dst: [u8; 4], proto: Protocol, dport: u16) -> Packet {
+    Packet {
+        src: Ipv4Addr::from(src),
+        dst: Ipv4Addr::from(dst),
+        proto,
+        dport,
+        src_local: false,
+        local: vec![Ipv4Addr::new(172, 30, 0, 10)],
+    }
+}
+
+#[test]
+fn packet_tracer_follows_kube_proxy_semantics() {
+    let e = engine(CLUSTER);
+    let mut d = dp();
+    d.full_input(e.state(), &BTreeSet::new());
+    let (nat, filter) = d.rules();
+    let cfg = d.config().clone();
+    let t = |p: &Packet| trace(&nat, &filter, cfg.masquerade_mark, cfg.drop_mark, p);
+    let eps = |v: &[([u8; 4], u16)]| {
+        v.iter()
+            .map(|(a, p)| (Ipv4Addr::from(*a), *p))
+            .collect::<BTreeSet<_>>()
+    };
+
+    // Pod -> ClusterIP: every endpoint, not masqueraded.
+    assert_eq!(
+        t(&pkt([10, 244, 3, 3], [10, 96, 0, 10], Protocol::Tcp, 80)),
+        Outcome::Dnat {
+            endpoints: eps(&[([10, 244, 1, 5], 8080), ([10, 244, 2, 5], 8080)]),
+            masquerade: false
+        }
+    );
+    // Outside -> NodePort (eTP=Cluster): every endpoint, masqueraded.
+    assert_eq!(
+        t(&pkt(
+            [198, 18, 0, 1],
+            [172, 30, 0, 10],
+            Protocol::Tcp,
+            30080
+        )),
+        Outcome::Dnat {
+            endpoints: eps(&[([10, 244, 1, 5], 8080), ([10, 244, 2, 5], 8080)]),
+            masquerade: true
+        }
+    );
+    // LB IP from inside the source ranges: allowed; from outside: dropped.
+    assert!(matches!(
+        t(&pkt([192, 0, 2, 9], [198, 51, 100, 1], Protocol::Tcp, 80)),
+        Outcome::Dnat { .. }
+    ));
+    assert_eq!(
+        t(&pkt([203, 0, 113, 9], [198, 51, 100, 1], Protocol::Tcp, 80)),
+        Outcome::Drop
+    );
+    // iTP=Local without local endpoints: ClusterIP traffic is dropped.
+    assert_eq!(
+        t(&pkt([10, 244, 3, 3], [10, 96, 0, 13], Protocol::Tcp, 80)),
+        Outcome::Drop
+    );
+    // eTP=Local without local endpoints: outside traffic dropped; pods still reach the endpoint.
+    assert_eq!(
+        t(&pkt(
+            [198, 18, 0, 1],
+            [172, 30, 0, 10],
+            Protocol::Tcp,
+            30090
+        )),
+        Outcome::Drop
+    );
+    assert_eq!(
+        t(&pkt(
+            [10, 244, 3, 3],
+            [172, 30, 0, 10],
+            Protocol::Tcp,
+            30090
+        )),
+        Outcome::Dnat {
+            endpoints: eps(&[([10, 244, 2, 7], 80)]),
+            masquerade: false
+        }
+    );
+    // No endpoints: REJECT.
+    assert_eq!(
+        t(&pkt([10, 244, 3, 3], [10, 96, 0, 12], Protocol::Udp, 53)),
+        Outcome::Reject
+    );
+    // Hairpin: an endpoint reaching itself is masqueraded.
+    let Outcome::Dnat { masquerade, .. } =
+        t(&pkt([10, 244, 1, 5], [10, 96, 0, 10], Protocol::Tcp, 80))
+    else {
+        panic!()
+    };
+    assert!(masquerade);
+    // Not a service: untouched.
+    assert_eq!(
+        t(&pkt([10, 244, 3, 3], [10, 96, 0, 99], Protocol::Tcp, 80)),
+        Outcome::Accept
+    );
+}
+
+#[test]
+fn ipvs_messages_match_the_kernel_layout() {
+    let s = ipvs::VirtualService {
+        addr: "10.96.0.10".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+        scheduler: "rr".into(),
+        persistence: Some(10_800),
+    };
+    let m = ipvs::encode(0x1c, 7, &ipvs::Op::AddService(s.clone())).unwrap();
+    #[rustfmt::skip]
+    let want: Vec<u8> = [
+        // nlmsghdr: len 104, type 0x1c (family), flags REQUEST|ACK, seq 7, pid 0
+        &[104, 0, 0, 0, 0x1c, 0, 5, 0, 7, 0, 0, 0, 0, 0, 0, 0][..],
+        // genlmsghdr: cmd NEW_SERVICE (1), version 1, reserved
+        &[1, 1, 0, 0],
+        // IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, len 84
+        &[84, 0, 0x01, 0x80],
+        // AF = AF_INET (2), u16 + pad
+        &[6, 0, 1, 0, 2, 0, 0, 0],
+        // PROTOCOL = 6
+        &[6, 0, 2, 0, 6, 0, 0, 0],
+        // ADDR: 16 bytes, IPv4 first
+        &[20, 0, 3, 0, 10, 96, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        // PORT, network order
+        &[6, 0, 4, 0, 0, 80, 0, 0],
+        // SCHED_NAME "rr\0"
+        &[7, 0, 6, 0, b'r', b'r', 0, 0],
+        // FLAGS {flags PERSISTENT, mask ~0}
+        &[12, 0, 7, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        // TIMEOUT 10800
+        &[8, 0, 8, 0, 0x30, 0x2a, 0, 0],
+        // NETMASK 255.255.255.255
+        &[8, 0, 9, 0, 0xff, 0xff, 0xff, 0xff],
+    ]
+    .concat();
+    assert_eq!(m, want);
+
+    let d = ipvs::RealServer {
+        addr: "10.244.1.5".parse().unwrap(),
+        port: 8080,
+        weight: 1,
+    };
+    let m = ipvs::encode(0x1c, 8, &ipvs::Op::AddDest(s, d)).unwrap();
+    assert_eq!(m[16], ipvs::IPVS_CMD_NEW_DEST);
+    // The dest nest follows the service-identity nest (AF, PROTOCOL, ADDR, PORT: 4+8+8+20+8).
+    let dest = &m[20 + 48..];
+    assert_eq!(&dest[..4], &[72, 0, 0x02, 0x80]);
+    assert_eq!(
+        &dest[4..24],
+        &[
+            20, 0, 1, 0, 10, 244, 1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+        ]
+    );
+    assert_eq!(&dest[24..32], &[6, 0, 2, 0, 0x1f, 0x90, 0, 0]);
+}
+
+#[test]
+fn ipvs_plan_for_a_change_set_is_golden() {
+    let mut e = engine(CLUSTER);
+    let objs = manifest::parse("t", &CLUSTER.replace("10.244.2.5", "10.244.2.6")).unwrap();
+    e.replace_all(objs.services, objs.slices);
+    let cs = e.sync();
+    let plan: Vec<String> = ipvs::plan(&cs).iter().map(|o| format!("{o:?}")).collect();
+    let got = plan.join("\n") + "\n";
+    let golden = include_str!("golden/ipvs_plan.txt");
+    if got != golden {
+        std::fs::write(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/golden/ipvs_plan.txt.new"
+            ),
+            &got,
+        )
+        .unwrap();
+        panic!("IPVS plan differs from tests/golden/ipvs_plan.txt:\n{got}");
+    }
+}
