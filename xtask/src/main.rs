@@ -21,6 +21,8 @@ enum Bench {
     Ebpf,
     /// dnsperf QPS/latency vs Knot serving the same records, and the forwarding cache (root).
     Dns,
+    /// iptables full sync and one-service update at 1k/5k/10k services, both flavors (root).
+    Iptables,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +113,11 @@ fn main() -> anyhow::Result<()> {
                 bootstrap()?;
                 run(cargo().args(["build", "--release", "--bins"]))?;
                 run(&mut Command::new(root().join("target/release/sy-bench")))
+            }
+            Bench::Iptables => {
+                bootstrap()?;
+                run(cargo().args(["build", "--release", "--bins"]))?;
+                run(Command::new(root().join("target/release/sy-bench")).arg("iptables"))
             }
             Bench::Dns => {
                 bootstrap()?;

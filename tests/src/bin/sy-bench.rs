@@ -310,12 +310,12 @@ impl Topo {
         Ok(t)
     }
 
-    fn start_daemon(&mut self, manifests: &Path) -> anyhow::Result<()> {
+    fn start_daemon(&mut self, manifests: &Path, backend: &str) -> anyhow::Result<()> {
         let cfg = self.work.path().join("config.yaml");
         std::fs::write(
             &cfg,
             format!(
-                "clusterCIDR: 10.128.0.0/9\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: /sys/fs/bpf/{}\n",
+                "clusterCIDR: 10.128.0.0/9\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
                 self.tag
             ),
         )?;
@@ -326,7 +326,7 @@ impl Topo {
             .args([
                 "run",
                 "--backend",
-                "ebpf",
+                backend,
                 "--node-name",
                 "node-0",
                 "--source",
@@ -456,12 +456,25 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
         // Baselines without switchyard running.
         let d_cli = t.wrk(false, &direct_url, secs)?;
         let d_node = t.wrk(true, &direct_url, secs)?;
-        t.start_daemon(&dir)?;
+        t.start_daemon(&dir, "ebpf")?;
         wait_ok(&t, false, &format!("{vip}:80"))?;
         wait_ok(&t, true, &format!("{vip}:80"))?;
         let _ = t.wrk(false, &vip_url, 1)?;
         let tc = t.wrk(false, &vip_url, secs)?;
         let slb = t.wrk(true, &vip_url, secs)?;
+        t.stop_daemon();
+        t.start_daemon(&dir, "iptables")?;
+        wait_ok(&t, false, &format!("{vip}:80"))?;
+        let ipt = t.wrk(false, &vip_url, secs)?;
+        t.stop_daemon();
+        let _ = sh(&[
+            "nsenter",
+            &format!("--net=/var/run/netns/{}", t.node()),
+            &bin("switchyard").to_string_lossy(),
+            "cleanup",
+            "--backend",
+            "iptables",
+        ]);
         let row = |name: &str, r: (f64, f64, f64), base: (f64, f64, f64)| {
             println!(
                 "| {name} | {n} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} |",
@@ -474,6 +487,11 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
         };
         row("direct, client ns -> endpoint (routed)", d_cli, d_cli);
         row("eBPF tc path, client ns -> ClusterIP", tc, d_cli);
+        row(
+            "Switchyard iptables-legacy, client ns -> ClusterIP",
+            ipt,
+            d_cli,
+        );
         row("direct, node ns -> endpoint", d_node, d_node);
         row("eBPF socket LB, node ns -> ClusterIP", slb, d_node);
         drop(t);
@@ -750,9 +768,77 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// iptables backend programming time (full sync and one-service update) at several sizes,
+/// in a fresh network namespace, for one flavor.
+fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
+    use switchyard::dataplane::Dataplane;
+    use switchyard::dataplane::iptables::render::RenderConfig;
+    use switchyard::dataplane::iptables::{Flavor, IptablesDataplane};
+    println!("\n### iptables backend programming (10 endpoints per service)\n");
+    println!(
+        "| flavor | N services | full sync | one-service update (partial) | ratio full/partial |"
+    );
+    println!("|---|---|---|---|---|");
+    for flavor in [Flavor::Legacy, Flavor::Nft] {
+        for &n in sizes {
+            let ns = format!("sybipt{n}");
+            let _ = sh(&["ip", "netns", "del", &ns]);
+            sh(&["ip", "netns", "add", &ns])?;
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+            // Measure in a thread that lives in the namespace.
+            let r = std::thread::scope(|sc| {
+                sc.spawn(|| -> anyhow::Result<(Duration, Duration)> {
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    let (svcs, slices) = synthetic::cluster(n, 10);
+                    let mut e = Engine::new(ProxyConfig::default());
+                    e.replace_all(svcs, slices);
+                    e.sync();
+                    let mut dp = IptablesDataplane::start(
+                        flavor,
+                        RenderConfig::new(&["10.128.0.0/9".parse()?], false, 14),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let t = Instant::now();
+                    dp.full_sync(e.state())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let full = t.elapsed();
+                    let mut s = synthetic::slice(n / 2, 10);
+                    s.endpoints[0].address = std::net::IpAddr::V4(Ipv4Addr::new(10, 127, 0, 1));
+                    e.upsert_slice(s);
+                    let cs = e.sync();
+                    let t = Instant::now();
+                    dp.apply(&cs, e.state())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    Ok((full, t.elapsed()))
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+            });
+            let _ = sh(&["ip", "netns", "del", &ns]);
+            let (full, one) = r?;
+            println!(
+                "| {} | {n} | {:.3} s | {:.3} s | {:.1} |",
+                flavor.name(),
+                full.as_secs_f64(),
+                one.as_secs_f64(),
+                full.as_secs_f64() / one.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     require_root();
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "iptables") {
+        let quick = args.iter().any(|a| a == "--quick");
+        return iptables_sync_bench(if quick {
+            &[1000]
+        } else {
+            &[1000, 5000, 10_000]
+        });
+    }
     if args.iter().any(|a| a == "dns") {
         let quick = args.iter().any(|a| a == "--quick");
         return dns_bench(
