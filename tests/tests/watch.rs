@@ -139,19 +139,19 @@ fn seed(api: &FakeApi) {
     api.apply(Resource::Node, node("node-b", "172.30.0.11"));
 }
 
+/// What the store holds once it has listed `seed`.
+fn seeded() -> Held {
+    expect(
+        &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
+        &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
+        Some("node-a=172.30.0.10"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_list_then_live_events() {
     let h = start(seed).await;
-    converge(
-        &h.store,
-        &expect(
-            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
-            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
-            Some("node-a=172.30.0.10"),
-        ),
-        "initial list",
-    )
-    .await;
+    converge(&h.store, &seeded(), "initial list").await;
 
     h.api.apply(Resource::Service, svc("c", "10.96.0.3"));
     h.api.apply(
@@ -176,16 +176,7 @@ async fn initial_list_then_live_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watch_resumes_from_its_resource_version() {
     let h = start(seed).await;
-    converge(
-        &h.store,
-        &expect(
-            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
-            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
-            Some("node-a=172.30.0.10"),
-        ),
-        "initial list",
-    )
-    .await;
+    converge(&h.store, &seeded(), "initial list").await;
     let lists_before = h.api.list_count("/api/v1/services");
 
     // Drop every stream, and change things before the client can come back.
@@ -211,16 +202,7 @@ async fn dropped_watch_resumes_from_its_resource_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_410_relists_and_drops_what_was_deleted_meanwhile() {
     let h = start(seed).await;
-    converge(
-        &h.store,
-        &expect(
-            &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
-            &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
-            Some("node-a=172.30.0.10"),
-        ),
-        "initial list",
-    )
-    .await;
+    converge(&h.store, &seeded(), "initial list").await;
     let lists_before = h.api.list_count("/api/v1/services");
 
     // The API server goes away; while it is away objects are deleted and created, and its
@@ -256,11 +238,7 @@ async fn gone_410_relists_and_drops_what_was_deleted_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_update_keeps_the_last_good_version() {
     let h = start(seed).await;
-    let good = expect(
-        &[("a", "10.96.0.1"), ("b", "10.96.0.2")],
-        &[("a-1", "10.244.1.1"), ("b-1", "10.244.1.2")],
-        Some("node-a=172.30.0.10"),
-    );
+    let good = seeded();
     converge(&h.store, &good, "initial list").await;
     h.api.apply(Resource::Service, svc("a", "10.96.0.999"));
     // A later valid event proves the bad one was processed (and skipped) before it.
