@@ -3,11 +3,13 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
 pub mod error;
 pub mod metrics;
 pub mod netlink;
+pub mod nl;
 pub mod source;
 pub mod store;
 pub mod sync;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub source_errors: Family<KindLabel, Counter>,
     pub backend_selected: Family<BackendLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
+    pub stale_conntrack_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +53,12 @@ impl Metrics {
         let source_errors = Family::<KindLabel, Counter>::default();
         let backend_selected = Family::<BackendLabel, Gauge>::default();
         let dataplane_capacity_errors = Counter::default();
+        let stale_conntrack_deleted = Counter::default();
+        registry.register(
+            "switchyard_stale_conntrack_entries_deleted",
+            "UDP flows whose NAT pointed at an endpoint that is gone (or at no endpoint), deleted so the next datagram is balanced again",
+            stale_conntrack_deleted.clone(),
+        );
         registry.register(
             "switchyard_dataplane_capacity_errors",
             "Service ports not programmed because a map was full (the log names them)",
@@ -102,6 +109,7 @@ impl Metrics {
             source_errors,
             backend_selected,
             dataplane_capacity_errors,
+            stale_conntrack_deleted,
         }
     }
 

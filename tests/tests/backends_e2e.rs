@@ -631,6 +631,90 @@ fn pods_source_ranges_and_new_interfaces_and_addresses(b: &Backend) {
     );
 }
 
+/// A DNS-style UDP client that keeps its source port: the kernel's conntrack (iptables) or
+/// the tc path's flow map (eBPF) pins its flow, so a removed endpoint, or a service that did
+/// not exist when the client started sending, would black-hole it until the entry expires.
+fn udp_client_keeping_its_port_follows_endpoint_changes(b: &Backend) {
+    const SPORT: &str = "40053";
+    let dns = |eps: &[(&str, &str)]| {
+        format!(
+            "{}{}",
+            nodeport_service("dns", "10.96.0.70", 30140, ""),
+            slice("dns", eps)
+        )
+    };
+    let mut c = Cluster::start(b, 7, &dns(&ALL3));
+    let ask = |sb: &Sandbox, target: &str| {
+        sb.probe_from_client(&["--udp", target, "--sport", SPORT, "--timeout-ms", "500"])
+            .unwrap()
+    };
+    let got = c.until(
+        "UDP NodePort",
+        Duration::from_secs(20),
+        |sb| ask(sb, "172.30.0.10:30141"),
+        all_ok,
+    );
+    let first = names(&got).into_keys().next().unwrap();
+    // The flow is pinned: the same source port keeps reaching the same endpoint.
+    for _ in 0..4 {
+        let again = ask(&c.sb, "172.30.0.10:30141");
+        assert_eq!(
+            names(&again).into_keys().collect::<Vec<_>>(),
+            std::slice::from_ref(&first),
+            "one flow, one endpoint: {again:?}"
+        );
+    }
+    // Remove that endpoint (its server keeps running): the next datagram of the same flow
+    // must reach another one instead of following the stale entry.
+    let rest: Vec<(&str, &str)> = ALL3
+        .iter()
+        .copied()
+        .filter(|(ip, _)| {
+            !ip.ends_with(match first.as_str() {
+                "a1" => ".1.11",
+                "a2" => ".1.12",
+                _ => ".2.11",
+            })
+        })
+        .collect();
+    assert_eq!(rest.len(), 2);
+    c.write(&dns(&rest));
+    c.until(
+        "flow to the removed endpoint",
+        Duration::from_secs(5),
+        |sb| ask(sb, "172.30.0.10:30141"),
+        |l| all_ok(l) && !names(l).contains_key(&first),
+    );
+
+    // A client that sends to a NodePort before the service exists gets refused by the node.
+    // With iptables the kernel keeps that flow (un-NATed) in its conntrack table; the tc
+    // path sees every packet before netfilter, so only the iptables backends can trip here.
+    let refused = ask(&c.sb, "172.30.0.10:30151");
+    assert_eq!(refused, ["err refused"], "no service yet");
+    if b.name == "iptables" {
+        let ct =
+            c.sb.in_node(&["conntrack", "-L", "-p", "udp", "--dport", "30151"])
+                .unwrap();
+        assert!(
+            ct.contains(&format!("sport={SPORT}")),
+            "the un-NATed flow should be in conntrack:\n{ct}"
+        );
+    }
+    // The service appears: the same flow reaches its endpoints at once.
+    c.write(&format!(
+        "{}{}{}",
+        dns(&rest),
+        nodeport_service("late", "10.96.0.71", 30150, ""),
+        slice("late", &ALL3)
+    ));
+    c.until(
+        "flow that predates the service",
+        Duration::from_secs(5),
+        |sb| ask(sb, "172.30.0.10:30151"),
+        all_ok,
+    );
+}
+
 /// The same scenarios against every backend this kernel has.
 macro_rules! suite {
     ($($m:ident => $b:expr),* $(,)?) => {$(
@@ -648,6 +732,8 @@ macro_rules! suite {
             fn restart_and_cleanup() { super::restart_keeps_open_connections_and_cleanup_leaves_nothing(&$b) }
             #[test]
             fn pods_source_ranges_new_links() { super::pods_source_ranges_and_new_interfaces_and_addresses(&$b) }
+            #[test]
+            fn udp_stale_flows() { super::udp_client_keeping_its_port_follows_endpoint_changes(&$b) }
         }
     )*};
 }

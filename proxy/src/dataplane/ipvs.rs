@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use switchyard_model::{ChangeSet, FrontendKind, Protocol, Route, ServicePortState};
 
 use crate::error::DataplaneError;
+use crate::nl::{self, nested, nla};
 
 // Generic netlink (linux/genetlink.h) and IPVS (linux/ip_vs.h) constants.
 pub const GENL_ID_CTRL: u16 = 0x10;
@@ -46,7 +47,7 @@ pub const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
 pub const IP_VS_CONN_F_MASQ: u32 = 0x0000;
-pub const NLA_F_NESTED: u16 = 0x8000;
+pub use crate::nl::NLA_F_NESTED;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
@@ -81,20 +82,6 @@ pub enum Op {
     /// ipset entry (set name, `addr,proto:port`) the masquerade rules match on.
     IpsetAdd(&'static str, String),
     IpsetDel(&'static str, String),
-}
-
-fn nla(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = u16::try_from(4 + payload.len()).unwrap_or(u16::MAX);
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    while !buf.len().is_multiple_of(4) {
-        buf.push(0);
-    }
-}
-
-fn nested(buf: &mut Vec<u8>, ty: u16, inner: &[u8]) {
-    nla(buf, ty | NLA_F_NESTED, inner);
 }
 
 /// `union nf_inet_addr`: 16 bytes, IPv4 in the first four.
@@ -175,20 +162,10 @@ pub fn dest_attrs(d: &RealServer, full: bool) -> Vec<u8> {
 
 /// A complete netlink message: nlmsghdr + genlmsghdr + attributes.
 pub fn message(family: u16, cmd: u8, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    const NLM_F_REQUEST: u16 = 0x1;
-    const NLM_F_ACK: u16 = 0x4;
-    let len = u32::try_from(16 + 4 + attrs.len()).unwrap_or(u32::MAX);
-    let mut m = Vec::with_capacity(len as usize);
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&family.to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.push(cmd);
-    m.push(IPVS_GENL_VERSION);
-    m.extend_from_slice(&0u16.to_ne_bytes());
-    m.extend_from_slice(attrs);
-    m
+    let mut payload = Vec::with_capacity(4 + attrs.len());
+    payload.extend_from_slice(&[cmd, IPVS_GENL_VERSION, 0, 0]);
+    payload.extend_from_slice(attrs);
+    nl::message(family, nl::NLM_F_REQUEST | nl::NLM_F_ACK, seq, &payload)
 }
 
 /// The netlink message for one operation (`None` for operations that are not IPVS
@@ -365,27 +342,19 @@ pub fn family_id() -> std::io::Result<u16> {
     sock.send(&msg, 0)?;
     let mut buf = vec![0u8; 8192];
     let n = sock.recv(&mut &mut buf[..], 0)?;
-    let buf = &buf[..n];
-    // NLMSG_ERROR (type 2) with a negative errno: no such family.
-    if buf.len() >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == 2 {
-        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-        return Err(std::io::Error::from_raw_os_error(-err));
+    let reply = nl::messages(&buf[..n])
+        .next()
+        .ok_or_else(|| std::io::Error::other("empty answer from the generic-netlink controller"))?;
+    // NLMSG_ERROR with an errno: no such family.
+    if let Some(err) = reply.error() {
+        return Err(std::io::Error::from_raw_os_error(err));
     }
-    let mut i = 20;
-    while i + 4 <= buf.len() {
-        let len = usize::from(u16::from_ne_bytes([buf[i], buf[i + 1]]));
-        let ty = u16::from_ne_bytes([buf[i + 2], buf[i + 3]]);
-        if len < 4 {
-            break;
-        }
-        if ty == CTRL_ATTR_FAMILY_ID && i + 6 <= buf.len() {
-            return Ok(u16::from_ne_bytes([buf[i + 4], buf[i + 5]]));
-        }
-        i += (len + 3) & !3;
-    }
-    Err(std::io::Error::other(
-        "no family id in the controller's answer",
-    ))
+    reply
+        .payload
+        .get(4..)
+        .and_then(|attrs| nl::attr(attrs, CTRL_ATTR_FAMILY_ID))
+        .and_then(|v| Some(u16::from_ne_bytes([*v.first()?, *v.get(1)?])))
+        .ok_or_else(|| std::io::Error::other("no family id in the controller's answer"))
 }
 
 /// Why `--backend ipvs` cannot run here (the kernel lacks IPVS), or that it is present.

@@ -227,6 +227,7 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     let dp = iptables::IptablesDataplane::start(
         flavor,
         iptables::render::RenderConfig::new(&s.cluster_cidrs, s.masquerade_all, s.masquerade_bit),
+        Arc::clone(&ctx.metrics),
     )?;
     // Switching from eBPF: detach its programs and drop its pinned maps.
     if let Err(e) = ebpf::cleanup_pins(&s.raw.bpf_pin_dir) {

@@ -796,6 +796,7 @@ fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
                     let mut dp = IptablesDataplane::start(
                         flavor,
                         RenderConfig::new(&["10.128.0.0/9".parse()?], false, 14),
+                        std::sync::Arc::default(),
                     )
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                     let t = Instant::now();

@@ -3,7 +3,9 @@
 //! `ok NAME CLIENT_IP` as the backend answered, or `err KIND` (refused, timeout, ...).
 //!
 //! sy-probe [--cgroup DIR] [--netns NAME] (--tcp ADDR:PORT | --udp ADDR:PORT) [--count N]
-//!          [--timeout-ms MS] [--interval-ms MS] [--hold]
+//!          [--timeout-ms MS] [--interval-ms MS] [--hold] [--sport PORT]
+//! With --sport every UDP request comes from that source port (a DNS-style client whose
+//! flow the kernel's conntrack keeps), otherwise each request uses a fresh port.
 //! With --hold it keeps one TCP connection open, reading a request line from stdin for each
 //! request, so a test can make requests on one connection across events.
 
@@ -122,8 +124,9 @@ fn main() -> std::io::Result<()> {
         let addr: SocketAddr = target
             .parse()
             .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
+        let sport: u16 = get("--sport").and_then(|p| p.parse().ok()).unwrap_or(0);
         for _ in 0..count {
-            let r = UdpSocket::bind("0.0.0.0:0").and_then(|s| {
+            let r = UdpSocket::bind(("0.0.0.0", sport)).and_then(|s| {
                 s.set_read_timeout(Some(timeout))?;
                 // Connected, so an ICMP port unreachable surfaces as ECONNREFUSED.
                 s.connect(addr)?;

@@ -3,6 +3,7 @@
 //! (links pinned too, so a restart keeps everything working and replaces programs atomically),
 //! and programs the maps through the reconciler in `writer`.
 
+pub mod ct;
 pub mod inspect;
 pub mod io;
 pub mod maglev;
@@ -17,6 +18,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use switchyard_ebpf_common::maps as m;
+use switchyard_ebpf_common::{Ct4Key, Ct4Value};
 use switchyard_model::{ChangeSet, DesiredState};
 
 use self::io::AyaMaps;
@@ -315,6 +317,34 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`). A failure is
+    /// logged: the maps are already right, and the next sync tries again.
+    fn clear_stale_udp(&mut self) {
+        let endpoints = ct::udp_endpoints(self.writer.ports());
+        let Some(map) = self.ebpf.map_mut(m::CT4) else {
+            return;
+        };
+        let mut map = match aya::maps::HashMap::<_, Ct4Key, Ct4Value>::try_from(map) {
+            Ok(map) => map,
+            Err(e) => {
+                tracing::warn!(error = %e, "opening SY_CT4 for stale UDP cleanup");
+                return;
+            }
+        };
+        let entries: Vec<(Ct4Key, Ct4Value)> = map.iter().filter_map(Result::ok).collect();
+        let mut flows = 0u64;
+        for (fwd, rev) in ct::stale_udp(entries, &endpoints) {
+            let _ = map.remove(&rev);
+            if map.remove(&fwd).is_ok() {
+                flows += 1;
+            }
+        }
+        if flows > 0 {
+            tracing::info!(flows, "deleted stale UDP flows from the tc conntrack map");
+            self.metrics.stale_conntrack_deleted.inc_by(flows);
+        }
+    }
+
     fn report(&self, r: &Report) {
         for e in &r.capacity_errors {
             self.metrics.dataplane_capacity_errors.inc();
@@ -342,12 +372,16 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.apply(changes, state).map_err(program)?;
         self.report(&r);
+        if crate::conntrack::touches_udp(changes) {
+            self.clear_stale_udp();
+        }
         Ok(())
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.full_sync(state).map_err(program)?;
         self.report(&r);
+        self.clear_stale_udp();
         Ok(())
     }
 

@@ -2,21 +2,23 @@
 //! `iptables-restore --noflush` per sync. A ChangeSet rewrites only the dispatch chains and the
 //! chains of the service ports that changed; a full sync rewrites everything and removes
 //! stale chains. Works with iptables-legacy and iptables-nft. UDP conntrack entries that
-//! would black-hole clients are deleted after a change, as kube-proxy's reconciler does.
+//! would black-hole clients are deleted over ctnetlink after a sync (see `crate::conntrack`).
 
 pub mod render;
 pub mod tracer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-use switchyard_model::{ChangeSet, DesiredState, Protocol, ServicePortKey, ServicePortState};
+use switchyard_model::{ChangeSet, DesiredState, ServicePortKey, ServicePortState};
 
 use self::render::{FILTER, NODEPORTS, PortRules, RenderConfig, Rule, SERVICES};
 use super::Dataplane;
+use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
 use crate::error::DataplaneError;
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -235,6 +237,7 @@ pub struct IptablesDataplane {
     cfg: RenderConfig,
     ports: BTreeMap<ServicePortKey, PortRules>,
     states: BTreeMap<ServicePortKey, std::sync::Arc<ServicePortState>>,
+    conntrack: StaleUdp,
 }
 
 impl IptablesDataplane {
@@ -245,10 +248,15 @@ impl IptablesDataplane {
             cfg,
             ports: BTreeMap::new(),
             states: BTreeMap::new(),
+            conntrack: StaleUdp::default(),
         }
     }
 
-    pub fn start(flavor: Flavor, cfg: RenderConfig) -> Result<IptablesDataplane, DataplaneError> {
+    pub fn start(
+        flavor: Flavor,
+        cfg: RenderConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<IptablesDataplane, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(unavailable("needs root (CAP_NET_ADMIN)"));
         }
@@ -257,6 +265,7 @@ impl IptablesDataplane {
             cfg,
             ports: BTreeMap::new(),
             states: BTreeMap::new(),
+            conntrack: StaleUdp::new(metrics),
         })
     }
 
@@ -337,62 +346,21 @@ impl IptablesDataplane {
     }
 }
 
-fn conntrack_delete(args: &[String]) {
-    let _ = Command::new("conntrack")
-        .arg("-D")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// UDP has no connection to tear down: stale conntrack entries keep sending a client's
-/// datagrams to a backend that is gone, or to the REJECT verdict of a service that now has
-/// endpoints. Delete them.
-fn clear_udp_conntrack(changes: &ChangeSet) {
-    for c in &changes.changed {
-        if c.new.key.protocol != Protocol::Udp {
-            continue;
-        }
-        let frontends: Vec<(IpAddr, u16)> =
-            c.new.frontends.iter().map(|f| (f.addr, f.port)).collect();
-        let had_none = c.old.all_backends().is_empty();
-        for (addr, port) in &frontends {
-            if had_none && !c.new.all_backends().is_empty() {
-                conntrack_delete(&[
-                    "-p".into(),
-                    "udp".into(),
-                    "--orig-dst".into(),
-                    addr.to_string(),
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                ]);
-            }
-            for b in &c.backends_removed {
-                conntrack_delete(&[
-                    "-p".into(),
-                    "udp".into(),
-                    "--orig-dst".into(),
-                    addr.to_string(),
-                    "--orig-port-dst".into(),
-                    port.to_string(),
-                    "--reply-src".into(),
-                    b.addr.to_string(),
-                ]);
-            }
-        }
-    }
-}
-
 impl Dataplane for IptablesDataplane {
     fn name(&self) -> &'static str {
         "iptables"
     }
 
-    fn apply(&mut self, changes: &ChangeSet, _state: &DesiredState) -> Result<(), DataplaneError> {
+    fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         let input = self.partial_input(changes);
         restore(self.flavor, &input)?;
-        clear_udp_conntrack(changes);
+        if touches_udp(changes) {
+            let mut udp = UdpServices::from_state(state);
+            for r in &changes.removed {
+                udp.add_removed(r);
+            }
+            self.conntrack.clear(&udp);
+        }
         Ok(())
     }
 
@@ -400,7 +368,9 @@ impl Dataplane for IptablesDataplane {
         let (stale_nat, _) = our_chains(self.flavor);
         let input = self.full_input(state, &stale_nat);
         restore(self.flavor, &input)?;
-        ensure_hooks(self.flavor)
+        ensure_hooks(self.flavor)?;
+        self.conntrack.clear(&UdpServices::from_state(state));
+        Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
