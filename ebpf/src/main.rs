@@ -27,10 +27,10 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{SockAddrContext, TcContext};
 use switchyard_ebpf_common::{
     AFFINITY_CLIENT_ADDR4, AFFINITY_CLIENT_NETNS, AffinityKey, AffinityValue, BackendValue,
-    CT_REVERSE, CT_SNAT, Cidr4, Config, Counters, Ct4Key, Ct4Value, FE_SNAT, FE_SOURCE_RANGES,
-    Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY,
-    SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value, SockRev6Key,
-    SockRev6Value, SourceRange4,
+    CT_REVERSE, CT_SNAT, Cidr4, Config, Counters, Ct4Key, Ct4Value, FE_NODEPORT, FE_SNAT,
+    FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value,
+    SockRev6Key, SockRev6Value, SourceRange4,
 };
 
 const NO_PREALLOC: u32 = 1;
@@ -70,6 +70,8 @@ const EHOSTUNREACH: i32 = 113;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// TCX: let the next program (or the stack) decide; used for traffic we do not touch.
 const TCX_NEXT: i32 = -1;
 
@@ -701,6 +703,15 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(TCX_NEXT);
     };
     let fe = *fe;
+    // A TCP segment other than a SYN with no flow entry, to a NodePort, is most likely a
+    // reply to one of the node's own connections whose ephemeral port is in the NodePort
+    // range: leave it to the stack.
+    if fe.flags & FE_NODEPORT != 0 && p.proto == IPPROTO_TCP {
+        let flags: u8 = ctx.load(p.l4 + 13).map_err(|_| 0i64)?;
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return Ok(TCX_NEXT);
+        }
+    }
     let Some(set) = (unsafe { SETS.get(&fe.set_id) }) else {
         return Ok(TCX_NEXT);
     };

@@ -42,6 +42,11 @@ pub struct Config {
     pub lb_algorithm: String,
     /// Maglev lookup table size per service (prime).
     pub maglev_table_size: u32,
+    /// The cluster's NodePort range (`LOW-HIGH`, the API server's
+    /// `--service-node-port-range`). The eBPF backend reserves it from the node's ephemeral
+    /// ports (`net.ipv4.ip_local_reserved_ports`) so the node's own connections never use a
+    /// port that NodePort traffic owns; empty leaves the sysctl alone.
+    pub node_port_range: String,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/switchyard"),
             lb_algorithm: "random".into(),
             maglev_table_size: 16_381,
+            node_port_range: "30000-32767".into(),
         }
     }
 }
@@ -115,7 +121,29 @@ pub struct Settings {
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub dns_listen: Vec<SocketAddr>,
+    pub node_port_range: Option<(u16, u16)>,
     pub raw: Config,
+}
+
+/// `LOW-HIGH` (or one port) as an inclusive range; empty is none.
+pub fn parse_port_range(s: &str) -> Result<Option<(u16, u16)>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{s:?}: {p:?} is not a port (want LOW-HIGH, e.g. 30000-32767)"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("{s:?}: {lo} is above {hi}"));
+    }
+    Ok(Some((lo, hi)))
 }
 
 impl Settings {
@@ -305,6 +333,8 @@ impl Config {
         if self.max_backends == 0 {
             return Err(invalid("maxBackends", "must be greater than 0"));
         }
+        let node_port_range =
+            parse_port_range(&self.node_port_range).map_err(|e| invalid("nodePortRange", e))?;
         Ok(Settings {
             cluster_cidrs,
             node_port_addresses,
@@ -315,6 +345,7 @@ impl Config {
             healthz_bind_address,
             metrics_bind_address,
             dns_listen,
+            node_port_range,
             raw: self,
         })
     }

@@ -294,6 +294,24 @@ fn node_port_from_outside_is_masqueraded_and_etp_local_keeps_the_client(b: &Back
         names(&got).contains_key("b1"),
         "node-local clients use all endpoints: {got:?}"
     );
+
+    // The node's own connection whose source port is a NodePort number: its replies carry
+    // that port as destination on a node address, and must not be taken for NodePort
+    // traffic.
+    let got =
+        c.sb.probe_from_cgroup(&["--tcp", "10.244.2.11:8080", "--bind", "172.30.0.10:30080"])
+            .unwrap();
+    assert!(
+        all_ok(&got) && names(&got).contains_key("b1"),
+        "node connection from source port 30080: {got:?}"
+    );
+    if b.name == "ebpf" {
+        // And ephemeral ports stay out of the NodePort range altogether.
+        let reserved =
+            c.sb.in_node(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+                .unwrap();
+        assert!(reserved.contains("30000-32767"), "{reserved:?}");
+    }
 }
 
 fn no_endpoints_refuses_fast_and_removed_backend_stops_receiving(b: &Backend) {
@@ -523,6 +541,13 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!c.sb.pin_dir.exists(), "pin directory left behind");
+    let reserved =
+        c.sb.in_node(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+            .unwrap();
+    assert!(
+        !reserved.contains("30000-32767"),
+        "cleanup must release the NodePort range it reserved: {reserved:?}"
+    );
     for flavor in ["iptables-legacy-save", "iptables-nft-save"] {
         let rules = c.sb.in_node(&[flavor]).unwrap_or_default();
         assert!(

@@ -64,6 +64,10 @@ pub const FE_SOURCE_RANGES: u32 = 1 << 0;
 /// Masquerade traffic that arrives through this key to the node address (external traffic
 /// under eTP=Cluster, traffic to ClusterIPs from outside the cluster, masqueradeAll).
 pub const FE_SNAT: u32 = 1 << 1;
+/// A NodePort: its address is the node's own, so replies to the node's own TCP connections
+/// from an ephemeral port in the NodePort range also match the key. Only a SYN starts a
+/// new flow through it.
+pub const FE_NODEPORT: u32 = 1 << 2;
 
 /// The backend runs on this node.
 pub const BE_LOCAL: u32 = 1 << 0;

@@ -25,6 +25,9 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     };
     let all = args.backend.is_none() || args.backend == Some(BackendChoice::Auto);
     if all || args.backend == Some(BackendChoice::Ebpf) {
+        if let Err(e) = crate::dataplane::ebpf::unreserve_ports(&cfg.bpf_pin_dir) {
+            eprintln!("ebpf: cannot release the reserved NodePort range: {e}");
+        }
         cleanup_pins(&cfg.bpf_pin_dir)?;
         println!("ebpf: removed pins under {}", cfg.bpf_pin_dir.display());
     }

@@ -182,6 +182,7 @@ impl BackendContext {
         let table = raw.maglev_table_size;
         Ok(ebpf::EbpfConfig {
             pin_dir: raw.bpf_pin_dir.clone(),
+            reserve_ports: self.settings.node_port_range,
             cgroup_path,
             interfaces: raw.interfaces.clone(),
             capacity: ebpf::writer::Capacity {
@@ -230,6 +231,9 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
         Arc::clone(&ctx.metrics),
     )?;
     // Switching from eBPF: detach its programs and drop its pinned maps.
+    if let Err(e) = ebpf::unreserve_ports(&s.raw.bpf_pin_dir) {
+        tracing::warn!(error = %e, "releasing the eBPF backend's reserved NodePort range");
+    }
     if let Err(e) = ebpf::cleanup_pins(&s.raw.bpf_pin_dir) {
         tracing::warn!(error = %e, "removing the eBPF backend's pins");
     }

@@ -4,6 +4,7 @@
 //!
 //! sy-probe [--cgroup DIR] [--netns NAME] (--tcp ADDR:PORT | --udp ADDR:PORT) [--count N]
 //!          [--timeout-ms MS] [--interval-ms MS] [--hold] [--sport PORT]
+//! With --bind ADDR:PORT every TCP connection is made from that local address and port.
 //! With --sport every UDP request comes from that source port (a DNS-style client whose
 //! flow the kernel's conntrack keeps), otherwise each request uses a fresh port.
 //! With --hold it keeps one TCP connection open, reading a request line from stdin for each
@@ -102,8 +103,19 @@ fn main() -> std::io::Result<()> {
             }
             return Ok(());
         }
+        let bind: Option<SocketAddr> = get("--bind").and_then(|b| b.parse().ok());
+        let connect = |addr: &SocketAddr| -> std::io::Result<TcpStream> {
+            let Some(local) = bind else {
+                return TcpStream::connect_timeout(addr, timeout);
+            };
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&local.into())?;
+            s.connect_timeout(&(*addr).into(), timeout)?;
+            Ok(s.into())
+        };
         for _ in 0..count {
-            let r = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+            let r = connect(&addr).and_then(|mut s| {
                 s.set_read_timeout(Some(timeout))?;
                 let peer = s.peer_addr()?;
                 if peer != addr {

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use switchyard_ebpf_common::{
-    BE_LOCAL, BackendValue, FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT,
+    BE_LOCAL, BackendValue, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key,
+    FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT,
 };
 use switchyard_model::{Backend, FrontendKind, Route, ServicePortKey, ServicePortState};
 
@@ -423,13 +423,18 @@ pub fn render_port(
         } else {
             FE_SNAT
         };
+        let nodeport = if f.kind == FrontendKind::NodePort {
+            FE_NODEPORT
+        } else {
+            0
+        };
         let int_val = FrontendValue {
             set_id: int_set,
-            flags: range_flag,
+            flags: range_flag | nodeport,
         };
         let ext_val = FrontendValue {
             set_id: ext_set,
-            flags: range_flag | ext_snat,
+            flags: range_flag | ext_snat | nodeport,
         };
         let port = f.port.to_be();
         match f.addr {
