@@ -291,7 +291,7 @@ impl Topo {
         std::fs::write(
             t.work.path().join("nginx.conf"),
             format!(
-                "worker_processes 1;\ndaemon on;\npid {w}/nginx.pid;\nerror_log {w}/nginx_error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 0;\n  client_body_temp_path {w}/cb; proxy_temp_path {w}/px; fastcgi_temp_path {w}/fc; uwsgi_temp_path {w}/uw; scgi_temp_path {w}/sc;\n  server {{ listen 8080 backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+                "worker_processes 1;\ndaemon on;\npid {w}/nginx.pid;\nerror_log {w}/nginx_error.log warn;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_timeout 0;\n  client_body_temp_path {w}/cb; proxy_temp_path {w}/px; fastcgi_temp_path {w}/fc; uwsgi_temp_path {w}/uw; scgi_temp_path {w}/sc;\n  server {{ listen 80 backlog=4096; listen 443 backlog=4096; listen 8080 backlog=4096; listen 9090 backlog=4096; listen 5432 backlog=4096; listen 6379 backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
             ),
         )?;
         sh(&[
@@ -315,7 +315,7 @@ impl Topo {
         std::fs::write(
             &cfg,
             format!(
-                "clusterCIDR: 10.128.0.0/9\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
+                "clusterCIDR: {CLUSTER_CIDR}\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
                 self.tag
             ),
         )?;
@@ -341,6 +341,15 @@ impl Topo {
             .spawn()?;
         self.daemon = Some(child);
         Ok(())
+    }
+
+    /// A shell command in the node namespace, best effort (teardown steps).
+    fn node_sh(&self, script: &str) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.node(), "sh", "-c", script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 
     fn stop_daemon(&mut self) {
@@ -437,64 +446,206 @@ fn wait_ok(t: &Topo, from_node: bool, url_addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The peers' cluster model (shared/peers/cluster_model.py): pod CIDR 10.0.0.0/8, so the
+/// client (10.1.0.2) is a pod and nothing is masqueraded, as in the peers' conn_rate.sh.
+const CLUSTER_CIDR: &str = "10.0.0.0/8";
+const PEER_PORTS: [(&str, u16); 6] = [
+    ("http", 80),
+    ("https", 443),
+    ("grpc", 8080),
+    ("metrics", 9090),
+    ("postgres", 5432),
+    ("redis", 6379),
+];
+
+/// Service `i` of the peers' model: (name, namespace, port name, port, ClusterIP, endpoints,
+/// nodePort).
+struct PeerService {
+    name: String,
+    ns: String,
+    port_name: &'static str,
+    port: u16,
+    vip: Ipv4Addr,
+    eps: Vec<Ipv4Addr>,
+    node_port: Option<u16>,
+}
+
+fn peer_service(i: u32, eps: u32) -> PeerService {
+    let (port_name, port) = PEER_PORTS[(i % 6) as usize];
+    PeerService {
+        name: format!("svc{i}"),
+        ns: format!("ns{}", i % 10),
+        port_name,
+        port,
+        vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 30, 0, 10)) + i),
+        eps: (0..eps)
+            .map(|j| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + i * eps + j))
+            .collect(),
+        #[allow(clippy::cast_possible_truncation)]
+        node_port: (i % 4 == 3).then(|| 30000 + (i / 4) as u16),
+    }
+}
+
+/// The same cluster as Service and EndpointSlice manifests, for Switchyard.
+fn peer_model_manifests(n: u32, eps: u32) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for i in 0..n {
+        let p = peer_service(i, eps);
+        let (ty, np) = match p.node_port {
+            Some(np) => ("NodePort", format!(", nodePort: {np}")),
+            None => ("ClusterIP", String::new()),
+        };
+        let _ = write!(
+            s,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{type: {ty}, clusterIP: {}, ports: [{{name: {}, port: {}, targetPort: {}{np}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {}-abcde, namespace: {}, labels: {{kubernetes.io/service-name: {}}}}}\naddressType: IPv4\nports: [{{name: {}, port: {}, protocol: TCP}}]\nendpoints:\n",
+            p.name,
+            p.ns,
+            p.vip,
+            p.port_name,
+            p.port,
+            p.port,
+            p.name,
+            p.ns,
+            p.name,
+            p.port_name,
+            p.port
+        );
+        for e in &p.eps {
+            let _ = writeln!(s, "- addresses: [{e}]");
+        }
+    }
+    s
+}
+
+/// One path measured in its own fresh topology (no TIME_WAIT or conntrack state carried over
+/// from another path: a backend's TIME_WAIT entries from one source would make another
+/// path's SYNs fail PAWS and retransmit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path_ {
+    Direct,
+    KubeProxyLegacy,
+    Ebpf,
+    IptablesLegacy,
+}
+
 fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     println!(
         "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one\n"
     );
+    println!(
+        "Each path runs in fresh namespaces on the peers' cluster model (pod CIDR 10.0.0.0/8, 10 endpoints per service). The kube-proxy row loads shared/peers/gen_iptables.py's rules into the node namespace.\n"
+    );
     println!("| path | N services | conn/s | p50 ms | p99 ms | conn/s vs direct | p99 vs direct |");
     println!("|---|---|---|---|---|---|---|");
+    let gen_iptables =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_iptables.py");
     for &n in sizes {
-        let last = n - 1;
-        let eps: Vec<Ipv4Addr> = (0..10).map(|e| synthetic::endpoint_ip(last, e)).collect();
-        let mut t = Topo::new(&format!("sybn{n}"), &eps)?;
-        let dir = t.work.path().join("manifests");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("cluster.yaml"), synthetic::manifests(n, 10))?;
-        let vip = synthetic::cluster_ip(last);
-        let direct_url = format!("http://{}:8080/", eps[0]);
-        let vip_url = format!("http://{vip}:80/");
-        // Baselines without switchyard running.
-        let d_cli = t.wrk(false, &direct_url, secs)?;
-        let d_node = t.wrk(true, &direct_url, secs)?;
-        t.start_daemon(&dir, "ebpf")?;
-        wait_ok(&t, false, &format!("{vip}:80"))?;
-        wait_ok(&t, true, &format!("{vip}:80"))?;
-        let _ = t.wrk(false, &vip_url, 1)?;
-        let tc = t.wrk(false, &vip_url, secs)?;
-        let slb = t.wrk(true, &vip_url, secs)?;
-        t.stop_daemon();
-        t.start_daemon(&dir, "iptables")?;
-        wait_ok(&t, false, &format!("{vip}:80"))?;
-        let ipt = t.wrk(false, &vip_url, secs)?;
-        t.stop_daemon();
-        let _ = sh(&[
-            "nsenter",
-            &format!("--net=/var/run/netns/{}", t.node()),
-            &bin("switchyard").to_string_lossy(),
-            "cleanup",
-            "--backend",
-            "iptables",
-        ]);
-        let row = |name: &str, r: (f64, f64, f64), base: (f64, f64, f64)| {
+        let last = peer_service(n - 1, 10);
+        let vip = format!("{}:{}", last.vip, last.port);
+        let vip_url = format!("http://{vip}/");
+        let direct_url = format!("http://{}:{}/", last.eps[0], last.port);
+        let manifests = peer_model_manifests(n, 10);
+        let mut rows: Vec<(String, (f64, f64, f64), bool)> = Vec::new();
+        for path in [
+            Path_::Direct,
+            Path_::KubeProxyLegacy,
+            Path_::Ebpf,
+            Path_::IptablesLegacy,
+        ] {
+            let mut t = Topo::new(&format!("sybn{n}"), &last.eps)?;
+            let dir = t.work.path().join("manifests");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("cluster.yaml"), &manifests)?;
+            match path {
+                Path_::Direct => {
+                    rows.push((
+                        "direct, client ns -> endpoint (routed)".into(),
+                        t.wrk(false, &direct_url, secs)?,
+                        false,
+                    ));
+                    rows.push((
+                        "direct, node ns -> endpoint".into(),
+                        t.wrk(true, &direct_url, secs)?,
+                        true,
+                    ));
+                }
+                Path_::KubeProxyLegacy => {
+                    if !gen_iptables.exists() {
+                        eprintln!("{} missing: no kube-proxy row", gen_iptables.display());
+                        continue;
+                    }
+                    let script = format!(
+                        "python3 {} {n} 10 | ip netns exec {} iptables-legacy-restore -w 5",
+                        gen_iptables.display(),
+                        t.node()
+                    );
+                    let out = Command::new("sh").args(["-c", &script]).output()?;
+                    if !out.status.success() {
+                        bail!(
+                            "loading the kube-proxy rules: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                    wait_ok(&t, false, &vip)?;
+                    let _ = t.wrk(false, &vip_url, 1)?;
+                    rows.push((
+                        "kube-proxy iptables-legacy rules (peer), client ns -> ClusterIP".into(),
+                        t.wrk(false, &vip_url, secs)?,
+                        false,
+                    ));
+                    t.node_sh("iptables-legacy -t nat -F; iptables-legacy -t nat -X; iptables-legacy -F; iptables-legacy -X");
+                }
+                Path_::Ebpf => {
+                    t.start_daemon(&dir, "ebpf")?;
+                    wait_ok(&t, false, &vip)?;
+                    wait_ok(&t, true, &vip)?;
+                    let _ = t.wrk(false, &vip_url, 1)?;
+                    rows.push((
+                        "Switchyard eBPF tc path, client ns -> ClusterIP".into(),
+                        t.wrk(false, &vip_url, secs)?,
+                        false,
+                    ));
+                    rows.push((
+                        "Switchyard eBPF socket LB, node ns -> ClusterIP".into(),
+                        t.wrk(true, &vip_url, secs)?,
+                        true,
+                    ));
+                }
+                Path_::IptablesLegacy => {
+                    t.start_daemon(&dir, "iptables")?;
+                    wait_ok(&t, false, &vip)?;
+                    let _ = t.wrk(false, &vip_url, 1)?;
+                    rows.push((
+                        "Switchyard iptables-legacy, client ns -> ClusterIP".into(),
+                        t.wrk(false, &vip_url, secs)?,
+                        false,
+                    ));
+                    t.stop_daemon();
+                    t.node_sh(&format!(
+                        "{} cleanup --backend iptables",
+                        bin("switchyard").display()
+                    ));
+                }
+            }
+            drop(t);
+        }
+        let base = |node: bool| {
+            rows.iter()
+                .find(|(name, _, from_node)| name.starts_with("direct") && *from_node == node)
+                .map_or((1.0, 1.0, 1.0), |r| r.1)
+        };
+        for (name, r, from_node) in &rows {
+            let b = base(*from_node);
             println!(
                 "| {name} | {n} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} |",
                 r.0,
                 r.1,
                 r.2,
-                r.0 / base.0,
-                r.2 / base.2
+                r.0 / b.0,
+                r.2 / b.2
             );
-        };
-        row("direct, client ns -> endpoint (routed)", d_cli, d_cli);
-        row("eBPF tc path, client ns -> ClusterIP", tc, d_cli);
-        row(
-            "Switchyard iptables-legacy, client ns -> ClusterIP",
-            ipt,
-            d_cli,
-        );
-        row("direct, node ns -> endpoint", d_node, d_node);
-        row("eBPF socket LB, node ns -> ClusterIP", slb, d_node);
-        drop(t);
+        }
     }
     Ok(())
 }
@@ -834,11 +985,13 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "iptables") {
         let quick = args.iter().any(|a| a == "--quick");
-        return iptables_sync_bench(if quick {
+        let sizes: &[u32] = if quick {
             &[1000]
         } else {
             &[1000, 5000, 10_000]
-        });
+        };
+        iptables_sync_bench(sizes)?;
+        return conn_bench(sizes, if quick { 3 } else { 8 });
     }
     if args.iter().any(|a| a == "dns") {
         let quick = args.iter().any(|a| a == "--quick");
@@ -849,12 +1002,22 @@ fn main() -> anyhow::Result<()> {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let services = if quick { 2000 } else { 10_000 };
-    maps_bench(services)?;
+    if !args.iter().any(|a| a == "conn") {
+        maps_bench(services)?;
+    }
     let sizes: Vec<u32> = if quick {
         vec![1, 1000]
     } else {
         vec![1, 1000, 10_000]
     };
+    if let Some(list) = args.iter().find_map(|a| a.strip_prefix("--sizes=")) {
+        let sizes: Vec<u32> = list
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("--sizes=N,N,...")?;
+        return conn_bench(&sizes, if quick { 3 } else { 8 });
+    }
     conn_bench(&sizes, if quick { 3 } else { 8 })?;
     Ok(())
 }

@@ -143,7 +143,7 @@ impl Rule {
         let _ = match &self.t {
             Target::Jump(c) => writeln!(out, " -j {c}"),
             Target::Dnat(a, p) => writeln!(out, " -j DNAT --to-destination {a}:{p}"),
-            Target::Masquerade => writeln!(out, " -j MASQUERADE"),
+            Target::Masquerade => writeln!(out, " -j MASQUERADE --random-fully"),
             Target::MarkOr(m) => writeln!(out, " -j MARK --or-mark {m:#x}"),
             Target::MarkXor(m) => writeln!(out, " -j MARK --xor-mark {m:#x}"),
             Target::Reject => writeln!(out, " -j REJECT"),
