@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use switchyard::dataplane::iptables::render::RenderConfig;
 use switchyard::dataplane::iptables::tracer::{Outcome, Packet, trace};
@@ -150,12 +150,12 @@ fn partial_sync_writes_only_the_changed_service_and_deletes_its_old_chains() {
 
 fn pkt(src: [u8; 4], dst: [u8; 4], proto: Protocol, dport: u16) -> Packet {
     Packet {
-        src: Ipv4Addr::from(src),
-        dst: Ipv4Addr::from(dst),
+        src: IpAddr::from(src),
+        dst: IpAddr::from(dst),
         proto,
         dport,
         src_local: false,
-        local: vec![Ipv4Addr::new(172, 30, 0, 10)],
+        local: vec![IpAddr::V4(Ipv4Addr::new(172, 30, 0, 10))],
     }
 }
 
@@ -169,7 +169,7 @@ fn packet_tracer_follows_kube_proxy_semantics() {
     let t = |p: &Packet| trace(&nat, &filter, cfg.masquerade_mark, cfg.drop_mark, p);
     let eps = |v: &[([u8; 4], u16)]| {
         v.iter()
-            .map(|(a, p)| (Ipv4Addr::from(*a), *p))
+            .map(|(a, p)| (IpAddr::from(*a), *p))
             .collect::<BTreeSet<_>>()
     };
 
@@ -246,6 +246,125 @@ fn packet_tracer_follows_kube_proxy_semantics() {
     assert_eq!(
         t(&pkt([10, 244, 3, 3], [10, 96, 0, 99], Protocol::Tcp, 80)),
         Outcome::Accept
+    );
+}
+
+const DUAL_STACK: &str = r"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 172.30.0.10}, {type: InternalIP, address: 'fd00:30::10'}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: t}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, 'fd00:96::10']
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-4, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-6, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ['fd00:244::5'], nodeName: node-a}
+";
+
+/// The IPv6 renderer writes ip6tables syntax for the IPv6 service ports only, and the
+/// IPv4 renderer ignores them.
+#[test]
+fn ipv6_rules_are_rendered_for_ip6tables() {
+    let e = engine(DUAL_STACK);
+    let cidrs = [
+        "10.244.0.0/16".parse().unwrap(),
+        "fd00:244::/64".parse().unwrap(),
+    ];
+    let mut v6 = IptablesDataplane::start_unprivileged(
+        Flavor::Nft,
+        RenderConfig::for_family(switchyard_model::IpFamily::IPv6, &cidrs, false, 14),
+    );
+    let input = v6.full_input(e.state(), &BTreeSet::new());
+    assert!(
+        input.contains("-d fd00:96::10/128 -p tcp -m tcp --dport 80"),
+        "{input}"
+    );
+    assert!(
+        input.contains("-j DNAT --to-destination [fd00:244::5]:8080"),
+        "{input}"
+    );
+    assert!(
+        input.contains("! -s fd00:244::/64 -j SY-MARK-MASQ"),
+        "{input}"
+    );
+    assert!(
+        input.contains("-s fd00:244::5/128 -j SY-MARK-MASQ"),
+        "hairpin: {input}"
+    );
+    for v4 in ["10.96.0.10", "10.244.1.5", "10.244.0.0"] {
+        assert!(!input.contains(v4), "IPv4 in the IPv6 rules: {input}");
+    }
+    let mut d4 = IptablesDataplane::start_unprivileged(
+        Flavor::Nft,
+        RenderConfig::for_family(switchyard_model::IpFamily::IPv4, &cidrs, false, 14),
+    );
+    let input4 = d4.full_input(e.state(), &BTreeSet::new());
+    assert!(
+        input4.contains("10.244.1.5:8080") && !input4.contains("fd00"),
+        "{input4}"
+    );
+
+    // The tracer agrees: an outside IPv6 client on the NodePort reaches the IPv6 endpoint,
+    // masqueraded; a pod is not.
+    let (nat, filter) = v6.rules();
+    let cfg = v6.config().clone();
+    let p = |src: &str| Packet {
+        src: src.parse().unwrap(),
+        dst: "fd00:30::10".parse().unwrap(),
+        proto: Protocol::Tcp,
+        dport: 30080,
+        src_local: false,
+        local: vec!["fd00:30::10".parse().unwrap()],
+    };
+    let ep = BTreeSet::from([("fd00:244::5".parse().unwrap(), 8080)]);
+    assert_eq!(
+        trace(
+            &nat,
+            &filter,
+            cfg.masquerade_mark,
+            cfg.drop_mark,
+            &p("2001:db8::1")
+        ),
+        Outcome::Dnat {
+            endpoints: ep.clone(),
+            masquerade: true
+        }
+    );
+    assert_eq!(
+        trace(
+            &nat,
+            &filter,
+            cfg.masquerade_mark,
+            cfg.drop_mark,
+            &p("fd00:244::9")
+        ),
+        Outcome::Dnat {
+            endpoints: ep,
+            masquerade: true
+        },
+        "NodePort traffic under eTP=Cluster is masqueraded whatever the source"
     );
 }
 

@@ -6,12 +6,15 @@
 //!                                          └─ child cgroup (socket LB)         HTTP + UDP server)
 //! ```
 //!
+//! Every link is dual-stack: the client is `fd00:30::2`, the node `fd00:30::10`, and a
+//! backend `10.244.a.b` is also `fd00:244::a:b` (routed via the node's `fe80::1`).
+//!
 //! Every namespace, cgroup, pin directory and process it creates is removed by `Drop`, also
 //! when a test fails.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +25,9 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 10);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 2);
 /// The node side of every backend veth (Calico-style point-to-point routing).
 const GATEWAY: &str = "169.254.1.1";
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x10);
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x2);
+const GATEWAY6: &str = "fe80::1";
 
 pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(cmd[0])
@@ -85,6 +91,25 @@ impl BackendSpec {
             ip,
         }
     }
+
+    /// The backend's IPv6 address: `10.244.a.b` is `fd00:244::a:b` (the octets read as hex
+    /// groups).
+    pub fn ip6(&self) -> Ipv6Addr {
+        let o = self.ip.octets();
+        let hex = |b: u8| u16::from_str_radix(&b.to_string(), 16).unwrap_or(0);
+        Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, hex(o[2]), hex(o[3]))
+    }
+}
+
+/// No duplicate address detection in a test namespace: addresses are usable at once.
+fn no_dad(ns: &str) -> anyhow::Result<()> {
+    for k in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", k])?;
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -131,6 +156,7 @@ impl Sandbox {
         for ns in [&node, &client] {
             sh(&["ip", "netns", "add", ns])?;
             sb.namespaces.push(ns.clone());
+            no_dad(ns)?;
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
         let (n0, c0) = (format!("{prefix}n"), format!("{prefix}c"));
@@ -149,6 +175,17 @@ impl Sandbox {
             "dev",
             "ext0",
         ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            "ext0",
+            "nodad",
+        ])?;
         sh(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
         sh(&[
             "ip",
@@ -160,7 +197,29 @@ impl Sandbox {
             "dev",
             "eth0",
         ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sh(&["ip", "-n", &client, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP6.to_string(),
+        ])?;
         sh(&[
             "ip",
             "-n",
@@ -194,8 +253,20 @@ impl Sandbox {
             "via",
             &CLIENT_IP.to_string(),
         ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &CLIENT_IP6.to_string(),
+        ])?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
         ] {
@@ -221,6 +292,7 @@ impl Sandbox {
         let ns = format!("{}-{}", self.prefix, b.name);
         sh(&["ip", "netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
+        no_dad(&ns)?;
         let host_if = format!("b{}", &b.name[..b.name.len().min(12)]);
         let tmp = format!("{}t{}", self.prefix, self.backends.len());
         sh(&[
@@ -255,6 +327,17 @@ impl Sandbox {
             "dev",
             &host_if,
         ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
         sh(&["ip", "-n", &node, "link", "set", &host_if, "up"])?;
         sh(&[
             "ip",
@@ -263,6 +346,17 @@ impl Sandbox {
             "route",
             "add",
             &format!("{}/32", b.ip),
+            "dev",
+            &host_if,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", b.ip6()),
             "dev",
             &host_if,
         ])?;
@@ -277,7 +371,21 @@ impl Sandbox {
             "dev",
             "eth0",
         ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/128", b.ip6()),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip", "-n", &ns, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+        ])?;
         sh(&[
             "ip", "-n", &ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
         ])?;
@@ -287,7 +395,9 @@ impl Sandbox {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(bin("sy-backend"))
-            .args(["--name", &b.name, "--tcp", "8080", "--udp", "9125"])
+            .args([
+                "--name", &b.name, "--bind", "[::]", "--tcp", "8080", "--udp", "9125",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

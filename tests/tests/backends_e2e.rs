@@ -548,7 +548,12 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
         !reserved.contains("30000-32767"),
         "cleanup must release the NodePort range it reserved: {reserved:?}"
     );
-    for flavor in ["iptables-legacy-save", "iptables-nft-save"] {
+    for flavor in [
+        "iptables-legacy-save",
+        "iptables-nft-save",
+        "ip6tables-legacy-save",
+        "ip6tables-nft-save",
+    ] {
         let rules = c.sb.in_node(&[flavor]).unwrap_or_default();
         assert!(
             !rules.contains("SY-"),
@@ -740,6 +745,73 @@ fn udp_client_keeping_its_port_follows_endpoint_changes(b: &Backend) {
     );
 }
 
+/// A dual-stack Service: both ClusterIPs from the node, and (where the backend has an IPv6
+/// per-packet path) the IPv6 NodePort from outside.
+fn dual_stack_service_serves_both_families(b: &Backend) {
+    let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ds, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.80\n  clusterIPs: [10.96.0.80, 'fd00:96::80']\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30160}\n  - {name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: 30161}\n";
+    let v6: Vec<String> = backends()
+        .iter()
+        .map(|s| {
+            let node = if s.name.starts_with('a') {
+                "node-a"
+            } else {
+                "node-b"
+            };
+            format!("- {{addresses: ['{}'], nodeName: {node}}}\n", s.ip6())
+        })
+        .collect();
+    let slice6 = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ds-6, namespace: t, labels: {{kubernetes.io/service-name: ds}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{}",
+        v6.concat()
+    );
+    let mut c = Cluster::start(b, 8, &format!("{svc}{}{slice6}", slice("ds", &ALL3)));
+    for target in ["10.96.0.80:80", "[fd00:96::80]:80"] {
+        let got = c.until(
+            &format!("node -> {target}"),
+            Duration::from_secs(20),
+            |sb| {
+                sb.probe_from_cgroup(&["--tcp", target, "--count", "20"])
+                    .unwrap()
+            },
+            all_ok,
+        );
+        assert!(names(&got).len() >= 2, "{target}: {got:?}");
+    }
+    c.until(
+        "node -> IPv6 ClusterIP, UDP",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_cgroup(&["--udp", "[fd00:96::80]:53", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    if b.name == "ebpf" {
+        // The eBPF per-packet (tc) path is IPv4 only: IPv6 traffic from outside the node is
+        // not translated by this backend.
+        return;
+    }
+    let got = c.until(
+        "client -> IPv6 NodePort",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "[fd00:30::10]:30160", "--count", "20"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(names(&got).len() >= 2, "{got:?}");
+    c.until(
+        "client -> IPv6 NodePort, UDP",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--udp", "[fd00:30::10]:30161", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+}
+
 /// The same scenarios against every backend this kernel has.
 macro_rules! suite {
     ($($m:ident => $b:expr),* $(,)?) => {$(
@@ -759,6 +831,8 @@ macro_rules! suite {
             fn pods_source_ranges_new_links() { super::pods_source_ranges_and_new_interfaces_and_addresses(&$b) }
             #[test]
             fn udp_stale_flows() { super::udp_client_keeping_its_port_follows_endpoint_changes(&$b) }
+            #[test]
+            fn dual_stack() { super::dual_stack_service_serves_both_families(&$b) }
         }
     )*};
 }

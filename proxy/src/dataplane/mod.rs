@@ -225,11 +225,14 @@ fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError
 fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
     let (flavor, why) = iptables::detect(&ctx.settings.raw.iptables_mode)?;
     let s = &ctx.settings;
-    let dp = iptables::IptablesDataplane::start(
+    let dp = iptables::IptablesBackend::start(
         flavor,
-        iptables::render::RenderConfig::new(&s.cluster_cidrs, s.masquerade_all, s.masquerade_bit),
+        &s.cluster_cidrs,
+        s.masquerade_all,
+        s.masquerade_bit,
         Arc::clone(&ctx.metrics),
     )?;
+    let families: Vec<String> = dp.families().map(|f| format!("{f:?}")).collect();
     // Switching from eBPF: detach its programs and drop its pinned maps.
     if let Err(e) = ebpf::unreserve_ports(&s.raw.bpf_pin_dir) {
         tracing::warn!(error = %e, "releasing the eBPF backend's reserved NodePort range");
@@ -246,7 +249,10 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     if let Err(e) = iptables::cleanup_flavor(other) {
         tracing::warn!(error = %e, "removing the other iptables flavor's rules");
     }
-    Ok((Box::new(dp), format!("{} ({why})", flavor.name())))
+    Ok((
+        Box::new(dp),
+        format!("{} ({why}; {})", flavor.name(), families.join("+")),
+    ))
 }
 
 /// Build the chosen backend, with the reason it was chosen.

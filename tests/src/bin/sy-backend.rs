@@ -1,6 +1,7 @@
 //! A backend for end-to-end tests: answers HTTP on TCP and datagrams on UDP with its name and
 //! the client address it saw (`NAME CLIENT_IP`), so tests can tell which backend answered and
-//! whether the client address was kept.
+//! whether the client address was kept. `--bind [::]` serves both families (IPv4 clients are
+//! reported by their IPv4 address).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -21,7 +22,10 @@ fn main() -> std::io::Result<()> {
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((_, peer)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(format!("{name} {}\n", peer.ip()).as_bytes(), peer);
+                let _ = sock.send_to(
+                    format!("{name} {}\n", peer.ip().to_canonical()).as_bytes(),
+                    peer,
+                );
             }
         });
     }
@@ -49,7 +53,8 @@ fn main() -> std::io::Result<()> {
                     pending.drain(..end + 4);
                     let body = format!(
                         "{name} {}\n",
-                        peer.map(|p| p.ip().to_string()).unwrap_or_default()
+                        peer.map(|p| p.ip().to_canonical().to_string())
+                            .unwrap_or_default()
                     );
                     let close = req.to_ascii_lowercase().contains("connection: close");
                     let resp = format!(

@@ -529,6 +529,33 @@ enum Path_ {
     IptablesLegacy,
 }
 
+/// Wait (at most `max`) until the machine is about idle (under 10% busy over a second), so a
+/// daemon's start-up syncs are over before a measurement, as the peers' conn_rate.sh does.
+fn wait_idle(max: Duration) {
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let idle = v.get(3)? + v.get(4)?;
+        Some((v.iter().sum::<u64>() - idle, idle))
+    };
+    let start = Instant::now();
+    while start.elapsed() < max {
+        let Some((b0, i0)) = sample() else { return };
+        std::thread::sleep(Duration::from_secs(1));
+        let Some((b1, i1)) = sample() else { return };
+        let (busy, idle) = (b1 - b0, i1 - i0);
+        if busy * 10 < busy + idle {
+            return;
+        }
+    }
+}
+
 fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     println!(
         "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one\n"
@@ -553,6 +580,7 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
             Path_::Ebpf,
             Path_::IptablesLegacy,
         ] {
+            wait_idle(Duration::from_mins(2));
             let mut t = Topo::new(&format!("sybn{n}"), &last.eps)?;
             let dir = t.work.path().join("manifests");
             std::fs::create_dir_all(&dir)?;
@@ -588,6 +616,7 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
                         );
                     }
                     wait_ok(&t, false, &vip)?;
+                    wait_idle(Duration::from_mins(2));
                     let _ = t.wrk(false, &vip_url, 1)?;
                     rows.push((
                         "kube-proxy iptables-legacy rules (peer), client ns -> ClusterIP".into(),
@@ -600,6 +629,7 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
                     t.start_daemon(&dir, "ebpf")?;
                     wait_ok(&t, false, &vip)?;
                     wait_ok(&t, true, &vip)?;
+                    wait_idle(Duration::from_mins(2));
                     let _ = t.wrk(false, &vip_url, 1)?;
                     rows.push((
                         "Switchyard eBPF tc path, client ns -> ClusterIP".into(),
@@ -615,6 +645,7 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
                 Path_::IptablesLegacy => {
                     t.start_daemon(&dir, "iptables")?;
                     wait_ok(&t, false, &vip)?;
+                    wait_idle(Duration::from_mins(2));
                     let _ = t.wrk(false, &vip_url, 1)?;
                     rows.push((
                         "Switchyard iptables-legacy, client ns -> ClusterIP".into(),
@@ -947,7 +978,6 @@ fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
                     let mut dp = IptablesDataplane::start(
                         flavor,
                         RenderConfig::new(&["10.128.0.0/9".parse()?], false, 14),
-                        std::sync::Arc::default(),
                     )
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                     let t = Instant::now();

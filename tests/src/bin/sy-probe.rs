@@ -108,7 +108,11 @@ fn main() -> std::io::Result<()> {
             let Some(local) = bind else {
                 return TcpStream::connect_timeout(addr, timeout);
             };
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(*addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
             s.set_reuse_address(true)?;
             s.bind(&local.into())?;
             s.connect_timeout(&(*addr).into(), timeout)?;
@@ -138,7 +142,8 @@ fn main() -> std::io::Result<()> {
             .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
         let sport: u16 = get("--sport").and_then(|p| p.parse().ok()).unwrap_or(0);
         for _ in 0..count {
-            let r = UdpSocket::bind(("0.0.0.0", sport)).and_then(|s| {
+            let any = if addr.is_ipv6() { "::" } else { "0.0.0.0" };
+            let r = UdpSocket::bind((any, sport)).and_then(|s| {
                 s.set_read_timeout(Some(timeout))?;
                 // Connected, so an ICMP port unreachable surfaces as ECONNREFUSED.
                 s.connect(addr)?;

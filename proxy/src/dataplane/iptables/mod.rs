@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use switchyard_model::{ChangeSet, DesiredState, ServicePortKey, ServicePortState};
+use switchyard_model::{ChangeSet, DesiredState, IpFamily, ServicePortKey, ServicePortState};
 
 use self::render::{FILTER, NODEPORTS, PortRules, RenderConfig, Rule, SERVICES};
 use super::Dataplane;
@@ -33,11 +33,18 @@ impl Flavor {
             Flavor::Nft => "iptables-nft",
         }
     }
-    fn restore(self) -> String {
-        format!("{}-restore", self.name())
+    /// The command for one family: `iptables-legacy`, `ip6tables-nft`, ...
+    pub fn cmd(self, family: IpFamily) -> String {
+        match family {
+            IpFamily::IPv4 => self.name().to_string(),
+            IpFamily::IPv6 => self.name().replacen("iptables", "ip6tables", 1),
+        }
     }
-    fn save(self) -> String {
-        format!("{}-save", self.name())
+    fn restore(self, family: IpFamily) -> String {
+        format!("{}-restore", self.cmd(family))
+    }
+    fn save(self, family: IpFamily) -> String {
+        format!("{}-save", self.cmd(family))
     }
 }
 
@@ -56,8 +63,8 @@ fn failed(reason: impl Into<String>) -> DataplaneError {
     }
 }
 
-fn save(flavor: Flavor) -> Option<String> {
-    let out = Command::new(flavor.save()).output().ok()?;
+fn save(flavor: Flavor, family: IpFamily) -> Option<String> {
+    let out = Command::new(flavor.save(family)).output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -70,7 +77,7 @@ fn rule_count(text: &str) -> usize {
 /// Pick the flavor: as configured, or (auto) the one already holding more rules on this node,
 /// like kube-proxy; nft when neither has any.
 pub fn detect(mode: &str) -> Result<(Flavor, String), DataplaneError> {
-    let usable = |f: Flavor| save(f).is_some();
+    let usable = |f: Flavor| save(f, IpFamily::IPv4).is_some();
     match mode {
         "legacy" | "nft" => {
             let f = if mode == "legacy" {
@@ -83,13 +90,13 @@ pub fn detect(mode: &str) -> Result<(Flavor, String), DataplaneError> {
             } else {
                 Err(unavailable(format!(
                     "{} is missing or not permitted (needs root and the iptables package)",
-                    f.save()
+                    f.save(IpFamily::IPv4)
                 )))
             }
         }
         _ => {
-            let legacy = save(Flavor::Legacy).map(|t| rule_count(&t));
-            let nft = save(Flavor::Nft).map(|t| rule_count(&t));
+            let legacy = save(Flavor::Legacy, IpFamily::IPv4).map(|t| rule_count(&t));
+            let nft = save(Flavor::Nft, IpFamily::IPv4).map(|t| rule_count(&t));
             match (legacy, nft) {
                 (None, None) => Err(unavailable(
                     "neither iptables-legacy nor iptables-nft works here (needs root and the iptables package)",
@@ -106,67 +113,116 @@ pub fn detect(mode: &str) -> Result<(Flavor, String), DataplaneError> {
     }
 }
 
-fn restore(flavor: Flavor, input: &str) -> Result<(), DataplaneError> {
-    let mut child = Command::new(flavor.restore())
+fn restore(flavor: Flavor, family: IpFamily, input: &str) -> Result<(), DataplaneError> {
+    let cmd = flavor.restore(family);
+    let mut child = Command::new(&cmd)
         .args(["--noflush", "--wait"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| failed(format!("running {}: {e}", flavor.restore())))?;
+        .map_err(|e| failed(format!("running {cmd}: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input.as_bytes())
-            .map_err(|e| failed(format!("writing to {}: {e}", flavor.restore())))?;
+            .map_err(|e| failed(format!("writing to {cmd}: {e}")))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| failed(format!("{}: {e}", flavor.restore())))?;
+        .map_err(|e| failed(format!("{cmd}: {e}")))?;
     if !out.status.success() {
         return Err(failed(format!(
-            "{} failed: {}",
-            flavor.restore(),
+            "{cmd} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
     Ok(())
 }
 
-/// Our chains currently in the kernel, per table.
-fn our_chains(flavor: Flavor) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut nat = BTreeSet::new();
-    let mut filter = BTreeSet::new();
-    let Some(text) = save(flavor) else {
-        return (nat, filter);
-    };
-    let mut table = "";
+/// What of ours is in the kernel now, from one `*-save`.
+#[derive(Debug, Default)]
+struct Existing {
+    nat: BTreeSet<String>,
+    filter: BTreeSet<String>,
+    /// The jumps from built-in chains, as (table, "-A CHAIN spec") lines.
+    jumps: BTreeSet<(String, String)>,
+}
+
+fn existing(flavor: Flavor, family: IpFamily) -> Existing {
+    save(flavor, family).map_or_else(Existing::default, |t| parse_existing(&t))
+}
+
+fn parse_existing(text: &str) -> Existing {
+    let mut e = Existing::default();
+    let mut table = String::new();
     for l in text.lines() {
         if let Some(t) = l.strip_prefix('*') {
-            table = if t == "nat" {
-                "nat"
-            } else if t == "filter" {
-                "filter"
-            } else {
-                ""
-            };
+            table = t.to_string();
         } else if let Some(c) = l.strip_prefix(":SY-") {
             let name = format!("SY-{}", c.split_whitespace().next().unwrap_or(""));
-            match table {
+            match table.as_str() {
                 "nat" => {
-                    nat.insert(name);
+                    e.nat.insert(name);
                 }
                 "filter" => {
-                    filter.insert(name);
+                    e.filter.insert(name);
                 }
                 _ => {}
             }
+        } else if l.starts_with("-A ") && l.contains(" -j SY-") && !l.starts_with("-A SY-") {
+            e.jumps.insert((table.clone(), l.to_string()));
         }
     }
-    (nat, filter)
+    e
 }
 
-fn iptables(flavor: Flavor, args: &[&str]) -> bool {
-    Command::new(flavor.name())
+/// Our chains currently in the kernel, per table.
+fn our_chains(flavor: Flavor, family: IpFamily) -> (BTreeSet<String>, BTreeSet<String>) {
+    let e = existing(flavor, family);
+    (e.nat, e.filter)
+}
+
+/// The hook rules missing from `e`, as `-I` lines for the restore input, per table.
+fn missing_hooks(e: &Existing) -> Vec<(&'static str, String)> {
+    render::hooks()
+        .into_iter()
+        .filter(|(table, chain, spec)| {
+            !e.jumps.contains(&(
+                (*table).to_string(),
+                format!("-A {chain} {}", spec.join(" ")),
+            ))
+        })
+        .map(|(table, chain, spec)| (table, format!("-I {chain} 1 {}", spec.join(" "))))
+        .collect()
+}
+
+/// Put `lines` at the end of their table's section of a restore input.
+fn insert_in_tables(input: &str, lines: &[(&'static str, String)]) -> String {
+    if lines.is_empty() {
+        return input.to_string();
+    }
+    let mut out = String::with_capacity(input.len() + lines.len() * 40);
+    let mut table = "";
+    for l in input.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = if t == "nat" { "nat" } else { "filter" };
+        }
+        if l == "COMMIT" {
+            for (t, add) in lines {
+                if *t == table {
+                    out.push_str(add);
+                    out.push('\n');
+                }
+            }
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+fn iptables(flavor: Flavor, family: IpFamily, args: &[&str]) -> bool {
+    Command::new(flavor.cmd(family))
         .args(["-w"])
         .args(args)
         .stdout(Stdio::null())
@@ -175,35 +231,23 @@ fn iptables(flavor: Flavor, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn ensure_hooks(flavor: Flavor) -> Result<(), DataplaneError> {
-    for (table, chain, spec) in render::hooks() {
-        let mut check = vec!["-t", table, "-C", chain];
-        check.extend(&spec);
-        if !iptables(flavor, &check) {
-            let mut add = vec!["-t", table, "-I", chain, "1"];
-            add.extend(&spec);
-            if !iptables(flavor, &add) {
-                return Err(failed(format!(
-                    "cannot hook {table}/{chain} -> {}",
-                    spec.join(" ")
-                )));
-            }
-        }
-    }
-    Ok(())
+/// Remove every hook and chain of ours from one flavor, both families (a no-op when there
+/// are none).
+pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
+    cleanup_family(flavor, IpFamily::IPv4)?;
+    cleanup_family(flavor, IpFamily::IPv6)
 }
 
-/// Remove every hook and chain of ours from one flavor (a no-op when there are none).
-pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
-    if save(flavor).is_none() {
+fn cleanup_family(flavor: Flavor, family: IpFamily) -> Result<(), DataplaneError> {
+    if save(flavor, family).is_none() {
         return Ok(());
     }
     for (table, chain, spec) in render::hooks() {
         let mut del = vec!["-t", table, "-D", chain];
         del.extend(&spec);
-        while iptables(flavor, &del) {}
+        while iptables(flavor, family, &del) {}
     }
-    let (nat, filter) = our_chains(flavor);
+    let (nat, filter) = our_chains(flavor, family);
     if nat.is_empty() && filter.is_empty() {
         return Ok(());
     }
@@ -222,7 +266,7 @@ pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
         input.push_str(&format!("-X {c}\n"));
     }
     input.push_str("COMMIT\n");
-    restore(flavor, &input)
+    restore(flavor, family, &input)
 }
 
 /// Remove our state from both flavors.
@@ -231,13 +275,12 @@ pub fn cleanup_all() -> Result<(), DataplaneError> {
     cleanup_flavor(Flavor::Nft)
 }
 
+/// The rules of one family (iptables or ip6tables).
 #[derive(Debug)]
 pub struct IptablesDataplane {
     pub flavor: Flavor,
     cfg: RenderConfig,
     ports: BTreeMap<ServicePortKey, PortRules>,
-    states: BTreeMap<ServicePortKey, std::sync::Arc<ServicePortState>>,
-    conntrack: StaleUdp,
 }
 
 impl IptablesDataplane {
@@ -247,26 +290,29 @@ impl IptablesDataplane {
             flavor,
             cfg,
             ports: BTreeMap::new(),
-            states: BTreeMap::new(),
-            conntrack: StaleUdp::default(),
         }
     }
 
-    pub fn start(
-        flavor: Flavor,
-        cfg: RenderConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<IptablesDataplane, DataplaneError> {
+    pub fn start(flavor: Flavor, cfg: RenderConfig) -> Result<IptablesDataplane, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(unavailable("needs root (CAP_NET_ADMIN)"));
+        }
+        let family = cfg.family;
+        if save(flavor, family).is_none() {
+            return Err(unavailable(format!(
+                "{} is missing or not permitted",
+                flavor.save(family)
+            )));
         }
         Ok(IptablesDataplane {
             flavor,
             cfg,
             ports: BTreeMap::new(),
-            states: BTreeMap::new(),
-            conntrack: StaleUdp::new(metrics),
         })
+    }
+
+    fn mine(&self, key: &ServicePortKey) -> bool {
+        key.family == self.cfg.family
     }
 
     fn nat_chains(&self, which: impl Fn(&ServicePortKey) -> bool) -> BTreeMap<String, Vec<Rule>> {
@@ -289,11 +335,17 @@ impl IptablesDataplane {
 
     /// The restore input a full sync writes (for golden tests).
     pub fn full_input(&mut self, state: &DesiredState, stale: &BTreeSet<String>) -> String {
+        let endpoints: usize = state
+            .values()
+            .filter(|s| self.mine(&s.key))
+            .map(|s| s.cluster_backends.len().max(s.local_backends.len()))
+            .sum();
+        self.cfg.endpoint_comments = endpoints <= render::LARGE_CLUSTER_ENDPOINTS;
         self.ports = state
             .values()
+            .filter(|s| self.mine(&s.key))
             .map(|s| (s.key.clone(), render::render_port(&self.cfg, s)))
             .collect();
-        self.states = state.ports.clone();
         let nat = self.nat_chains(|_| true);
         let delete: BTreeSet<String> = stale
             .iter()
@@ -306,18 +358,19 @@ impl IptablesDataplane {
     /// The restore input for a ChangeSet (for golden tests): dispatch chains plus the chains
     /// of changed ports, and deletions of chains that went away.
     pub fn partial_input(&mut self, changes: &ChangeSet) -> String {
+        let family = self.cfg.family;
         let mut touched = BTreeSet::new();
         let mut gone = BTreeSet::new();
         for r in &changes.removed {
             if let Some(old) = self.ports.remove(&r.key) {
                 gone.extend(old.chains.into_keys());
             }
-            self.states.remove(&r.key);
         }
         for s in changes
             .added
             .iter()
             .chain(changes.changed.iter().map(|c| &c.new))
+            .filter(|s| s.key.family == family)
         {
             let new = render::render_port(&self.cfg, s);
             if let Some(old) = self.ports.get(&s.key) {
@@ -329,7 +382,6 @@ impl IptablesDataplane {
                 );
             }
             self.ports.insert(s.key.clone(), new);
-            self.states.insert(s.key.clone(), std::sync::Arc::clone(s));
             touched.insert(s.key.clone());
         }
         let nat = self.nat_chains(|k| touched.contains(k));
@@ -351,9 +403,77 @@ impl Dataplane for IptablesDataplane {
         "iptables"
     }
 
-    fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
+    fn apply(&mut self, changes: &ChangeSet, _state: &DesiredState) -> Result<(), DataplaneError> {
+        let mine = |s: &&Arc<ServicePortState>| s.key.family == self.cfg.family;
+        if !(changes.added.iter().any(|s| mine(&s))
+            || changes.removed.iter().any(|s| mine(&s))
+            || changes.changed.iter().any(|c| mine(&&c.new)))
+        {
+            return Ok(());
+        }
         let input = self.partial_input(changes);
-        restore(self.flavor, &input)?;
+        restore(self.flavor, self.cfg.family, &input)
+    }
+
+    /// One save (our chains and hooks as the kernel has them), one restore: stale chains
+    /// deleted and missing hooks inserted in the same transaction, so no extra `iptables`
+    /// call has to load a large ruleset again.
+    fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
+        let e = existing(self.flavor, self.cfg.family);
+        let input = self.full_input(state, &e.nat);
+        let input = insert_in_tables(&input, &missing_hooks(&e));
+        restore(self.flavor, self.cfg.family, &input)
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        cleanup_family(self.flavor, self.cfg.family)
+    }
+}
+
+/// The iptables backend: IPv4 rules, IPv6 rules when ip6tables works here (as kube-proxy
+/// runs one proxier per family), and the stale-UDP conntrack cleanup for both.
+#[derive(Debug)]
+pub struct IptablesBackend {
+    families: Vec<IptablesDataplane>,
+    conntrack: StaleUdp,
+}
+
+impl IptablesBackend {
+    /// IPv4 must work; IPv6 is added when `ip6tables` of the same flavor works (else its
+    /// service ports are left unprogrammed, with a warning).
+    pub fn start(
+        flavor: Flavor,
+        cluster_cidrs: &[ipnet::IpNet],
+        masquerade_all: bool,
+        masquerade_bit: u8,
+        metrics: Arc<Metrics>,
+    ) -> Result<IptablesBackend, DataplaneError> {
+        let cfg = |f| RenderConfig::for_family(f, cluster_cidrs, masquerade_all, masquerade_bit);
+        let mut families = vec![IptablesDataplane::start(flavor, cfg(IpFamily::IPv4))?];
+        match IptablesDataplane::start(flavor, cfg(IpFamily::IPv6)) {
+            Ok(dp) => families.push(dp),
+            Err(e) => tracing::warn!(error = %e, "IPv6 service ports will not be programmed"),
+        }
+        Ok(IptablesBackend {
+            families,
+            conntrack: StaleUdp::new(metrics),
+        })
+    }
+
+    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
+        self.families.iter().map(|f| f.cfg.family)
+    }
+}
+
+impl Dataplane for IptablesBackend {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
+        for f in &mut self.families {
+            f.apply(changes, state)?;
+        }
         if touches_udp(changes) {
             let mut udp = UdpServices::from_state(state);
             for r in &changes.removed {
@@ -365,15 +485,50 @@ impl Dataplane for IptablesDataplane {
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
-        let (stale_nat, _) = our_chains(self.flavor);
-        let input = self.full_input(state, &stale_nat);
-        restore(self.flavor, &input)?;
-        ensure_hooks(self.flavor)?;
+        for f in &mut self.families {
+            f.full_sync(state)?;
+        }
         self.conntrack.clear(&UdpServices::from_state(state));
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        cleanup_flavor(self.flavor)
+        cleanup_flavor(self.families[0].flavor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVED: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:SY-SERVICES - [0:0]\n:SY-SVC-1 - [0:0]\n-A PREROUTING -j SY-SERVICES\n-A SY-SERVICES -d 10.96.0.1/32 -j SY-SVC-1\nCOMMIT\n*filter\n:SY-FILTER - [0:0]\n-A INPUT -j SY-FILTER\nCOMMIT\n";
+
+    #[test]
+    fn a_full_sync_inserts_only_the_missing_hooks_in_its_one_restore() {
+        let e = parse_existing(SAVED);
+        assert_eq!(
+            e.nat,
+            BTreeSet::from(["SY-SERVICES".into(), "SY-SVC-1".into()])
+        );
+        assert_eq!(e.filter, BTreeSet::from(["SY-FILTER".into()]));
+        let missing = missing_hooks(&e);
+        let lines: Vec<String> = missing.iter().map(|(t, l)| format!("{t} {l}")).collect();
+        assert_eq!(
+            lines,
+            [
+                "nat -I OUTPUT 1 -j SY-SERVICES",
+                "nat -I POSTROUTING 1 -j SY-POSTROUTING",
+                "filter -I FORWARD 1 -j SY-FILTER",
+                "filter -I OUTPUT 1 -j SY-FILTER",
+            ]
+        );
+        let input = "*nat\n:SY-SERVICES - [0:0]\nCOMMIT\n*filter\n:SY-FILTER - [0:0]\nCOMMIT\n";
+        assert_eq!(
+            insert_in_tables(input, &missing),
+            "*nat\n:SY-SERVICES - [0:0]\n-I OUTPUT 1 -j SY-SERVICES\n-I POSTROUTING 1 -j SY-POSTROUTING\nCOMMIT\n*filter\n:SY-FILTER - [0:0]\n-I FORWARD 1 -j SY-FILTER\n-I OUTPUT 1 -j SY-FILTER\nCOMMIT\n"
+        );
+        // All hooks present: nothing to add.
+        let all = "*nat\n-A PREROUTING -j SY-SERVICES\n-A OUTPUT -j SY-SERVICES\n-A POSTROUTING -j SY-POSTROUTING\nCOMMIT\n*filter\n-A INPUT -j SY-FILTER\n-A FORWARD -j SY-FILTER\n-A OUTPUT -j SY-FILTER\nCOMMIT\n";
+        assert!(missing_hooks(&parse_existing(all)).is_empty());
     }
 }

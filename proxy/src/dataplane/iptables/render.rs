@@ -1,6 +1,7 @@
 //! The pure half of the iptables backend: the desired state as kube-proxy-shaped chains under
 //! the `SY-` prefix, as typed rules (the packet tracer walks these) rendered to one
-//! `iptables-restore` input. IPv4 only (ip6tables would take the same rules for IPv6 ports).
+//! `iptables-restore` input. One family per renderer: the IPv6 rules are the same shape and
+//! go to `ip6tables-restore`.
 //!
 //! ```text
 //! nat  PREROUTING/OUTPUT -> SY-SERVICES: ClusterIP -> SY-SVC-x (or SY-SVL-x under iTP=Local)
@@ -14,9 +15,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use switchyard_model::{
     Backend, FrontendKind, IpFamily, Protocol, Route, ServicePortKey, ServicePortState,
 };
@@ -30,34 +31,71 @@ pub const FILTER: &str = "SY-FILTER";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderConfig {
-    pub cluster_cidrs: Vec<Ipv4Net>,
+    /// The family these rules are for (iptables or ip6tables).
+    pub family: IpFamily,
+    /// The cluster CIDRs of that family.
+    pub cluster_cidrs: Vec<IpNet>,
     pub masquerade_all: bool,
     pub masquerade_mark: u32,
     pub drop_mark: u32,
+    /// Name the endpoint on each endpoint jump. Off for large clusters (over
+    /// `LARGE_CLUSTER_ENDPOINTS` endpoints), as kube-proxy does: comments make up much of
+    /// the restore input and slow the kernel update.
+    pub endpoint_comments: bool,
+}
+
+/// kube-proxy's `largeClusterEndpointsThreshold`.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+fn family_of(a: &IpAddr) -> IpFamily {
+    if a.is_ipv4() {
+        IpFamily::IPv4
+    } else {
+        IpFamily::IPv6
+    }
 }
 
 impl RenderConfig {
+    /// IPv4 rules.
     pub fn new(cluster_cidrs: &[IpNet], masquerade_all: bool, masquerade_bit: u8) -> RenderConfig {
+        Self::for_family(
+            IpFamily::IPv4,
+            cluster_cidrs,
+            masquerade_all,
+            masquerade_bit,
+        )
+    }
+
+    pub fn for_family(
+        family: IpFamily,
+        cluster_cidrs: &[IpNet],
+        masquerade_all: bool,
+        masquerade_bit: u8,
+    ) -> RenderConfig {
         RenderConfig {
+            family,
             cluster_cidrs: cluster_cidrs
                 .iter()
-                .filter_map(|c| match c {
-                    IpNet::V4(n) => Some(*n),
-                    IpNet::V6(_) => None,
-                })
+                .filter(|c| family_of(&c.addr()) == family)
+                .copied()
                 .collect(),
             masquerade_all,
             masquerade_mark: 1 << masquerade_bit,
             drop_mark: 1 << (masquerade_bit + 1).min(31),
+            endpoint_comments: true,
         }
+    }
+
+    fn ours(&self, a: &IpAddr) -> Option<IpAddr> {
+        (family_of(a) == self.family).then_some(*a)
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Match {
-    Src(Ipv4Net),
-    NotSrc(Ipv4Net),
-    Dst(Ipv4Addr),
+    Src(IpNet),
+    NotSrc(IpNet),
+    Dst(IpAddr),
     Proto(Protocol),
     DPort(u16),
     DstLocal,
@@ -73,7 +111,7 @@ pub enum Match {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     Jump(String),
-    Dnat(Ipv4Addr, u16),
+    Dnat(IpAddr, u16),
     Masquerade,
     MarkOr(u32),
     MarkXor(u32),
@@ -116,7 +154,7 @@ impl Rule {
             let _ = match m {
                 Match::Src(n) => write!(out, " -s {n}"),
                 Match::NotSrc(n) => write!(out, " ! -s {n}"),
-                Match::Dst(a) => write!(out, " -d {a}/32"),
+                Match::Dst(a) => write!(out, " -d {}", IpNet::from(*a)),
                 Match::Proto(p) => write!(out, " -p {}", p.as_str().to_ascii_lowercase()),
                 Match::DPort(p) => write!(
                     out,
@@ -142,7 +180,11 @@ impl Rule {
         }
         let _ = match &self.t {
             Target::Jump(c) => writeln!(out, " -j {c}"),
-            Target::Dnat(a, p) => writeln!(out, " -j DNAT --to-destination {a}:{p}"),
+            Target::Dnat(a, p) => writeln!(
+                out,
+                " -j DNAT --to-destination {}",
+                std::net::SocketAddr::new(*a, *p)
+            ),
             Target::Masquerade => writeln!(out, " -j MASQUERADE --random-fully"),
             Target::MarkOr(m) => writeln!(out, " -j MARK --or-mark {m:#x}"),
             Target::MarkXor(m) => writeln!(out, " -j MARK --xor-mark {m:#x}"),
@@ -181,13 +223,6 @@ pub struct PortRules {
     pub filter: Vec<Rule>,
 }
 
-fn v4(a: &IpAddr) -> Option<Ipv4Addr> {
-    match a {
-        IpAddr::V4(v) => Some(*v),
-        IpAddr::V6(_) => None,
-    }
-}
-
 fn endpoints_chain(
     cfg: &RenderConfig,
     s: &ServicePortState,
@@ -209,9 +244,9 @@ fn endpoints_chain(
             }
         }
     }
-    let eps: Vec<(&Backend, String, Ipv4Addr)> = backends
+    let eps: Vec<(&Backend, String, IpAddr)> = backends
         .iter()
-        .filter_map(|b| v4(&b.addr).map(|a| (b, sep_chain(&s.key, b), a)))
+        .filter_map(|b| cfg.ours(&b.addr).map(|a| (b, sep_chain(&s.key, b), a)))
         .collect();
     if let Some(t) = s.affinity_timeout_seconds {
         for (_, sep, _) in &eps {
@@ -233,12 +268,15 @@ fn endpoints_chain(
         } else {
             vec![]
         };
-        rules.push(
-            Rule::new(m, Target::Jump(sep.clone())).with_comment(&format!("{} -> {b}", s.key)),
-        );
+        let jump = Rule::new(m, Target::Jump(sep.clone()));
+        rules.push(if cfg.endpoint_comments {
+            jump.with_comment(&format!("{} -> {b}", s.key))
+        } else {
+            jump
+        });
         // Hairpin: an endpoint reaching itself through the service is masqueraded.
         let mut sep_rules = vec![Rule::new(
-            vec![Match::Src(Ipv4Net::from(*addr))],
+            vec![Match::Src(IpNet::from(*addr))],
             Target::Jump(MARK_MASQ.into()),
         )];
         let mut dnat_m = vec![Match::Proto(proto)];
@@ -251,14 +289,14 @@ fn endpoints_chain(
     rules
 }
 
-fn dispatch(dst: Ipv4Addr, proto: Protocol, port: u16, target: &str) -> Rule {
+fn dispatch(dst: IpAddr, proto: Protocol, port: u16, target: &str) -> Rule {
     Rule::new(
         vec![Match::Dst(dst), Match::Proto(proto), Match::DPort(port)],
         Target::Jump(target.to_string()),
     )
 }
 
-fn verdict(dst: Option<Ipv4Addr>, local: bool, proto: Protocol, port: u16, t: Target) -> Rule {
+fn verdict(dst: Option<IpAddr>, local: bool, proto: Protocol, port: u16, t: Target) -> Rule {
     let mut m = Vec::new();
     if let Some(d) = dst {
         m.push(Match::Dst(d));
@@ -279,10 +317,10 @@ fn route_verdict(r: Route<'_>) -> Option<Target> {
     }
 }
 
-/// The rules of one service port (IPv4 ports only; others yield nothing).
+/// The rules of one service port (of the renderer's family; others yield nothing).
 pub fn render_port(cfg: &RenderConfig, s: &ServicePortState) -> PortRules {
     let mut out = PortRules::default();
-    if s.key.family != IpFamily::IPv4 {
+    if s.key.family != cfg.family {
         return out;
     }
     let proto = s.key.protocol;
@@ -328,12 +366,8 @@ pub fn render_port(cfg: &RenderConfig, s: &ServicePortState) -> PortRules {
             let mut rules: Vec<Rule> = s
                 .source_ranges
                 .iter()
-                .filter_map(|r| match r {
-                    IpNet::V4(n) => {
-                        Some(Rule::new(vec![Match::Src(*n)], Target::Jump(ext.clone())))
-                    }
-                    IpNet::V6(_) => None,
-                })
+                .filter(|r| family_of(&r.addr()) == cfg.family)
+                .map(|r| Rule::new(vec![Match::Src(*r)], Target::Jump(ext.clone())))
                 .collect();
             rules.push(
                 Rule::new(vec![], Target::Jump(MARK_DROP.into()))
@@ -344,7 +378,9 @@ pub fn render_port(cfg: &RenderConfig, s: &ServicePortState) -> PortRules {
     }
 
     for f in &s.frontends {
-        let Some(addr) = v4(&f.addr) else { continue };
+        let Some(addr) = cfg.ours(&f.addr) else {
+            continue;
+        };
         match f.kind {
             FrontendKind::ClusterIP => match route_verdict(s.internal_route()) {
                 None => out

@@ -3,7 +3,7 @@
 //! as a first packet (no affinity entry yet).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use switchyard_model::Protocol;
 
@@ -11,21 +11,21 @@ use super::render::{FILTER, Match, Rule, SERVICES, Target};
 
 #[derive(Debug, Clone)]
 pub struct Packet {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub proto: Protocol,
     pub dport: u16,
     /// Originated by a process on the node (addrtype --src-type LOCAL).
     pub src_local: bool,
     /// The node's own addresses (addrtype --dst-type LOCAL).
-    pub local: Vec<Ipv4Addr>,
+    pub local: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// DNATed to one of these endpoints; masqueraded or not.
     Dnat {
-        endpoints: BTreeSet<(Ipv4Addr, u16)>,
+        endpoints: BTreeSet<(IpAddr, u16)>,
         masquerade: bool,
     },
     Reject,
@@ -43,7 +43,7 @@ struct Walk<'a> {
 #[derive(Debug, Clone, Default)]
 struct State {
     mark: u32,
-    dnat: Option<(Ipv4Addr, u16)>,
+    dnat: Option<(IpAddr, u16)>,
 }
 
 fn matches(m: &Match, p: &Packet, st: &State) -> Option<bool> {
