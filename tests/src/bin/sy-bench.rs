@@ -958,9 +958,12 @@ fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
     use switchyard::dataplane::iptables::{Flavor, IptablesDataplane};
     println!("\n### iptables backend programming (10 endpoints per service)\n");
     println!(
-        "| flavor | N services | full sync | one-service update (partial) | ratio full/partial |"
+        "Switchyard: `full_sync` (save, render, one restore) into an empty namespace, then a one-endpoint change (`apply`). Peer: kube-proxy's rules from shared/peers/gen_iptables.py through `<flavor>-restore --noflush` into an empty namespace, then its `--update` partial sync; {PEER_TIMEOUT} s limit as in the peers' sync_time.sh.\n"
     );
-    println!("|---|---|---|---|---|");
+    println!(
+        "| flavor | N services | Switchyard full | kube-proxy full | full vs kube-proxy | Switchyard one-service | kube-proxy one-service | one-service vs kube-proxy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for flavor in [Flavor::Legacy, Flavor::Nft] {
         for &n in sizes {
             let ns = format!("sybipt{n}");
@@ -998,16 +1001,86 @@ fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
             });
             let _ = sh(&["ip", "netns", "del", &ns]);
             let (full, one) = r?;
+            let (kp_full, kp_one) = kube_proxy_restore(flavor.name(), n)?;
+            let secs = |d: Option<Duration>| {
+                d.map_or(format!("> {PEER_TIMEOUT} s"), |d| {
+                    format!("{:.3} s", d.as_secs_f64())
+                })
+            };
+            let ratio = |ours: Duration, peer: Option<Duration>| {
+                peer.map_or(
+                    format!(
+                        "< {:.2}",
+                        ours.as_secs_f64() / Duration::from_secs(PEER_TIMEOUT).as_secs_f64()
+                    ),
+                    |p| format!("{:.2}", ours.as_secs_f64() / p.as_secs_f64()),
+                )
+            };
             println!(
-                "| {} | {n} | {:.3} s | {:.3} s | {:.1} |",
+                "| {} | {n} | {:.3} s | {} | {} | {:.3} s | {} | {} |",
                 flavor.name(),
                 full.as_secs_f64(),
+                secs(kp_full),
+                ratio(full, kp_full),
                 one.as_secs_f64(),
-                full.as_secs_f64() / one.as_secs_f64()
+                secs(kp_one),
+                ratio(one, kp_one),
             );
         }
     }
     Ok(())
+}
+
+const PEER_TIMEOUT: u64 = 300;
+
+/// kube-proxy's rule set for N services restored into a fresh namespace (full sync) and
+/// then its one-service partial sync; `None` past the time limit.
+fn kube_proxy_restore(tool: &str, n: u32) -> anyhow::Result<(Option<Duration>, Option<Duration>)> {
+    let gen_iptables =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_iptables.py");
+    let work = tempfile::tempdir()?;
+    let full = work.path().join("full.txt");
+    let update = work.path().join("update.txt");
+    for (file, extra) in [(&full, ""), (&update, " --update")] {
+        sh(&[
+            "sh",
+            "-c",
+            &format!(
+                "python3 {} {n} 10{extra} > {}",
+                gen_iptables.display(),
+                file.display()
+            ),
+        ])?;
+    }
+    let ns = format!("sybkp{n}");
+    let _ = sh(&["ip", "netns", "del", &ns]);
+    sh(&["ip", "netns", "add", &ns])?;
+    let timed = |file: &Path| -> anyhow::Result<Option<Duration>> {
+        let t = Instant::now();
+        let status = Command::new("timeout")
+            .arg(PEER_TIMEOUT.to_string())
+            .args(["ip", "netns", "exec", &ns])
+            .arg(format!("{tool}-restore"))
+            .arg("--noflush")
+            .stdin(std::fs::File::open(file)?)
+            .stdout(Stdio::null())
+            .status()?;
+        let took = t.elapsed();
+        if status.code() == Some(124) {
+            return Ok(None);
+        }
+        if !status.success() {
+            bail!("{tool}-restore of kube-proxy's rules failed: {status}");
+        }
+        Ok(Some(took))
+    };
+    let f = timed(&full);
+    let u = match &f {
+        Ok(Some(_)) => timed(&update),
+        _ => Ok(None),
+    };
+    let _ = sh(&["ip", "netns", "del", &ns]);
+    Ok((f?, u?))
 }
 
 fn main() -> anyhow::Result<()> {
