@@ -27,10 +27,10 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{SockAddrContext, TcContext};
 use switchyard_ebpf_common::{
     AFFINITY_CLIENT_ADDR4, AFFINITY_CLIENT_NETNS, AffinityKey, AffinityValue, BackendValue,
-    CT_REVERSE, CT_SNAT, Cidr4, Config, Counters, Ct4Key, Ct4Value, FE_NODEPORT, FE_SNAT,
-    FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value,
-    SockRev6Key, SockRev6Value, SourceRange4,
+    CT_CLOSING, CT_REVERSE, CT_SNAT, Cidr4, Config, Counters, Ct4Key, Ct4Value, FE_NODEPORT,
+    FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key,
+    SockRev4Value, SockRev6Key, SockRev6Value, SourceRange4,
 };
 
 const NO_PREALLOC: u32 = 1;
@@ -70,7 +70,9 @@ const EHOSTUNREACH: i32 = 113;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// TCX: let the next program (or the stack) decide; used for traffic we do not touch.
 const TCX_NEXT: i32 = -1;
@@ -635,6 +637,27 @@ fn flow_hash(p: &Packet) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Flag the forward entry of a TCP flow as closing (see `CT_CLOSING`), from either
+/// direction's entry.
+#[inline(always)]
+fn mark_closing(key: &Ct4Key, ct: &Ct4Value) {
+    let fwd = if ct.flags & CT_REVERSE != 0 {
+        Ct4Key {
+            saddr: ct.new_daddr,
+            daddr: ct.new_saddr,
+            sport: ct.new_dport,
+            dport: ct.new_sport,
+            proto: key.proto,
+            pad: [0; 3],
+        }
+    } else {
+        *key
+    };
+    if let Some(v) = CT4.get_ptr_mut(&fwd) {
+        unsafe { (*v).flags |= CT_CLOSING };
+    }
+}
+
 #[inline(always)]
 fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     let Some(p) = parse(ctx) else {
@@ -649,8 +672,22 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         pad: [0; 3],
     };
     // Established flows (both directions) follow their conntrack entry.
-    if let Some(ct) = unsafe { CT4.get(&key) } {
+    let tcp_flags: u8 = if p.proto == IPPROTO_TCP {
+        ctx.load(p.l4 + 13).map_err(|_| 0i64)?
+    } else {
+        0
+    };
+    let reopen = |ct: &Ct4Value| {
+        ct.flags & (CT_REVERSE | CT_CLOSING) == CT_CLOSING
+            && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
+    if let Some(ct) = unsafe { CT4.get(&key) }
+        && !reopen(ct)
+    {
         let ct = *ct;
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            mark_closing(&key, &ct);
+        }
         if ct.flags & CT_REVERSE != 0 {
             let (daddr, dport) = if ct.flags & CT_SNAT != 0 {
                 (ct.new_daddr, ct.new_dport)
@@ -706,11 +743,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     // A TCP segment other than a SYN with no flow entry, to a NodePort, is most likely a
     // reply to one of the node's own connections whose ephemeral port is in the NodePort
     // range: leave it to the stack.
-    if fe.flags & FE_NODEPORT != 0 && p.proto == IPPROTO_TCP {
-        let flags: u8 = ctx.load(p.l4 + 13).map_err(|_| 0i64)?;
-        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-            return Ok(TCX_NEXT);
-        }
+    if fe.flags & FE_NODEPORT != 0
+        && p.proto == IPPROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        return Ok(TCX_NEXT);
     }
     let Some(set) = (unsafe { SETS.get(&fe.set_id) }) else {
         return Ok(TCX_NEXT);

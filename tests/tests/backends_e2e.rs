@@ -745,6 +745,46 @@ fn udp_client_keeping_its_port_follows_endpoint_changes(b: &Backend) {
     );
 }
 
+/// A TCP client that reuses its source port for a new connection after the old one closed
+/// gets a new backend choice, so a removed endpoint is not reached through the old flow.
+fn tcp_client_reusing_its_port_after_close_gets_a_live_endpoint(b: &Backend) {
+    let reuse = |eps: &[(&str, &str)]| {
+        format!(
+            "{}{}",
+            nodeport_service("reuse", "10.96.0.90", 30170, ""),
+            slice("reuse", eps)
+        )
+    };
+    let mut c = Cluster::start(b, 9, &reuse(&ALL3));
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_client(&["--tcp", "172.30.0.10:30170", "--bind", "172.30.0.2:40080"])
+            .unwrap()
+    };
+    c.until("up", Duration::from_secs(20), ask, all_ok);
+    // The same 4-tuple again right after the close works.
+    let again = ask(&c.sb);
+    assert!(all_ok(&again), "reusing the source port: {again:?}");
+    let last = names(&again).into_keys().next().unwrap();
+    let rest: Vec<(&str, &str)> = ALL3
+        .iter()
+        .copied()
+        .filter(|(ip, _)| {
+            !ip.ends_with(match last.as_str() {
+                "a1" => ".1.11",
+                "a2" => ".1.12",
+                _ => ".2.11",
+            })
+        })
+        .collect();
+    c.write(&reuse(&rest));
+    c.until(
+        "a new connection on the old tuple",
+        Duration::from_secs(5),
+        ask,
+        |l| all_ok(l) && !names(l).contains_key(&last),
+    );
+}
+
 /// A dual-stack Service: both ClusterIPs from the node, and (where the backend has an IPv6
 /// per-packet path) the IPv6 NodePort from outside.
 fn dual_stack_service_serves_both_families(b: &Backend) {
@@ -831,6 +871,8 @@ macro_rules! suite {
             fn pods_source_ranges_new_links() { super::pods_source_ranges_and_new_interfaces_and_addresses(&$b) }
             #[test]
             fn udp_stale_flows() { super::udp_client_keeping_its_port_follows_endpoint_changes(&$b) }
+            #[test]
+            fn tcp_port_reuse() { super::tcp_client_reusing_its_port_after_close_gets_a_live_endpoint(&$b) }
             #[test]
             fn dual_stack() { super::dual_stack_service_serves_both_families(&$b) }
         }

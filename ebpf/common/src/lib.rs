@@ -204,6 +204,10 @@ const _: () = assert!(size_of::<Ct4Value>() == 24);
 
 pub const CT_REVERSE: u32 = 1 << 0;
 pub const CT_SNAT: u32 = 1 << 1;
+/// On forward entries: a FIN or RST of this TCP flow was seen. A SYN that reuses the
+/// tuple afterwards starts a new flow (a new backend choice), as conntrack reopens a
+/// connection in TIME_WAIT; retransmitted SYNs of a live handshake keep their backend.
+pub const CT_CLOSING: u32 = 1 << 2;
 
 /// Socket-LB reverse translation for UDP replies and getpeername.
 #[repr(C)]
