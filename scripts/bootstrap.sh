@@ -6,7 +6,7 @@ set -euo pipefail
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-APT_PKGS=(iproute2 iptables nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux)
+APT_PKGS=(iproute2 iptables ipset nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux)
 
 need_apt=()
 for p in "${APT_PKGS[@]}"; do

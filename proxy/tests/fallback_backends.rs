@@ -446,3 +446,32 @@ fn ipvs_plan_for_a_change_set_is_golden() {
         panic!("IPVS plan differs from tests/golden/ipvs_plan.txt:\n{got}");
     }
 }
+
+/// What IPVS mode needs beside the virtual servers: the ipsets (frontends by kind, eTP=Local
+/// externals, hairpin triples) and the nat rules that masquerade through them.
+#[test]
+fn ipvs_companion_ipsets_and_masquerade_rules_are_golden() {
+    let e = engine(CLUSTER);
+    let got = format!(
+        "# ipset restore\n{}# iptables-restore --noflush\n{}",
+        ipvs::ipset_restore(e.state(), switchyard_model::IpFamily::IPv4),
+        ipvs::masquerade_rules(
+            &["10.244.0.0/16".parse().unwrap()],
+            false,
+            14,
+            switchyard_model::IpFamily::IPv4
+        )
+    );
+    let golden = include_str!("golden/ipvs_companion.txt");
+    if got != golden {
+        std::fs::write(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/golden/ipvs_companion.txt.new"
+            ),
+            &got,
+        )
+        .unwrap();
+        panic!("differs from tests/golden/ipvs_companion.txt (new output in .new):\n{got}");
+    }
+}

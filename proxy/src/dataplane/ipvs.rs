@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use switchyard_model::{ChangeSet, FrontendKind, Protocol, Route, ServicePortState};
+use switchyard_model::{ChangeSet, FrontendKind, IpFamily, Protocol, Route, ServicePortState};
 
 use crate::error::DataplaneError;
 use crate::nl::{self, nested, nla};
@@ -80,8 +80,8 @@ pub enum Op {
     AddDest(VirtualService, RealServer),
     DelDest(VirtualService, RealServer),
     /// ipset entry (set name, `addr,proto:port`) the masquerade rules match on.
-    IpsetAdd(&'static str, String),
-    IpsetDel(&'static str, String),
+    IpsetAdd(String, String),
+    IpsetDel(String, String),
 }
 
 /// `union nf_inet_addr`: 16 bytes, IPv4 in the first four.
@@ -237,13 +237,160 @@ fn ipset_entry(vs: &VirtualService) -> String {
     )
 }
 
-fn set_for(kind: FrontendKind) -> &'static str {
-    match kind {
-        FrontendKind::ClusterIP => "SY-CLUSTER-IP",
-        FrontendKind::NodePort => "SY-NODE-PORT",
-        FrontendKind::ExternalIP => "SY-EXTERNAL-IP",
-        FrontendKind::LoadBalancer => "SY-LOAD-BALANCER",
+/// The ipset a frontend's `addr,proto:port` entry goes to (IPv6 sets are `SY6-…`).
+fn set_for(kind: FrontendKind, addr: IpAddr) -> String {
+    set_name(
+        match kind {
+            FrontendKind::ClusterIP => SET_CLUSTER_IP,
+            FrontendKind::NodePort => SET_NODE_PORT,
+            FrontendKind::ExternalIP => SET_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => SET_LOAD_BALANCER,
+        },
+        addr.is_ipv6(),
+    )
+}
+
+pub const SET_CLUSTER_IP: &str = "SY-CLUSTER-IP";
+pub const SET_NODE_PORT: &str = "SY-NODE-PORT";
+pub const SET_EXTERNAL_IP: &str = "SY-EXTERNAL-IP";
+pub const SET_LOAD_BALANCER: &str = "SY-LOAD-BALANCER";
+/// External frontends under eTP=Local: not masqueraded.
+pub const SET_EXTERNAL_LOCAL: &str = "SY-EXTERNAL-LOCAL";
+/// `endpoint,proto:port,endpoint`: an endpoint reaching itself (hairpin) is masqueraded.
+pub const SET_LOOP_BACK: &str = "SY-LOOP-BACK";
+
+fn set_name(base: &str, v6: bool) -> String {
+    if v6 {
+        base.replacen("SY-", "SY6-", 1)
+    } else {
+        base.to_string()
     }
+}
+
+/// The `ipset restore` input that fills IPVS mode's sets for one family from the desired
+/// state (each set created if missing, flushed and refilled in one run).
+pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -> String {
+    use std::collections::BTreeMap;
+    let v6 = family == IpFamily::IPv6;
+    let mut sets: BTreeMap<&str, (&str, Vec<String>)> = [
+        (SET_CLUSTER_IP, "hash:ip,port"),
+        (SET_NODE_PORT, "hash:ip,port"),
+        (SET_EXTERNAL_IP, "hash:ip,port"),
+        (SET_LOAD_BALANCER, "hash:ip,port"),
+        (SET_EXTERNAL_LOCAL, "hash:ip,port"),
+        (SET_LOOP_BACK, "hash:ip,port,ip"),
+    ]
+    .into_iter()
+    .map(|(n, t)| (n, (t, Vec::new())))
+    .collect();
+    let mut add = |set: &'static str, entry: String| {
+        if let Some((_, v)) = sets.get_mut(set) {
+            v.push(entry);
+        }
+    };
+    for s in state.values().filter(|s| s.key.family == family) {
+        let proto = s.key.protocol.as_str().to_ascii_lowercase();
+        for f in &s.frontends {
+            let entry = format!("{},{proto}:{}", f.addr, f.port);
+            let base = match f.kind {
+                FrontendKind::ClusterIP => SET_CLUSTER_IP,
+                FrontendKind::NodePort => SET_NODE_PORT,
+                FrontendKind::ExternalIP => SET_EXTERNAL_IP,
+                FrontendKind::LoadBalancer => SET_LOAD_BALANCER,
+            };
+            if f.kind.is_external() && s.external_traffic_local {
+                add(SET_EXTERNAL_LOCAL, entry.clone());
+            }
+            add(base, entry);
+        }
+        for b in s.all_backends() {
+            add(
+                SET_LOOP_BACK,
+                format!("{0},{proto}:{1},{0}", b.addr, b.port),
+            );
+        }
+    }
+    let inet = if v6 { "inet6" } else { "inet" };
+    let mut out = String::new();
+    for (name, (ty, mut entries)) in sets {
+        let name = set_name(name, v6);
+        entries.sort();
+        entries.dedup();
+        out.push_str(&format!(
+            "create {name} {ty} family {inet} hashsize 1024 maxelem 65536 -exist\nflush {name}\n"
+        ));
+        for e in entries {
+            out.push_str(&format!("add {name} {e}\n"));
+        }
+    }
+    out
+}
+
+/// The nat rules IPVS mode needs beside the virtual servers (IPVS itself does the DNAT):
+/// mark for masquerade what kube-proxy would masquerade, matched through the ipsets above,
+/// and MASQUERADE marked and hairpin traffic. One `iptables-restore --noflush` input.
+pub fn masquerade_rules(
+    cluster_cidrs: &[ipnet::IpNet],
+    masquerade_all: bool,
+    masquerade_bit: u8,
+    family: IpFamily,
+) -> String {
+    let v6 = family == IpFamily::IPv6;
+    let set = |n: &str| set_name(n, v6);
+    let mark = 1u32 << masquerade_bit;
+    let mut r = vec![
+        "*nat".to_string(),
+        ":SY-SERVICES - [0:0]".into(),
+        ":SY-NODE-PORT - [0:0]".into(),
+        ":SY-MARK-MASQ - [0:0]".into(),
+        ":SY-POSTROUTING - [0:0]".into(),
+        format!(
+            "-A SY-SERVICES -m set --match-set {} dst,dst -j RETURN",
+            set(SET_EXTERNAL_LOCAL)
+        ),
+    ];
+    let cidrs: Vec<&ipnet::IpNet> = cluster_cidrs
+        .iter()
+        .filter(|c| c.addr().is_ipv6() == v6)
+        .collect();
+    if masquerade_all || cidrs.is_empty() {
+        r.push(format!(
+            "-A SY-SERVICES -m set --match-set {} dst,dst -j SY-MARK-MASQ",
+            set(SET_CLUSTER_IP)
+        ));
+    } else {
+        for c in cidrs {
+            r.push(format!(
+                "-A SY-SERVICES -m set --match-set {} dst,dst ! -s {c} -j SY-MARK-MASQ",
+                set(SET_CLUSTER_IP)
+            ));
+        }
+    }
+    for s in [SET_EXTERNAL_IP, SET_LOAD_BALANCER] {
+        r.push(format!(
+            "-A SY-SERVICES -m set --match-set {} dst,dst -j SY-MARK-MASQ",
+            set(s)
+        ));
+    }
+    r.push("-A SY-SERVICES -m addrtype --dst-type LOCAL -j SY-NODE-PORT".into());
+    r.push(format!(
+        "-A SY-NODE-PORT -m set --match-set {} dst,dst -j SY-MARK-MASQ",
+        set(SET_NODE_PORT)
+    ));
+    r.push(format!("-A SY-MARK-MASQ -j MARK --or-mark {mark:#x}"));
+    r.push(format!(
+        "-A SY-POSTROUTING -m set --match-set {} dst,dst,src -j MASQUERADE",
+        set(SET_LOOP_BACK)
+    ));
+    r.push(format!(
+        "-A SY-POSTROUTING -m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"
+    ));
+    r.push(format!("-A SY-POSTROUTING -j MARK --xor-mark {mark:#x}"));
+    r.push("-A SY-POSTROUTING -j MASQUERADE --random-fully".into());
+    r.push("COMMIT".into());
+    let mut out = r.join("\n");
+    out.push('\n');
+    out
 }
 
 /// The operations that program a ChangeSet, in order: new VIPs bound and services created
@@ -255,7 +402,7 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
             if kind != FrontendKind::NodePort {
                 ops.push(Op::BindAddress(vs.addr));
             }
-            ops.push(Op::IpsetAdd(set_for(kind), ipset_entry(&vs)));
+            ops.push(Op::IpsetAdd(set_for(kind, vs.addr), ipset_entry(&vs)));
             ops.push(Op::AddService(vs.clone()));
             for r in reals {
                 ops.push(Op::AddDest(vs.clone(), r));
@@ -277,7 +424,7 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
                     if *kind != FrontendKind::NodePort {
                         ops.push(Op::BindAddress(vs.addr));
                     }
-                    ops.push(Op::IpsetAdd(set_for(*kind), ipset_entry(vs)));
+                    ops.push(Op::IpsetAdd(set_for(*kind, vs.addr), ipset_entry(vs)));
                     ops.push(Op::AddService(vs.clone()));
                     ops.extend(reals.iter().map(|r| Op::AddDest(vs.clone(), r.clone())));
                 }
@@ -307,7 +454,7 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
             {
                 ops.extend(oreals.iter().map(|r| Op::DelDest(o.clone(), r.clone())));
                 ops.push(Op::DelService(o.clone()));
-                ops.push(Op::IpsetDel(set_for(*kind), ipset_entry(o)));
+                ops.push(Op::IpsetDel(set_for(*kind, o.addr), ipset_entry(o)));
                 if *kind != FrontendKind::NodePort {
                     ops.push(Op::UnbindAddress(o.addr));
                 }
@@ -318,7 +465,7 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
         for (vs, reals, kind) in virtual_services(s) {
             ops.extend(reals.into_iter().map(|r| Op::DelDest(vs.clone(), r)));
             ops.push(Op::DelService(vs.clone()));
-            ops.push(Op::IpsetDel(set_for(kind), ipset_entry(&vs)));
+            ops.push(Op::IpsetDel(set_for(kind, vs.addr), ipset_entry(&vs)));
             if kind != FrontendKind::NodePort {
                 ops.push(Op::UnbindAddress(vs.addr));
             }

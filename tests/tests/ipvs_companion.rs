@@ -1,0 +1,196 @@
+//! IPVS mode's companion rules (ipsets + nat masquerade rules) loaded into a real kernel in a
+//! namespace sandbox, with real packets: the kernel here has no IPVS to do the DNAT, but it
+//! has ipset and xt_set, so what the rules mark for masquerade can be observed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use switchyard::dataplane::ipvs;
+use switchyard_model::{Engine, IpFamily, ProxyConfig, manifest};
+use switchyard_tests::sandbox::{BackendSpec, Sandbox, require_root};
+
+const CLUSTER: &str = r"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 172.30.0.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: t}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: t}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: t, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: t, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+";
+
+fn feed(sb: &Sandbox, cmd: &[&str], input: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &sb.node_ns()])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} refused the input: {}\n{input}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Packets that went through the mark-for-masquerade chain since the last zeroing.
+fn marked(sb: &Sandbox) -> u64 {
+    let out = sb
+        .in_node(&[
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-L",
+            "SY-MARK-MASQ",
+            "-v",
+            "-n",
+            "-x",
+        ])
+        .unwrap();
+    out.lines()
+        .find(|l| l.contains("MARK or"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MARK rule in:\n{out}"))
+}
+
+/// Packets that entered SY-SERVICES from PREROUTING (so a zero `marked` means "looked at
+/// and not marked", not "never seen").
+fn seen(sb: &Sandbox) -> u64 {
+    let out = sb
+        .in_node(&[
+            "iptables-legacy",
+            "-t",
+            "nat",
+            "-L",
+            "PREROUTING",
+            "-v",
+            "-n",
+            "-x",
+        ])
+        .unwrap();
+    out.lines()
+        .find(|l| l.contains("SY-SERVICES"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn zero(sb: &Sandbox) {
+    sb.in_node(&["iptables-legacy", "-t", "nat", "-Z"]).unwrap();
+}
+
+#[test]
+fn ipvs_companion_rules_mark_what_kube_proxy_masquerades() {
+    require_root();
+    let objs = manifest::parse("t", CLUSTER).unwrap();
+    let mut e = Engine::new(ProxyConfig {
+        node_name: "node-a".into(),
+        ..ProxyConfig::default()
+    });
+    e.set_node(objs.nodes.into_iter().next());
+    e.replace_all(objs.services, objs.slices);
+    e.sync();
+
+    let sb = Sandbox::create(
+        "syv",
+        &[BackendSpec::new("a1", Ipv4Addr::new(10, 244, 1, 11))],
+    )
+    .unwrap();
+    feed(
+        &sb,
+        &["ipset", "restore"],
+        &ipvs::ipset_restore(e.state(), IpFamily::IPv4),
+    );
+    feed(
+        &sb,
+        &["iptables-legacy-restore", "--noflush"],
+        &ipvs::masquerade_rules(
+            &["10.244.0.0/16".parse().unwrap()],
+            false,
+            14,
+            IpFamily::IPv4,
+        ),
+    );
+    for (chain, target) in [
+        ("PREROUTING", "SY-SERVICES"),
+        ("POSTROUTING", "SY-POSTROUTING"),
+    ] {
+        sb.in_node(&["iptables-legacy", "-t", "nat", "-A", chain, "-j", target])
+            .unwrap();
+    }
+
+    // A client outside the cluster CIDR to a ClusterIP: marked.
+    zero(&sb);
+    let _ = sb.probe_from_client(&["--tcp", "10.96.0.10:80", "--timeout-ms", "300"]);
+    assert!(
+        marked(&sb) > 0,
+        "off-cluster client to a ClusterIP must be masqueraded"
+    );
+    // A pod to the same ClusterIP: not marked.
+    zero(&sb);
+    let _ = sb.probe_from_backend("a1", &["--tcp", "10.96.0.10:80", "--timeout-ms", "300"]);
+    assert!(seen(&sb) > 0);
+    assert_eq!(
+        marked(&sb),
+        0,
+        "pod traffic to a ClusterIP keeps its source"
+    );
+    // NodePort under eTP=Cluster: marked; under eTP=Local: the client address is kept.
+    zero(&sb);
+    let _ = sb.probe_from_client(&["--tcp", "172.30.0.10:30080", "--timeout-ms", "300"]);
+    assert!(marked(&sb) > 0, "eTP=Cluster NodePort must be masqueraded");
+    zero(&sb);
+    let _ = sb.probe_from_client(&["--tcp", "172.30.0.10:30090", "--timeout-ms", "300"]);
+    assert!(seen(&sb) > 0);
+    assert_eq!(
+        marked(&sb),
+        0,
+        "eTP=Local NodePort keeps the client address"
+    );
+    // Not a service: untouched.
+    zero(&sb);
+    let _ = sb.probe_from_client(&["--tcp", "10.96.0.99:80", "--timeout-ms", "300"]);
+    assert!(seen(&sb) > 0);
+    assert_eq!(marked(&sb), 0);
+}
