@@ -84,6 +84,15 @@ fn engine(yaml: &str) -> Engine {
     e
 }
 
+/// Compare with a golden file; on a difference write `<name>.new` beside it and fail.
+fn golden(name: &str, expected: &str, got: &str) {
+    if got != expected {
+        let path = format!("{}/tests/golden/{name}.new", env!("CARGO_MANIFEST_DIR"));
+        std::fs::write(&path, got).unwrap();
+        panic!("output differs from tests/golden/{name} (new output in {path}):\n{got}");
+    }
+}
+
 fn dp() -> IptablesDataplane {
     IptablesDataplane::start_unprivileged(
         Flavor::Nft,
@@ -96,20 +105,11 @@ fn full_restore_input_is_golden() {
     let e = engine(CLUSTER);
     let mut d = dp();
     let got = d.full_input(e.state(), &BTreeSet::from(["SY-SVC-STALE".to_string()]));
-    let golden = include_str!("golden/iptables_full.txt");
-    if got != golden {
-        std::fs::write(
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/golden/iptables_full.txt.new"
-            ),
-            &got,
-        )
-        .unwrap();
-        panic!(
-            "restore input differs from tests/golden/iptables_full.txt (new output in .new):\n{got}"
-        );
-    }
+    golden(
+        "iptables_full.txt",
+        include_str!("golden/iptables_full.txt"),
+        &got,
+    );
 }
 
 #[test]
@@ -433,18 +433,7 @@ fn ipvs_plan_for_a_change_set_is_golden() {
     let cs = e.sync();
     let plan: Vec<String> = ipvs::plan(&cs).iter().map(|o| format!("{o:?}")).collect();
     let got = plan.join("\n") + "\n";
-    let golden = include_str!("golden/ipvs_plan.txt");
-    if got != golden {
-        std::fs::write(
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/golden/ipvs_plan.txt.new"
-            ),
-            &got,
-        )
-        .unwrap();
-        panic!("IPVS plan differs from tests/golden/ipvs_plan.txt:\n{got}");
-    }
+    golden("ipvs_plan.txt", include_str!("golden/ipvs_plan.txt"), &got);
 }
 
 /// What IPVS mode needs beside the virtual servers: the ipsets (frontends by kind, eTP=Local
@@ -462,16 +451,9 @@ fn ipvs_companion_ipsets_and_masquerade_rules_are_golden() {
             switchyard_model::IpFamily::IPv4
         )
     );
-    let golden = include_str!("golden/ipvs_companion.txt");
-    if got != golden {
-        std::fs::write(
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/golden/ipvs_companion.txt.new"
-            ),
-            &got,
-        )
-        .unwrap();
-        panic!("differs from tests/golden/ipvs_companion.txt (new output in .new):\n{got}");
-    }
+    golden(
+        "ipvs_companion.txt",
+        include_str!("golden/ipvs_companion.txt"),
+        &got,
+    );
 }

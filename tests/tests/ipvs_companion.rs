@@ -73,47 +73,36 @@ fn feed(sb: &Sandbox, cmd: &[&str], input: &str) {
     );
 }
 
-/// Packets that went through the mark-for-masquerade chain since the last zeroing.
-fn marked(sb: &Sandbox) -> u64 {
+/// The packet counter of the first rule of `chain` whose line contains `needle`.
+fn counter(sb: &Sandbox, chain: &str, needle: &str) -> u64 {
     let out = sb
         .in_node(&[
             "iptables-legacy",
             "-t",
             "nat",
             "-L",
-            "SY-MARK-MASQ",
+            chain,
             "-v",
             "-n",
             "-x",
         ])
         .unwrap();
     out.lines()
-        .find(|l| l.contains("MARK or"))
+        .find(|l| l.contains(needle))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no MARK rule in:\n{out}"))
+        .unwrap_or_else(|| panic!("no {needle} rule in {chain}:\n{out}"))
+}
+
+/// Packets marked for masquerade since the last zeroing.
+fn marked(sb: &Sandbox) -> u64 {
+    counter(sb, "SY-MARK-MASQ", "MARK or")
 }
 
 /// Packets that entered SY-SERVICES from PREROUTING (so a zero `marked` means "looked at
 /// and not marked", not "never seen").
 fn seen(sb: &Sandbox) -> u64 {
-    let out = sb
-        .in_node(&[
-            "iptables-legacy",
-            "-t",
-            "nat",
-            "-L",
-            "PREROUTING",
-            "-v",
-            "-n",
-            "-x",
-        ])
-        .unwrap();
-    out.lines()
-        .find(|l| l.contains("SY-SERVICES"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    counter(sb, "PREROUTING", "SY-SERVICES")
 }
 
 fn zero(sb: &Sandbox) {
