@@ -526,6 +526,12 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
     let _ = held.wait();
 
     // cleanup: no pins, no tc links, no cgroup programs.
+    let tc_progs = tc_prog_ids(&c.sb);
+    assert_eq!(
+        tc_progs.is_empty(),
+        c.backend.name != "ebpf",
+        "tc links pinned: {tc_progs:?}"
+    );
     c.sb.stop_daemon();
     let cfg = c.sb.dir.path().join("config.yaml");
     let out = std::process::Command::new("nsenter")
@@ -560,11 +566,9 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
             "{flavor} still shows our chains:\n{rules}"
         );
     }
-    let tc = c.sb.in_node(&["bpftool", "net", "show"]).unwrap();
-    assert!(
-        !tc.contains("sy_tc_ingress"),
-        "tc program left attached:\n{tc}"
-    );
+    for id in &tc_progs {
+        assert!(!prog_alive(id), "tc program {id} left attached");
+    }
     let cg = switchyard_tests::sandbox::sh(&[
         "bpftool",
         "cgroup",
@@ -883,6 +887,115 @@ suite! {
     ebpf => EBPF,
     iptables_legacy => IPTABLES_LEGACY,
     iptables_nft => IPTABLES_NFT,
+}
+
+/// Switching backend across a restart: each backend's start removes the other's state, and
+/// the service keeps working through the new one.
+#[test]
+fn switching_backend_across_a_restart_removes_the_old_state() {
+    let manifests = format!(
+        "{}{}",
+        nodeport_service("web", "10.96.0.95", 30180, ""),
+        slice("web", &ALL3)
+    );
+    let mut c = Cluster::start(&EBPF, 0, &manifests);
+    let up = |c: &mut Cluster, what: &str| {
+        c.until(
+            what,
+            Duration::from_secs(20),
+            |sb| {
+                sb.probe_from_client(&["--tcp", "172.30.0.10:30180", "--count", "5"])
+                    .unwrap()
+            },
+            all_ok,
+        );
+    };
+    up(&mut c, "eBPF");
+    let dir = c.dir.clone();
+    let tc_progs = tc_prog_ids(&c.sb);
+    assert!(!tc_progs.is_empty() && tc_progs.iter().all(|id| prog_alive(id)));
+    assert!(reserved_ports(&c.sb).contains("30000-32767"));
+
+    // eBPF -> iptables: pins, programs and the port reservation go; rules take over.
+    c.sb.stop_daemon();
+    c.backend = IPTABLES_LEGACY;
+    c.sb.start_daemon(&dir, IPTABLES_LEGACY.name, IPTABLES_LEGACY.extra)
+        .unwrap();
+    // The old programs keep serving until the new backend has started: wait for that.
+    let t = Instant::now();
+    while !c.sb.daemon_log().contains("backend selected") && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up(&mut c, "iptables after eBPF");
+    assert!(
+        !c.sb.pin_dir.exists(),
+        "eBPF pins left behind:\n{}",
+        c.sb.daemon_log()
+    );
+    for id in &tc_progs {
+        assert!(!prog_alive(id), "tc program {id} left attached");
+    }
+    assert!(
+        !reserved_ports(&c.sb).contains("30000-32767"),
+        "reserved NodePort range left behind"
+    );
+    assert!(
+        c.sb.in_node(&["iptables-legacy-save"])
+            .unwrap()
+            .contains("SY-SERVICES")
+    );
+
+    // iptables -> eBPF: our chains go (both families).
+    c.sb.stop_daemon();
+    c.backend = EBPF;
+    c.sb.start_daemon(&dir, EBPF.name, EBPF.extra).unwrap();
+    let t = Instant::now();
+    while !c.sb.daemon_log().contains("backend selected") && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up(&mut c, "eBPF after iptables");
+    for tool in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+        let rules = c.sb.in_node(&[tool]).unwrap();
+        assert!(
+            !rules.contains("SY-"),
+            "{tool} still shows our chains:\n{rules}"
+        );
+    }
+    assert!(!tc_prog_ids(&c.sb).is_empty());
+}
+
+/// The programs behind the sandbox's pinned tc links (the Debian bpftool cannot list tcx
+/// attachments per interface, so the pins say which links are ours).
+fn tc_prog_ids(sb: &Sandbox) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(sb.pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+        .filter_map(|e| {
+            let out = switchyard_tests::sandbox::sh(&[
+                "bpftool",
+                "link",
+                "show",
+                "pinned",
+                &e.path().to_string_lossy(),
+            ])
+            .ok()?;
+            let mut w = out.split_whitespace();
+            w.find(|t| *t == "prog")?;
+            w.next().map(str::to_string)
+        })
+        .collect()
+}
+
+/// Whether a program with this id still exists (a detached, unpinned program is freed).
+fn prog_alive(id: &str) -> bool {
+    switchyard_tests::sandbox::sh(&["bpftool", "prog", "show", "id", id]).is_ok()
+}
+
+fn reserved_ports(sb: &Sandbox) -> String {
+    sb.in_node(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+        .unwrap()
 }
 
 /// IPVS is not in this kernel: the suite does not run for it, and the backend says why.
