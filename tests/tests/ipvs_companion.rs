@@ -34,6 +34,24 @@ spec:
   clusterIP: 10.96.0.11
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.12
+  loadBalancerSourceRanges: ['172.30.0.0/30']
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30100}]
+status: {loadBalancer: {ingress: [{ip: 172.30.0.100}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: t, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.11], nodeName: node-a}
+---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {name: web-1, namespace: t, labels: {kubernetes.io/service-name: web}}
@@ -94,6 +112,11 @@ fn counter(sb: &Sandbox, chain: &str, needle: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {needle} rule in {chain}:\n{out}"))
 }
 
+/// Packets marked for drop (source outside loadBalancerSourceRanges) since the last zeroing.
+fn drop_marked(sb: &Sandbox) -> u64 {
+    counter(sb, "SY-MARK-DROP", "MARK or")
+}
+
 /// Packets marked for masquerade since the last zeroing.
 fn marked(sb: &Sandbox) -> u64 {
     counter(sb, "SY-MARK-MASQ", "MARK or")
@@ -110,7 +133,7 @@ fn zero(sb: &Sandbox) {
 }
 
 #[test]
-fn ipvs_companion_rules_mark_what_kube_proxy_masquerades() {
+fn ipvs_companion_rules_mark_what_kube_proxy_masquerades_or_drops() {
     require_root();
     let objs = manifest::parse("t", CLUSTER).unwrap();
     let mut e = Engine::new(ProxyConfig {
@@ -176,6 +199,22 @@ fn ipvs_companion_rules_mark_what_kube_proxy_masquerades() {
         marked(&sb),
         0,
         "eTP=Local NodePort keeps the client address"
+    );
+    // loadBalancerSourceRanges: the client (172.30.0.2) is inside 172.30.0.0/30, the pod
+    // is not and is marked for drop.
+    zero(&sb);
+    let _ = sb.probe_from_client(&["--tcp", "172.30.0.100:80", "--timeout-ms", "300"]);
+    assert!(seen(&sb) > 0);
+    assert_eq!(
+        drop_marked(&sb),
+        0,
+        "a source inside the ranges is admitted"
+    );
+    zero(&sb);
+    let _ = sb.probe_from_backend("a1", &["--tcp", "172.30.0.100:80", "--timeout-ms", "300"]);
+    assert!(
+        drop_marked(&sb) > 0,
+        "a source outside the ranges is dropped"
     );
     // Not a service: untouched.
     zero(&sb);

@@ -258,6 +258,10 @@ pub const SET_LOAD_BALANCER: &str = "SY-LOAD-BALANCER";
 pub const SET_EXTERNAL_LOCAL: &str = "SY-EXTERNAL-LOCAL";
 /// `endpoint,proto:port,endpoint`: an endpoint reaching itself (hairpin) is masqueraded.
 pub const SET_LOOP_BACK: &str = "SY-LOOP-BACK";
+/// Load-balancer frontends that have `loadBalancerSourceRanges`.
+pub const SET_LOAD_BALANCER_FW: &str = "SY-LOAD-BALANCER-FW";
+/// `lb-ip,proto:port,source-cidr`: the sources such a frontend admits.
+pub const SET_LOAD_BALANCER_SOURCE_CIDR: &str = "SY-LOAD-BALANCER-SOURCE-CIDR";
 
 fn set_name(base: &str, v6: bool) -> String {
     if v6 {
@@ -279,6 +283,8 @@ pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -
         (SET_LOAD_BALANCER, "hash:ip,port"),
         (SET_EXTERNAL_LOCAL, "hash:ip,port"),
         (SET_LOOP_BACK, "hash:ip,port,ip"),
+        (SET_LOAD_BALANCER_FW, "hash:ip,port"),
+        (SET_LOAD_BALANCER_SOURCE_CIDR, "hash:ip,port,net"),
     ]
     .into_iter()
     .map(|(n, t)| (n, (t, Vec::new())))
@@ -300,6 +306,12 @@ pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -
             };
             if f.kind.is_external() && s.external_traffic_local {
                 add(SET_EXTERNAL_LOCAL, entry.clone());
+            }
+            if f.kind == FrontendKind::LoadBalancer && !s.source_ranges.is_empty() {
+                for r in s.source_ranges.iter().filter(|r| r.addr().is_ipv6() == v6) {
+                    add(SET_LOAD_BALANCER_SOURCE_CIDR, format!("{entry},{r}"));
+                }
+                add(SET_LOAD_BALANCER_FW, entry.clone());
             }
             add(base, entry);
         }
@@ -326,9 +338,10 @@ pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -
     out
 }
 
-/// The nat rules IPVS mode needs beside the virtual servers (IPVS itself does the DNAT):
-/// mark for masquerade what kube-proxy would masquerade, matched through the ipsets above,
-/// and MASQUERADE marked and hairpin traffic. One `iptables-restore --noflush` input.
+/// The rules IPVS mode needs beside the virtual servers (IPVS itself does the DNAT): mark
+/// for masquerade what kube-proxy would masquerade, matched through the ipsets above, and
+/// MASQUERADE marked and hairpin traffic; drop load-balancer traffic from sources outside
+/// `loadBalancerSourceRanges`. One `iptables-restore --noflush` input.
 pub fn masquerade_rules(
     cluster_cidrs: &[ipnet::IpNet],
     masquerade_all: bool,
@@ -338,12 +351,19 @@ pub fn masquerade_rules(
     let v6 = family == IpFamily::IPv6;
     let set = |n: &str| set_name(n, v6);
     let mark = 1u32 << masquerade_bit;
+    let drop = 1u32 << (masquerade_bit + 1).min(31);
     let mut r = vec![
         "*nat".to_string(),
         ":SY-SERVICES - [0:0]".into(),
         ":SY-NODE-PORT - [0:0]".into(),
+        ":SY-FIREWALL - [0:0]".into(),
         ":SY-MARK-MASQ - [0:0]".into(),
+        ":SY-MARK-DROP - [0:0]".into(),
         ":SY-POSTROUTING - [0:0]".into(),
+        format!(
+            "-A SY-SERVICES -m set --match-set {} dst,dst -j SY-FIREWALL",
+            set(SET_LOAD_BALANCER_FW)
+        ),
         format!(
             "-A SY-SERVICES -m set --match-set {} dst,dst -j RETURN",
             set(SET_EXTERNAL_LOCAL)
@@ -377,7 +397,13 @@ pub fn masquerade_rules(
         "-A SY-NODE-PORT -m set --match-set {} dst,dst -j SY-MARK-MASQ",
         set(SET_NODE_PORT)
     ));
+    r.push(format!(
+        "-A SY-FIREWALL -m set --match-set {} dst,dst,src -j RETURN",
+        set(SET_LOAD_BALANCER_SOURCE_CIDR)
+    ));
+    r.push("-A SY-FIREWALL -j SY-MARK-DROP".into());
     r.push(format!("-A SY-MARK-MASQ -j MARK --or-mark {mark:#x}"));
+    r.push(format!("-A SY-MARK-DROP -j MARK --or-mark {drop:#x}"));
     r.push(format!(
         "-A SY-POSTROUTING -m set --match-set {} dst,dst,src -j MASQUERADE",
         set(SET_LOOP_BACK)
@@ -387,6 +413,12 @@ pub fn masquerade_rules(
     ));
     r.push(format!("-A SY-POSTROUTING -j MARK --xor-mark {mark:#x}"));
     r.push("-A SY-POSTROUTING -j MASQUERADE --random-fully".into());
+    r.push("COMMIT".into());
+    r.push("*filter".into());
+    r.push(":SY-FILTER - [0:0]".into());
+    r.push(format!(
+        "-A SY-FILTER -m mark --mark {drop:#x}/{drop:#x} -j DROP"
+    ));
     r.push("COMMIT".into());
     let mut out = r.join("\n");
     out.push('\n');
