@@ -26,11 +26,12 @@ use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{SockAddrContext, TcContext};
 use switchyard_ebpf_common::{
-    AFFINITY_CLIENT_ADDR4, AFFINITY_CLIENT_NETNS, AffinityKey, AffinityValue, BackendValue,
-    CT_CLOSING, CT_REVERSE, CT_SNAT, Cidr4, Config, Counters, Ct4Key, Ct4Value, FE_NODEPORT,
-    FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key,
-    SockRev4Value, SockRev6Key, SockRev6Value, SourceRange4,
+    AFFINITY_CLIENT_ADDR4, AFFINITY_CLIENT_ADDR6, AFFINITY_CLIENT_NETNS, AffinityKey,
+    AffinityValue, BackendValue, CT_CLOSING, CT_REVERSE, CT_SNAT, Cidr4, Cidr6, Config, Config6,
+    Counters, Ct4Key, Ct4Value, Ct6Key, Ct6Value, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES,
+    Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY,
+    SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value, SockRev6Key,
+    SockRev6Value, SourceRange4,
 };
 
 const NO_PREALLOC: u32 = 1;
@@ -64,6 +65,14 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(65_536, 0);
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "SY_LOCAL_CIDRS4")]
 static LOCAL_CIDRS4: LpmTrie<Cidr4, u8> = LpmTrie::pinned(256, NO_PREALLOC);
+#[map(name = "SY_CT6")]
+static CT6: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(131_072, NO_COMMON_LRU);
+#[map(name = "SY_CONFIG6")]
+static CONFIG6: Array<Config6> = Array::pinned(1, 0);
+#[map(name = "SY_LOCAL_CIDRS6")]
+static LOCAL_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::pinned(256, NO_PREALLOC);
+
+mod tc6;
 
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
@@ -658,7 +667,7 @@ fn mark_closing(key: &Ct4Key, ct: &Ct4Value) {
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     let Some(p) = parse(ctx) else {
         return Ok(TCX_NEXT);
@@ -831,7 +840,13 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
 
 #[classifier]
 pub fn sy_tc_ingress(ctx: TcContext) -> i32 {
-    match try_tc(&ctx) {
+    let ethertype: u16 = ctx.load(12).unwrap_or(0);
+    let r = if ethertype == 0x86ddu16.to_be() {
+        tc6::try_tc6(&ctx)
+    } else {
+        try_tc(&ctx)
+    };
+    match r {
         Ok(v) => v,
         Err(_) => TC_ACT_SHOT as i32,
     }

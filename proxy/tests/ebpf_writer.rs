@@ -28,6 +28,7 @@ fn writer<M: MapIo>(io: M) -> Writer<M> {
         Globals {
             masquerade_all: false,
             cluster_cidrs4: vec![(u32::from_ne_bytes([10, 244, 0, 0]), 16)],
+            cluster_cidrs6: vec![],
         },
     )
 }

@@ -789,26 +789,33 @@ fn tcp_client_reusing_its_port_after_close_gets_a_live_endpoint(b: &Backend) {
     );
 }
 
-/// A dual-stack Service: both ClusterIPs from the node, and (where the backend has an IPv6
-/// per-packet path) the IPv6 NodePort from outside.
+/// A dual-stack Service: both ClusterIPs from the node, and the IPv6 NodePort from outside
+/// (masqueraded to the node's IPv6 address), TCP and UDP.
 fn dual_stack_service_serves_both_families(b: &Backend) {
     let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ds, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.80\n  clusterIPs: [10.96.0.80, 'fd00:96::80']\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30160}\n  - {name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: 30161}\n";
-    let v6: Vec<String> = backends()
-        .iter()
-        .map(|s| {
-            let node = if s.name.starts_with('a') {
-                "node-a"
-            } else {
-                "node-b"
-            };
-            format!("- {{addresses: ['{}'], nodeName: {node}}}\n", s.ip6())
-        })
-        .collect();
-    let slice6 = format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ds-6, namespace: t, labels: {{kubernetes.io/service-name: ds}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{}",
-        v6.concat()
-    );
-    let mut c = Cluster::start(b, 8, &format!("{svc}{}{slice6}", slice("ds", &ALL3)));
+    // An IPv6-only NodePort without endpoints.
+    let empty = "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty6, namespace: t}\nspec:\n  type: NodePort\n  ipFamilies: [IPv6]\n  clusterIP: 'fd00:96::81'\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30190}\n";
+    let slice6 = |without: Option<&str>| {
+        let eps: Vec<String> = backends()
+            .iter()
+            .filter(|s| Some(s.name.as_str()) != without)
+            .map(|s| {
+                let node = if s.name.starts_with('a') {
+                    "node-a"
+                } else {
+                    "node-b"
+                };
+                format!("- {{addresses: ['{}'], nodeName: {node}}}\n", s.ip6())
+            })
+            .collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ds-6, namespace: t, labels: {{kubernetes.io/service-name: ds}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{}",
+            eps.concat()
+        )
+    };
+    let cluster =
+        |without: Option<&str>| format!("{svc}{empty}{}{}", slice("ds", &ALL3), slice6(without));
+    let mut c = Cluster::start(b, 8, &cluster(None));
     for target in ["10.96.0.80:80", "[fd00:96::80]:80"] {
         let got = c.until(
             &format!("node -> {target}"),
@@ -830,11 +837,6 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
         },
         all_ok,
     );
-    if b.name == "ebpf" {
-        // The eBPF per-packet (tc) path is IPv4 only: IPv6 traffic from outside the node is
-        // not translated by this backend.
-        return;
-    }
     let got = c.until(
         "client -> IPv6 NodePort",
         Duration::from_secs(10),
@@ -853,6 +855,35 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
                 .unwrap()
         },
         all_ok,
+    );
+    // No endpoints: refused at once over IPv6 too (ICMPv6 port unreachable).
+    let t = Instant::now();
+    let got =
+        c.sb.probe_from_client(&["--tcp", "[fd00:30::10]:30190", "--timeout-ms", "3000"])
+            .unwrap();
+    assert_eq!(got, ["err refused"], "IPv6 NodePort without endpoints");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // An IPv6 UDP client that keeps its source port moves off an endpoint that is removed.
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_client(&[
+            "--udp",
+            "[fd00:30::10]:30161",
+            "--sport",
+            "40054",
+            "--timeout-ms",
+            "500",
+        ])
+        .unwrap()
+    };
+    let got = c.until("IPv6 UDP flow", Duration::from_secs(10), ask, all_ok);
+    let first = names(&got).into_keys().next().unwrap();
+    assert_eq!(names(&ask(&c.sb)).into_keys().next(), Some(first.clone()));
+    c.write(&cluster(Some(&first)));
+    c.until(
+        "IPv6 UDP flow to the removed endpoint",
+        Duration::from_secs(5),
+        ask,
+        |l| all_ok(l) && !names(l).contains_key(&first),
     );
 }
 

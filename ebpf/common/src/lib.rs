@@ -26,9 +26,12 @@ pub mod maps {
     pub const COUNTERS: &str = "SY_COUNTERS";
     pub const CONFIG: &str = "SY_CONFIG";
     pub const LOCAL_CIDRS4: &str = "SY_LOCAL_CIDRS4";
+    pub const CT6: &str = "SY_CT6";
+    pub const CONFIG6: &str = "SY_CONFIG6";
+    pub const LOCAL_CIDRS6: &str = "SY_LOCAL_CIDRS6";
 
     /// Every map, for cleanup and inspection.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS4,
         FRONTENDS6,
         SETS,
@@ -42,6 +45,9 @@ pub mod maps {
         COUNTERS,
         CONFIG,
         LOCAL_CIDRS4,
+        CT6,
+        CONFIG6,
+        LOCAL_CIDRS6,
     ];
 }
 
@@ -144,6 +150,8 @@ pub struct BackendValue {
 const _: () = assert!(size_of::<BackendValue>() == 28);
 
 pub const AFFINITY_CLIENT_ADDR4: u32 = 4;
+/// Tc path, IPv6 client: `client` holds the address folded to 64 bits.
+pub const AFFINITY_CLIENT_ADDR6: u32 = 6;
 pub const AFFINITY_CLIENT_NETNS: u32 = 1;
 
 #[repr(C)]
@@ -269,6 +277,50 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 8);
 
+/// IPv6 flow-tracking key, as `Ct4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+
+/// IPv6 flow entry, as `Ct4Value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Value {
+    pub new_saddr: [u32; 4],
+    pub new_daddr: [u32; 4],
+    pub new_sport: u16,
+    pub new_dport: u16,
+    pub flags: u32,
+    pub service_id: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<Ct6Value>() == 48);
+
+/// IPv6 global settings, index 0 of `SY_CONFIG6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config6 {
+    /// The node address external IPv6 traffic is masqueraded to (network order).
+    pub snat_addr6: [u32; 4],
+}
+const _: () = assert!(size_of::<Config6>() == 16);
+
+/// LPM key for the IPv6 cluster (pod) CIDRs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Cidr6 {
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<Cidr6>() == 16);
+
 /// LPM key for the cluster (pod) CIDRs: traffic from them is internal.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -293,6 +345,10 @@ mod user {
     unsafe impl aya::Pod for super::SourceRange4 {}
     unsafe impl aya::Pod for super::Ct4Key {}
     unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::Ct6Key {}
+    unsafe impl aya::Pod for super::Ct6Value {}
+    unsafe impl aya::Pod for super::Config6 {}
+    unsafe impl aya::Pod for super::Cidr6 {}
     unsafe impl aya::Pod for super::SockRev4Key {}
     unsafe impl aya::Pod for super::SockRev4Value {}
     unsafe impl aya::Pod for super::SockRev6Key {}

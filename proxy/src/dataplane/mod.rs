@@ -207,6 +207,17 @@ impl BackendContext {
                         ipnet::IpNet::V6(_) => None,
                     })
                     .collect(),
+                cluster_cidrs6: self
+                    .settings
+                    .cluster_cidrs
+                    .iter()
+                    .filter_map(|c| match c {
+                        ipnet::IpNet::V6(n) => {
+                            Some((ebpf::render::addr6(n.network()), n.prefix_len()))
+                        }
+                        ipnet::IpNet::V4(_) => None,
+                    })
+                    .collect(),
             },
         })
     }

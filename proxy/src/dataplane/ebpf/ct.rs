@@ -1,4 +1,4 @@
-//! Stale UDP flows in the tc path's own conntrack map (`SY_CT4`), the eBPF twin of
+//! Stale UDP flows in the tc path's own flow maps (`SY_CT4`, `SY_CT6`), the eBPF twin of
 //! `crate::conntrack`: a UDP client that keeps its source port would otherwise follow its
 //! entry to a removed endpoint for as long as the LRU keeps it. After a sync that touches
 //! a UDP service port, forward entries whose endpoint is no longer in their service port
@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use switchyard_ebpf_common::{CT_REVERSE, Ct4Key, Ct4Value};
+use switchyard_ebpf_common::{CT_REVERSE, Ct4Key, Ct4Value, Ct6Key, Ct6Value};
 use switchyard_model::Protocol;
 
 use super::render::PortRender;
@@ -16,14 +16,18 @@ use switchyard_model::ServicePortKey;
 
 pub const IPPROTO_UDP: u8 = 17;
 
-/// For each UDP service port's id, the IPv4 endpoints (address, port as stored in the maps).
+/// An endpoint as the flow maps hold it: the address (IPv4 in the first word) and the port,
+/// both in network order.
+pub type Endpoint = ([u32; 4], u16);
+
+/// For each UDP service port's id, its endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UdpEndpoints(pub HashMap<u32, HashSet<(u32, u16)>>);
+pub struct UdpEndpoints(pub HashMap<u32, HashSet<Endpoint>>);
 
 pub fn udp_endpoints<'a>(
     ports: impl Iterator<Item = (&'a ServicePortKey, &'a PortRender)>,
 ) -> UdpEndpoints {
-    let mut out: HashMap<u32, HashSet<(u32, u16)>> = HashMap::new();
+    let mut out: HashMap<u32, HashSet<Endpoint>> = HashMap::new();
     for (k, p) in ports {
         if k.protocol != Protocol::Udp {
             continue;
@@ -31,43 +35,99 @@ pub fn udp_endpoints<'a>(
         let eps = out.entry(p.service_id).or_default();
         for s in &p.sets {
             for (_, b) in &s.backends {
-                if b.family == 4 {
-                    eps.insert((b.addr[0], b.port));
-                }
+                let addr = if b.family == 4 {
+                    [b.addr[0], 0, 0, 0]
+                } else {
+                    b.addr
+                };
+                eps.insert((addr, b.port));
             }
         }
     }
     UdpEndpoints(out)
 }
 
-/// The reverse entry a forward entry was created with (see the tc program).
-pub fn reverse_key(fwd: &Ct4Value, proto: u8) -> Ct4Key {
-    Ct4Key {
-        saddr: fwd.new_daddr,
-        daddr: fwd.new_saddr,
-        sport: fwd.new_dport,
-        dport: fwd.new_sport,
-        proto,
-        pad: [0; 3],
+/// A flow entry of either family's map.
+pub trait Flow: Copy {
+    type Key: Copy;
+    fn proto(key: &Self::Key) -> u8;
+    fn is_reverse(&self) -> bool;
+    fn service_id(&self) -> u32;
+    /// The endpoint a forward entry sends to.
+    fn endpoint(&self) -> Endpoint;
+    /// The reverse entry a forward entry was created with (see the tc program).
+    fn reverse_key(&self, proto: u8) -> Self::Key;
+}
+
+impl Flow for Ct4Value {
+    type Key = Ct4Key;
+    fn proto(key: &Ct4Key) -> u8 {
+        key.proto
+    }
+    fn is_reverse(&self) -> bool {
+        self.flags & CT_REVERSE != 0
+    }
+    fn service_id(&self) -> u32 {
+        self.service_id
+    }
+    fn endpoint(&self) -> Endpoint {
+        ([self.new_daddr, 0, 0, 0], self.new_dport)
+    }
+    fn reverse_key(&self, proto: u8) -> Ct4Key {
+        Ct4Key {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport: self.new_dport,
+            dport: self.new_sport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+impl Flow for Ct6Value {
+    type Key = Ct6Key;
+    fn proto(key: &Ct6Key) -> u8 {
+        key.proto
+    }
+    fn is_reverse(&self) -> bool {
+        self.flags & CT_REVERSE != 0
+    }
+    fn service_id(&self) -> u32 {
+        self.service_id
+    }
+    fn endpoint(&self) -> Endpoint {
+        (self.new_daddr, self.new_dport)
+    }
+    fn reverse_key(&self, proto: u8) -> Ct6Key {
+        Ct6Key {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport: self.new_dport,
+            dport: self.new_sport,
+            proto,
+            pad: [0; 3],
+        }
     }
 }
 
 /// The flows to delete: (forward key, reverse key) of each stale UDP flow.
-pub fn stale_udp(
-    entries: impl IntoIterator<Item = (Ct4Key, Ct4Value)>,
+pub fn stale_udp<V: Flow>(
+    entries: impl IntoIterator<Item = (V::Key, V)>,
     endpoints: &UdpEndpoints,
-) -> Vec<(Ct4Key, Ct4Key)> {
+) -> Vec<(V::Key, V::Key)> {
     let mut out = Vec::new();
     for (k, v) in entries {
-        if k.proto != IPPROTO_UDP || v.flags & CT_REVERSE != 0 {
+        let proto = V::proto(&k);
+        if proto != IPPROTO_UDP || v.is_reverse() {
             continue;
         }
         let alive = endpoints
             .0
-            .get(&v.service_id)
-            .is_some_and(|eps| eps.contains(&(v.new_daddr, v.new_dport)));
+            .get(&v.service_id())
+            .is_some_and(|eps| eps.contains(&v.endpoint()));
         if !alive {
-            out.push((k, reverse_key(&v, k.proto)));
+            out.push((k, v.reverse_key(proto)));
         }
     }
     out
@@ -101,7 +161,8 @@ mod tests {
 
     #[test]
     fn entries_to_removed_endpoints_or_services_go_with_their_reverse() {
-        let eps = UdpEndpoints([(7, [(0x0af4_010b, 9125)].into_iter().collect())].into());
+        let eps =
+            UdpEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
         let live = fwd(1, 1000, 0x0af4_010b, 9125, 7);
         let gone_backend = fwd(1, 1001, 0x0af4_010c, 9125, 7);
         let gone_service = fwd(1, 1002, 0x0af4_010b, 9125, 8);
@@ -113,8 +174,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (gone_backend.0, reverse_key(&gone_backend.1, IPPROTO_UDP)),
-                (gone_service.0, reverse_key(&gone_service.1, IPPROTO_UDP)),
+                (gone_backend.0, gone_backend.1.reverse_key(IPPROTO_UDP)),
+                (gone_service.0, gone_service.1.reverse_key(IPPROTO_UDP)),
             ]
         );
         assert_eq!(got[0].1.saddr, 0x0af4_010c);

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use switchyard_ebpf_common::{
-    BackendValue, Cidr4, Config, Frontend4Key, Frontend6Key, FrontendValue, SetValue, SlotKey,
-    SourceRange4,
+    BackendValue, Cidr4, Cidr6, Config, Config6, Frontend4Key, Frontend6Key, FrontendValue,
+    SetValue, SlotKey, SourceRange4,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,9 @@ pub enum Op {
     PutConfig(Config),
     PutLocalCidr4(u32, u8),
     DelLocalCidr4(u32, u8),
+    PutConfig6(Config6),
+    PutLocalCidr6([u32; 4], u8),
+    DelLocalCidr6([u32; 4], u8),
 }
 
 /// The content of the service maps.
@@ -48,6 +51,8 @@ pub struct Dump {
     pub ranges4: BTreeSet<(u32, u32, u8)>,
     pub config: Config,
     pub local_cidrs4: BTreeSet<(u32, u8)>,
+    pub config6: Config6,
+    pub local_cidrs6: BTreeSet<([u32; 4], u8)>,
 }
 
 impl Dump {
@@ -95,6 +100,13 @@ impl Dump {
             }
             Op::DelLocalCidr4(a, p) => {
                 self.local_cidrs4.remove(&(*a, *p));
+            }
+            Op::PutConfig6(c) => self.config6 = *c,
+            Op::PutLocalCidr6(a, p) => {
+                self.local_cidrs6.insert((*a, *p));
+            }
+            Op::DelLocalCidr6(a, p) => {
+                self.local_cidrs6.remove(&(*a, *p));
             }
         }
     }
@@ -168,6 +180,8 @@ pub struct AyaMaps {
     ranges4: aya::maps::LpmTrie<aya::maps::MapData, SourceRange4, u8>,
     config: aya::maps::Array<aya::maps::MapData, Config>,
     local4: aya::maps::LpmTrie<aya::maps::MapData, Cidr4, u8>,
+    config6: aya::maps::Array<aya::maps::MapData, Config6>,
+    local6: aya::maps::LpmTrie<aya::maps::MapData, Cidr6, u8>,
 }
 
 impl std::fmt::Debug for AyaMaps {
@@ -229,6 +243,8 @@ impl AyaMaps {
             ranges4: take(ebpf, m::SOURCE_RANGES4)?,
             config: take(ebpf, m::CONFIG)?,
             local4: take(ebpf, m::LOCAL_CIDRS4)?,
+            config6: take(ebpf, m::CONFIG6)?,
+            local6: take(ebpf, m::LOCAL_CIDRS6)?,
         })
     }
 }
@@ -259,6 +275,8 @@ impl AyaMaps {
             ranges4: pinned(dir, m::SOURCE_RANGES4, Map::LpmTrie)?,
             config: pinned(dir, m::CONFIG, Map::Array)?,
             local4: pinned(dir, m::LOCAL_CIDRS4, Map::LpmTrie)?,
+            config6: pinned(dir, m::CONFIG6, Map::Array)?,
+            local6: pinned(dir, m::LOCAL_CIDRS6, Map::LpmTrie)?,
         })
     }
 }
@@ -340,6 +358,19 @@ impl MapIo for AyaMaps {
                 &aya::maps::lpm_trie::Key::new(u32::from(*p), Cidr4 { addr: *a }),
             ))
             .map_err(err(m::LOCAL_CIDRS4, "delete")),
+            Op::PutConfig6(c) => self.config6.set(0, c, 0).map_err(err(m::CONFIG6, "update")),
+            Op::PutLocalCidr6(a, p) => self
+                .local6
+                .insert(
+                    &aya::maps::lpm_trie::Key::new(u32::from(*p), Cidr6 { addr: *a }),
+                    1,
+                    0,
+                )
+                .map_err(err(m::LOCAL_CIDRS6, "update")),
+            Op::DelLocalCidr6(a, p) => tolerate_missing(self.local6.remove(
+                &aya::maps::lpm_trie::Key::new(u32::from(*p), Cidr6 { addr: *a }),
+            ))
+            .map_err(err(m::LOCAL_CIDRS6, "delete")),
         }
     }
 
@@ -377,6 +408,12 @@ impl MapIo for AyaMaps {
             let k = r.map_err(err(m::LOCAL_CIDRS4, "dump"))?;
             d.local_cidrs4
                 .insert((k.data().addr, u8::try_from(k.prefix_len()).unwrap_or(32)));
+        }
+        d.config6 = self.config6.get(&0, 0).map_err(err(m::CONFIG6, "dump"))?;
+        for r in self.local6.keys() {
+            let k = r.map_err(err(m::LOCAL_CIDRS6, "dump"))?;
+            d.local_cidrs6
+                .insert((k.data().addr, u8::try_from(k.prefix_len()).unwrap_or(128)));
         }
         Ok(d)
     }

@@ -18,7 +18,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use switchyard_ebpf_common::maps as m;
-use switchyard_ebpf_common::{Ct4Key, Ct4Value};
+use switchyard_ebpf_common::{Ct4Value, Ct6Value};
 use switchyard_model::{ChangeSet, DesiredState};
 
 use self::io::AyaMaps;
@@ -334,30 +334,15 @@ impl EbpfDataplane {
         Ok(())
     }
 
-    /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`). A failure is
-    /// logged: the maps are already right, and the next sync tries again.
+    /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`), in both families'
+    /// flow maps. A failure is logged: the maps are already right, and the next sync tries
+    /// again.
     fn clear_stale_udp(&mut self) {
         let endpoints = ct::udp_endpoints(self.writer.ports());
-        let Some(map) = self.ebpf.map_mut(m::CT4) else {
-            return;
-        };
-        let mut map = match aya::maps::HashMap::<_, Ct4Key, Ct4Value>::try_from(map) {
-            Ok(map) => map,
-            Err(e) => {
-                tracing::warn!(error = %e, "opening SY_CT4 for stale UDP cleanup");
-                return;
-            }
-        };
-        let entries: Vec<(Ct4Key, Ct4Value)> = map.iter().filter_map(Result::ok).collect();
-        let mut flows = 0u64;
-        for (fwd, rev) in ct::stale_udp(entries, &endpoints) {
-            let _ = map.remove(&rev);
-            if map.remove(&fwd).is_ok() {
-                flows += 1;
-            }
-        }
+        let flows = sweep::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)
+            + sweep::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints);
         if flows > 0 {
-            tracing::info!(flows, "deleted stale UDP flows from the tc conntrack map");
+            tracing::info!(flows, "deleted stale UDP flows from the tc flow maps");
             self.metrics.stale_conntrack_deleted.inc_by(flows);
         }
     }
@@ -518,6 +503,33 @@ impl Dataplane for EbpfDataplane {
         }
         Ok(())
     }
+}
+
+/// Delete one flow map's stale UDP flows; how many.
+fn sweep<V>(ebpf: &mut aya::Ebpf, name: &'static str, endpoints: &ct::UdpEndpoints) -> u64
+where
+    V: ct::Flow + aya::Pod,
+    V::Key: aya::Pod,
+{
+    let Some(map) = ebpf.map_mut(name) else {
+        return 0;
+    };
+    let mut map = match aya::maps::HashMap::<_, V::Key, V>::try_from(map) {
+        Ok(map) => map,
+        Err(e) => {
+            tracing::warn!(error = %e, map = name, "opening a flow map for stale UDP cleanup");
+            return 0;
+        }
+    };
+    let entries: Vec<(V::Key, V)> = map.iter().filter_map(Result::ok).collect();
+    let mut flows = 0;
+    for (fwd, rev) in ct::stale_udp(entries, endpoints) {
+        let _ = map.remove(&rev);
+        if map.remove(&fwd).is_ok() {
+            flows += 1;
+        }
+    }
+    flows
 }
 
 /// Remove every link and map Switchyard pinned: programs detach, maps go away.

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use switchyard_ebpf_common::{
-    Config, Frontend4Key, Frontend6Key, FrontendValue, SLOT_BASE_A, SLOT_BASE_B, SetValue, SlotKey,
+    Config, Config6, Frontend4Key, Frontend6Key, FrontendValue, SLOT_BASE_A, SLOT_BASE_B, SetValue,
+    SlotKey,
 };
 use switchyard_model::{ChangeSet, DesiredState, ServicePortKey, ServicePortState};
 
@@ -33,6 +34,7 @@ pub struct Capacity {
 pub struct Globals {
     pub masquerade_all: bool,
     pub cluster_cidrs4: Vec<(u32, u8)>,
+    pub cluster_cidrs6: Vec<([u32; 4], u8)>,
 }
 
 /// A service port that could not be programmed for lack of capacity; its previous state
@@ -61,6 +63,7 @@ pub struct Writer<M> {
     live_slots: u64,
     adopted: bool,
     config: Option<Config>,
+    config6: Option<Config6>,
 }
 
 impl<M> std::fmt::Debug for Writer<M> {
@@ -98,6 +101,19 @@ fn slot(set: u32, base: u32, i: usize) -> SlotKey {
     }
 }
 
+fn node_ipv6(state: &DesiredState) -> [u32; 4] {
+    state
+        .node_addresses
+        .iter()
+        .find_map(|a| match a {
+            IpAddr::V6(v) if !v.is_unicast_link_local() && !v.is_loopback() => {
+                Some(super::render::addr6(*v))
+            }
+            _ => None,
+        })
+        .unwrap_or([0; 4])
+}
+
 fn node_ipv4(state: &DesiredState) -> u32 {
     state
         .node_addresses
@@ -122,6 +138,7 @@ impl<M: MapIo> Writer<M> {
             live_slots: 0,
             adopted: false,
             config: None,
+            config6: None,
         }
     }
 
@@ -142,6 +159,13 @@ impl<M: MapIo> Writer<M> {
         if self.config != Some(c) {
             self.write(&Op::PutConfig(c), report)?;
             self.config = Some(c);
+        }
+        let c6 = Config6 {
+            snat_addr6: node_ipv6(state),
+        };
+        if self.config6 != Some(c6) {
+            self.write(&Op::PutConfig6(c6), report)?;
+            self.config6 = Some(c6);
         }
         Ok(())
     }
@@ -436,6 +460,21 @@ impl<M: MapIo> Writer<M> {
         }
         for c in dump.local_cidrs4.difference(&cidrs) {
             self.write(&Op::DelLocalCidr4(c.0, c.1), &mut report)?;
+        }
+        let c6 = Config6 {
+            snat_addr6: node_ipv6(state),
+        };
+        if dump.config6 != c6 {
+            self.write(&Op::PutConfig6(c6), &mut report)?;
+        }
+        self.config6 = Some(c6);
+        let cidrs6: BTreeSet<([u32; 4], u8)> =
+            self.globals.cluster_cidrs6.iter().copied().collect();
+        for c in cidrs6.difference(&dump.local_cidrs6) {
+            self.write(&Op::PutLocalCidr6(c.0, c.1), &mut report)?;
+        }
+        for c in dump.local_cidrs6.difference(&cidrs6) {
+            self.write(&Op::DelLocalCidr6(c.0, c.1), &mut report)?;
         }
 
         // Writes: backends, ranges, sets (slots then flip), frontends.
