@@ -31,7 +31,7 @@ use switchyard_ebpf_common::{
     Counters, Ct4Key, Ct4Value, Ct6Key, Ct6Value, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES,
     Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY,
     SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value, SockRev6Key,
-    SockRev6Value, SourceRange4,
+    SockRev6Value, SourceRange4, SourceRange6,
 };
 
 const NO_PREALLOC: u32 = 1;
@@ -69,6 +69,8 @@ static LOCAL_CIDRS4: LpmTrie<Cidr4, u8> = LpmTrie::pinned(256, NO_PREALLOC);
 static CT6: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(131_072, NO_COMMON_LRU);
 #[map(name = "SY_CONFIG6")]
 static CONFIG6: Array<Config6> = Array::pinned(1, 0);
+#[map(name = "SY_SRC_RANGES6")]
+static SRC_RANGES6: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(65_536, NO_PREALLOC);
 #[map(name = "SY_LOCAL_CIDRS6")]
 static LOCAL_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::pinned(256, NO_PREALLOC);
 

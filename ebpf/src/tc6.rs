@@ -369,9 +369,17 @@ fn choose6(p: &Packet6, tcp_flags: u32, plan: &mut Plan6) -> i32 {
     {
         return TCX_NEXT;
     }
-    // IPv6 loadBalancerSourceRanges are not matched here: refuse rather than admit all.
     if fe.flags & FE_SOURCE_RANGES != 0 {
-        return TC_ACT_SHOT as i32;
+        let k = LpmKey::new(
+            32 + 128,
+            SourceRange6 {
+                set_id: fe.set_id,
+                addr: p.saddr,
+            },
+        );
+        if SRC_RANGES6.get(&k).is_none() {
+            return TC_ACT_SHOT as i32;
+        }
     }
     let Some(set) = (unsafe { SETS.get(&fe.set_id) }) else {
         return TCX_NEXT;

@@ -795,7 +795,10 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
     let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: ds, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.80\n  clusterIPs: [10.96.0.80, 'fd00:96::80']\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30160}\n  - {name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: 30161}\n";
     // An IPv6-only NodePort without endpoints.
     let empty = "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty6, namespace: t}\nspec:\n  type: NodePort\n  ipFamilies: [IPv6]\n  clusterIP: 'fd00:96::81'\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30190}\n";
-    let slice6 = |without: Option<&str>| {
+    // IPv6 load balancers with source ranges: the client (fd00:30::2) is inside
+    // fd00:30::/126 for lb6 and outside the ranges of closed6.
+    let lbs = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb6, namespace: t}\nspec:\n  type: LoadBalancer\n  ipFamilies: [IPv6]\n  clusterIP: 'fd00:96::82'\n  loadBalancerSourceRanges: ['fd00:30::/126']\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30191}]\nstatus: {loadBalancer: {ingress: [{ip: 'fd00:31::100'}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: closed6, namespace: t}\nspec:\n  type: LoadBalancer\n  ipFamilies: [IPv6]\n  clusterIP: 'fd00:96::83'\n  loadBalancerSourceRanges: ['2001:db8::/32']\n  ports: [{name: http, port: 81, targetPort: 8080, nodePort: 30192}]\nstatus: {loadBalancer: {ingress: [{ip: 'fd00:31::100'}]}}\n";
+    let slice6 = |name: &str, without: Option<&str>| {
         let eps: Vec<String> = backends()
             .iter()
             .filter(|s| Some(s.name.as_str()) != without)
@@ -809,12 +812,19 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
             })
             .collect();
         format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ds-6, namespace: t, labels: {{kubernetes.io/service-name: ds}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{}",
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-6, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv6\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{}",
             eps.concat()
         )
     };
-    let cluster =
-        |without: Option<&str>| format!("{svc}{empty}{}{}", slice("ds", &ALL3), slice6(without));
+    let cluster = |without: Option<&str>| {
+        format!(
+            "{svc}{empty}{lbs}{}{}{}{}",
+            slice("ds", &ALL3),
+            slice6("ds", without),
+            slice6("lb6", None),
+            slice6("closed6", None)
+        )
+    };
     let mut c = Cluster::start(b, 8, &cluster(None));
     for target in ["10.96.0.80:80", "[fd00:96::80]:80"] {
         let got = c.until(
@@ -855,6 +865,23 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
                 .unwrap()
         },
         all_ok,
+    );
+    c.until(
+        "IPv6 LB in range",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "[fd00:31::100]:80", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    let got =
+        c.sb.probe_from_client(&["--tcp", "[fd00:31::100]:81", "--timeout-ms", "700"])
+            .unwrap();
+    assert_eq!(
+        got,
+        ["err timeout"],
+        "an IPv6 source outside loadBalancerSourceRanges must be dropped"
     );
     // No endpoints: refused at once over IPv6 too (ICMPv6 port unreachable).
     let t = Instant::now();

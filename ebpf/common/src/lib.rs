@@ -29,9 +29,10 @@ pub mod maps {
     pub const CT6: &str = "SY_CT6";
     pub const CONFIG6: &str = "SY_CONFIG6";
     pub const LOCAL_CIDRS6: &str = "SY_LOCAL_CIDRS6";
+    pub const SOURCE_RANGES6: &str = "SY_SRC_RANGES6";
 
     /// Every map, for cleanup and inspection.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         FRONTENDS4,
         FRONTENDS6,
         SETS,
@@ -48,6 +49,7 @@ pub mod maps {
         CT6,
         CONFIG6,
         LOCAL_CIDRS6,
+        SOURCE_RANGES6,
     ];
 }
 
@@ -181,6 +183,15 @@ pub struct SourceRange4 {
     pub addr: u32,
 }
 const _: () = assert!(size_of::<SourceRange4>() == 8);
+
+/// LPM key of the IPv6 source-range map: 32 bits of set id, then the IPv6 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceRange6 {
+    pub set_id: u32,
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<SourceRange6>() == 20);
 
 /// Connection-tracking key (IPv4 5-tuple as seen on the wire in that direction).
 #[repr(C)]
@@ -343,6 +354,7 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::SourceRange4 {}
+    unsafe impl aya::Pod for super::SourceRange6 {}
     unsafe impl aya::Pod for super::Ct4Key {}
     unsafe impl aya::Pod for super::Ct4Value {}
     unsafe impl aya::Pod for super::Ct6Key {}

@@ -111,6 +111,12 @@ fn frontend_view(d: &Dump, fe: String, p: u8, scope: u8, v: FrontendValue) -> Fr
             .iter()
             .filter(|(s, _, _)| *s == v.set_id)
             .map(|(_, a, l)| format!("{}/{l}", v4(*a)))
+            .chain(
+                d.ranges6
+                    .iter()
+                    .filter(|(s, _, _)| *s == v.set_id)
+                    .map(|(_, a, l)| format!("{}/{l}", v6(*a))),
+            )
             .collect();
         options.push(format!("sourceRanges={}", ranges.join(",")));
     }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use switchyard_ebpf_common::{
     BackendValue, Cidr4, Cidr6, Config, Config6, Frontend4Key, Frontend6Key, FrontendValue,
-    SetValue, SlotKey, SourceRange4,
+    SetValue, SlotKey, SourceRange4, SourceRange6,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,8 @@ pub enum Op {
     PutLocalCidr4(u32, u8),
     DelLocalCidr4(u32, u8),
     PutConfig6(Config6),
+    PutRange6(u32, [u32; 4], u8),
+    DelRange6(u32, [u32; 4], u8),
     PutLocalCidr6([u32; 4], u8),
     DelLocalCidr6([u32; 4], u8),
 }
@@ -53,6 +55,7 @@ pub struct Dump {
     pub local_cidrs4: BTreeSet<(u32, u8)>,
     pub config6: Config6,
     pub local_cidrs6: BTreeSet<([u32; 4], u8)>,
+    pub ranges6: BTreeSet<(u32, [u32; 4], u8)>,
 }
 
 impl Dump {
@@ -102,6 +105,12 @@ impl Dump {
                 self.local_cidrs4.remove(&(*a, *p));
             }
             Op::PutConfig6(c) => self.config6 = *c,
+            Op::PutRange6(s, a, p) => {
+                self.ranges6.insert((*s, *a, *p));
+            }
+            Op::DelRange6(s, a, p) => {
+                self.ranges6.remove(&(*s, *a, *p));
+            }
             Op::PutLocalCidr6(a, p) => {
                 self.local_cidrs6.insert((*a, *p));
             }
@@ -182,6 +191,7 @@ pub struct AyaMaps {
     local4: aya::maps::LpmTrie<aya::maps::MapData, Cidr4, u8>,
     config6: aya::maps::Array<aya::maps::MapData, Config6>,
     local6: aya::maps::LpmTrie<aya::maps::MapData, Cidr6, u8>,
+    ranges6: aya::maps::LpmTrie<aya::maps::MapData, SourceRange6, u8>,
 }
 
 impl std::fmt::Debug for AyaMaps {
@@ -245,6 +255,7 @@ impl AyaMaps {
             local4: take(ebpf, m::LOCAL_CIDRS4)?,
             config6: take(ebpf, m::CONFIG6)?,
             local6: take(ebpf, m::LOCAL_CIDRS6)?,
+            ranges6: take(ebpf, m::SOURCE_RANGES6)?,
         })
     }
 }
@@ -277,6 +288,7 @@ impl AyaMaps {
             local4: pinned(dir, m::LOCAL_CIDRS4, Map::LpmTrie)?,
             config6: pinned(dir, m::CONFIG6, Map::Array)?,
             local6: pinned(dir, m::LOCAL_CIDRS6, Map::LpmTrie)?,
+            ranges6: pinned(dir, m::SOURCE_RANGES6, Map::LpmTrie)?,
         })
     }
 }
@@ -306,6 +318,10 @@ pub fn read_counters(
 
 fn range_key(set: u32, addr: u32, prefix: u8) -> aya::maps::lpm_trie::Key<SourceRange4> {
     aya::maps::lpm_trie::Key::new(32 + u32::from(prefix), SourceRange4 { set_id: set, addr })
+}
+
+fn range6_key(set: u32, addr: [u32; 4], prefix: u8) -> aya::maps::lpm_trie::Key<SourceRange6> {
+    aya::maps::lpm_trie::Key::new(32 + u32::from(prefix), SourceRange6 { set_id: set, addr })
 }
 
 impl MapIo for AyaMaps {
@@ -359,6 +375,14 @@ impl MapIo for AyaMaps {
             ))
             .map_err(err(m::LOCAL_CIDRS4, "delete")),
             Op::PutConfig6(c) => self.config6.set(0, c, 0).map_err(err(m::CONFIG6, "update")),
+            Op::PutRange6(s, a, p) => self
+                .ranges6
+                .insert(&range6_key(*s, *a, *p), 1, 0)
+                .map_err(err(m::SOURCE_RANGES6, "update")),
+            Op::DelRange6(s, a, p) => {
+                tolerate_missing(self.ranges6.remove(&range6_key(*s, *a, *p)))
+                    .map_err(err(m::SOURCE_RANGES6, "delete"))
+            }
             Op::PutLocalCidr6(a, p) => self
                 .local6
                 .insert(
@@ -410,6 +434,12 @@ impl MapIo for AyaMaps {
                 .insert((k.data().addr, u8::try_from(k.prefix_len()).unwrap_or(32)));
         }
         d.config6 = self.config6.get(&0, 0).map_err(err(m::CONFIG6, "dump"))?;
+        for r in self.ranges6.keys() {
+            let k = r.map_err(err(m::SOURCE_RANGES6, "dump"))?;
+            let data = k.data();
+            let prefix = u8::try_from(k.prefix_len().saturating_sub(32)).unwrap_or(128);
+            d.ranges6.insert((data.set_id, data.addr, prefix));
+        }
         for r in self.local6.keys() {
             let k = r.map_err(err(m::LOCAL_CIDRS6, "dump"))?;
             d.local_cidrs6

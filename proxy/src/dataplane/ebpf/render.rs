@@ -67,6 +67,8 @@ pub struct PortRender {
     pub frontends6: Vec<(Frontend6Key, FrontendValue)>,
     /// (set id, IPv4 network address, prefix length).
     pub ranges4: Vec<(u32, u32, u8)>,
+    /// (set id, IPv6 network address, prefix length).
+    pub ranges6: Vec<(u32, [u32; 4], u8)>,
 }
 
 impl PortRender {
@@ -469,6 +471,18 @@ pub fn render_port(
                 };
                 out.frontends6.push((k(SCOPE_INTERNAL), int_val));
                 out.frontends6.push((k(SCOPE_EXTERNAL), ext_val));
+                if ranges {
+                    for r in &s.source_ranges {
+                        if let ipnet::IpNet::V6(n) = r {
+                            for set in [int_set, ext_set] {
+                                let e = (set, addr6(n.network()), n.prefix_len());
+                                if !out.ranges6.contains(&e) {
+                                    out.ranges6.push(e);
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
         // NodePorts answer on loopback too, for sockets on the node (socket LB only).
@@ -504,5 +518,6 @@ pub fn render_port(
     out.frontends4.sort_by_key(|(k, _)| *k);
     out.frontends6.sort_by_key(|(k, _)| *k);
     out.ranges4.sort_unstable();
+    out.ranges6.sort_unstable();
     Ok(out)
 }

@@ -243,6 +243,11 @@ impl<M: MapIo> Writer<M> {
                 self.write(&Op::PutRange4(r.0, r.1, r.2), report)?;
             }
         }
+        for r in &n.ranges6 {
+            if !o.ranges6.contains(r) {
+                self.write(&Op::PutRange6(r.0, r.1, r.2), report)?;
+            }
+        }
         // 2. Sets: new slots, flip, delete old slots.
         for s in &n.sets {
             let prev = o.sets.iter().find(|x| x.id == s.id);
@@ -313,6 +318,11 @@ impl<M: MapIo> Writer<M> {
         for r in &o.ranges4 {
             if !n.ranges4.contains(r) {
                 self.write(&Op::DelRange4(r.0, r.1, r.2), report)?;
+            }
+        }
+        for r in &o.ranges6 {
+            if !n.ranges6.contains(r) {
+                self.write(&Op::DelRange6(r.0, r.1, r.2), report)?;
             }
         }
         let new_backends: BTreeSet<u32> = n.backend_ids().collect();
@@ -480,6 +490,7 @@ impl<M: MapIo> Writer<M> {
         // Writes: backends, ranges, sets (slots then flip), frontends.
         let mut want_backends = BTreeMap::new();
         let mut want_ranges = BTreeSet::new();
+        let mut want_ranges6 = BTreeSet::new();
         let mut want_fe4 = BTreeMap::new();
         let mut want_fe6 = BTreeMap::new();
         let mut want_sets: BTreeMap<u32, &SetSpec> = BTreeMap::new();
@@ -491,6 +502,7 @@ impl<M: MapIo> Writer<M> {
                 }
             }
             want_ranges.extend(r.ranges4.iter().copied());
+            want_ranges6.extend(r.ranges6.iter().copied());
             want_fe4.extend(r.frontends4.iter().copied());
             want_fe6.extend(r.frontends6.iter().copied());
         }
@@ -502,6 +514,11 @@ impl<M: MapIo> Writer<M> {
         for r in &want_ranges {
             if !dump.ranges4.contains(r) {
                 self.write(&Op::PutRange4(r.0, r.1, r.2), &mut report)?;
+            }
+        }
+        for r in &want_ranges6 {
+            if !dump.ranges6.contains(r) {
+                self.write(&Op::PutRange6(r.0, r.1, r.2), &mut report)?;
             }
         }
         let mut want_slots: BTreeMap<SlotKey, u32> = BTreeMap::new();
@@ -570,6 +587,11 @@ impl<M: MapIo> Writer<M> {
         for r in &dump.ranges4 {
             if !want_ranges.contains(r) {
                 self.write(&Op::DelRange4(r.0, r.1, r.2), &mut report)?;
+            }
+        }
+        for r in &dump.ranges6 {
+            if !want_ranges6.contains(r) {
+                self.write(&Op::DelRange6(r.0, r.1, r.2), &mut report)?;
             }
         }
         for k in dump.backends.keys() {
