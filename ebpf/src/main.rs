@@ -584,6 +584,13 @@ fn forward(ctx: &TcContext, saddr: u32, daddr: u32, proto: u8, sport: u16, dport
             0,
         )
     };
+    redirect(ctx, rc, &params)
+}
+
+/// Act on a FIB lookup's answer (both families): out of the egress device with its MACs,
+/// through the neighbour subsystem when the next hop is unresolved, else to the stack.
+#[inline(always)]
+fn redirect(ctx: &TcContext, rc: i64, params: &bpf_fib_lookup) -> i32 {
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&params.dmac);
@@ -637,10 +644,13 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
 
 #[inline(always)]
 fn flow_hash(p: &Packet) -> u32 {
-    let mut h = p.saddr
-        ^ p.daddr.rotate_left(7)
-        ^ ((p.sport as u32) << 16 | p.dport as u32)
-        ^ p.proto as u32;
+    mix(p.saddr ^ p.daddr.rotate_left(7), p.sport, p.dport, p.proto)
+}
+
+/// The flow hash of both families: folded addresses, ports and protocol, mixed.
+#[inline(always)]
+fn mix(addrs: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = addrs ^ ((sport as u32) << 16 | dport as u32) ^ proto as u32;
     h ^= h >> 16;
     h = h.wrapping_mul(0x7feb_352d);
     h ^= h >> 15;
@@ -653,14 +663,7 @@ fn flow_hash(p: &Packet) -> u32 {
 #[inline(always)]
 fn mark_closing(key: &Ct4Key, ct: &Ct4Value) {
     let fwd = if ct.flags & CT_REVERSE != 0 {
-        Ct4Key {
-            saddr: ct.new_daddr,
-            daddr: ct.new_saddr,
-            sport: ct.new_dport,
-            dport: ct.new_sport,
-            proto: key.proto,
-            pad: [0; 3],
-        }
+        ct.peer_key(key.proto)
     } else {
         *key
     };

@@ -139,19 +139,7 @@ fn forward6(
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&params.dmac);
-        macs[6..].copy_from_slice(&params.smac);
-        if ctx.store(0, &macs, 0).is_err() {
-            return TC_ACT_SHOT as i32;
-        }
-        unsafe { bpf_redirect(params.ifindex, 0) as i32 }
-    } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-    } else {
-        TC_ACT_OK as i32
-    }
+    redirect(ctx, rc, &params)
 }
 
 /// ICMPv6 port unreachable back out of the interface the packet came in on (the IPv6 form of
@@ -211,28 +199,15 @@ fn reject6(ctx: &TcContext, p: &Packet6) -> i32 {
 
 #[inline(always)]
 fn flow_hash6(p: &Packet6) -> u32 {
-    let mut h = p.saddr[0] ^ p.saddr[1] ^ p.saddr[2] ^ p.saddr[3];
-    h ^= (p.daddr[0] ^ p.daddr[1] ^ p.daddr[2] ^ p.daddr[3]).rotate_left(7);
-    h ^= (p.sport as u32) << 16 | p.dport as u32;
-    h ^= p.proto as u32;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb_352d);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x846c_a68b);
-    h ^ (h >> 16)
+    let s = p.saddr[0] ^ p.saddr[1] ^ p.saddr[2] ^ p.saddr[3];
+    let d = p.daddr[0] ^ p.daddr[1] ^ p.daddr[2] ^ p.daddr[3];
+    mix(s ^ d.rotate_left(7), p.sport, p.dport, p.proto)
 }
 
 #[inline(never)]
 fn mark_closing6(key: &Ct6Key, ct: &Ct6Value) {
     let fwd = if ct.flags & CT_REVERSE != 0 {
-        Ct6Key {
-            saddr: ct.new_daddr,
-            daddr: ct.new_saddr,
-            sport: ct.new_dport,
-            dport: ct.new_sport,
-            proto: key.proto,
-            pad: [0; 3],
-        }
+        ct.peer_key(key.proto)
     } else {
         *key
     };

@@ -221,6 +221,21 @@ pub struct Ct4Value {
 }
 const _: () = assert!(size_of::<Ct4Value>() == 24);
 
+impl Ct4Value {
+    /// The key of the other direction's entry: a forward entry's reverse entry, or a reverse
+    /// entry's forward entry (both swap the translated tuple).
+    pub const fn peer_key(&self, proto: u8) -> Ct4Key {
+        Ct4Key {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport: self.new_dport,
+            dport: self.new_sport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
 pub const CT_REVERSE: u32 = 1 << 0;
 pub const CT_SNAT: u32 = 1 << 1;
 /// On forward entries: a FIN or RST of this TCP flow was seen. A SYN that reuses the
@@ -314,6 +329,20 @@ pub struct Ct6Value {
     pub pad: u32,
 }
 const _: () = assert!(size_of::<Ct6Value>() == 48);
+
+impl Ct6Value {
+    /// As `Ct4Value::peer_key`.
+    pub const fn peer_key(&self, proto: u8) -> Ct6Key {
+        Ct6Key {
+            saddr: self.new_daddr,
+            daddr: self.new_saddr,
+            sport: self.new_dport,
+            dport: self.new_sport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
 
 /// IPv6 global settings, index 0 of `SY_CONFIG6`.
 #[repr(C)]

@@ -685,41 +685,34 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
 /// Switchyard serves exactly the records the peer servers load from zone files.
 fn peer_cluster_manifests(n: u32) -> String {
     use std::fmt::Write as _;
-    const PORTS: [(&str, u16); 6] = [
-        ("http", 80),
-        ("https", 443),
-        ("grpc", 8080),
-        ("metrics", 9090),
-        ("postgres", 5432),
-        ("redis", 6379),
-    ];
-    let svc_base = u32::from(Ipv4Addr::new(172, 30, 0, 10));
-    let ep_base = u32::from(Ipv4Addr::new(10, 128, 0, 1));
     let mut s = String::new();
     let _ = write!(
         s,
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: kubernetes, namespace: default}}\nspec: {{clusterIP: 172.30.0.1, ports: [{{name: https, port: 443}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec: {{clusterIP: 172.30.0.2, ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53}}, {{name: metrics, port: 9153}}]}}\n"
     );
     for i in 0..n {
-        let ns = format!("ns{}", i % 10);
-        let (pname, port) = PORTS[(i % 6) as usize];
+        // Headless services have 5 endpoints in the zone model.
+        let PeerService {
+            name,
+            ns,
+            port_name: pname,
+            port,
+            vip,
+            eps,
+            ..
+        } = peer_service(i, 5);
         if i % 10 == 5 {
             let _ = write!(
                 s,
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: {ns}}}\nspec: {{clusterIP: None, ports: [{{name: {pname}, port: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc{i}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: svc{i}}}}}\naddressType: IPv4\nports: [{{name: {pname}, port: {port}, protocol: TCP}}]\nendpoints:\n"
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: None, ports: [{{name: {pname}, port: {port}}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: {pname}, port: {port}, protocol: TCP}}]\nendpoints:\n"
             );
-            for k in 0..5 {
-                let _ = writeln!(
-                    s,
-                    "- {{addresses: [{}], hostname: svc{i}-{k}}}",
-                    Ipv4Addr::from(ep_base + i * 5 + k)
-                );
+            for (k, ep) in eps.iter().enumerate() {
+                let _ = writeln!(s, "- {{addresses: [{ep}], hostname: {name}-{k}}}");
             }
         } else {
             let _ = write!(
                 s,
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: {ns}}}\nspec: {{clusterIP: {}, ports: [{{name: {pname}, port: {port}}}]}}\n",
-                Ipv4Addr::from(svc_base + i)
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: {vip}, ports: [{{name: {pname}, port: {port}}}]}}\n"
             );
         }
     }

@@ -74,14 +74,7 @@ impl Flow for Ct4Value {
         ([self.new_daddr, 0, 0, 0], self.new_dport)
     }
     fn reverse_key(&self, proto: u8) -> Ct4Key {
-        Ct4Key {
-            saddr: self.new_daddr,
-            daddr: self.new_saddr,
-            sport: self.new_dport,
-            dport: self.new_sport,
-            proto,
-            pad: [0; 3],
-        }
+        self.peer_key(proto)
     }
 }
 
@@ -100,14 +93,7 @@ impl Flow for Ct6Value {
         (self.new_daddr, self.new_dport)
     }
     fn reverse_key(&self, proto: u8) -> Ct6Key {
-        Ct6Key {
-            saddr: self.new_daddr,
-            daddr: self.new_saddr,
-            sport: self.new_dport,
-            dport: self.new_sport,
-            proto,
-            pad: [0; 3],
-        }
+        self.peer_key(proto)
     }
 }
 
