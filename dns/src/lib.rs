@@ -12,4 +12,4 @@ pub mod snapshot;
 pub use forward::{ForwardConfig, Forwarder};
 pub use metrics::DnsMetrics;
 pub use server::{Handler, SharedSnapshot, serve};
-pub use snapshot::{PodsMode, Snapshot, ZoneConfig};
+pub use snapshot::{PodsMode, ServiceRecords, Snapshot, ZoneBuilder, ZoneConfig};

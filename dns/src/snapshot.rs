@@ -1,11 +1,11 @@
-//! An immutable view of the cluster zone, built from the model after every sync and swapped
-//! in atomically. Every name that exists is a key (empty non-terminals with no records too),
+//! An immutable view of the cluster zone, kept up to date service by service from the store
+//! and swapped in atomically. Every name that exists is a key (empty non-terminals with no records too),
 //! so NXDOMAIN versus NODATA is a lookup.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use switchyard_model::{EndpointSlice, IpFamily, Protocol, Service, ServiceType};
+use switchyard_model::{EndpointSlice, IpFamily, Protocol, Service, ServiceKey, ServiceType};
 
 /// Record data in the zone, targets as lowercase names without the trailing dot.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,15 +44,254 @@ impl Default for ZoneConfig {
     }
 }
 
+/// What the server answers from: persistent maps, so publishing a new snapshot after one
+/// service changed costs that service's records, not a copy of the zone.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// False until the first sync: queries in the zone get SERVFAIL.
     pub synced: bool,
     pub cfg: ZoneConfig,
-    pub names: HashMap<String, Vec<Rec>>,
-    pub ptr: HashMap<IpAddr, Vec<String>>,
+    pub names: imbl::HashMap<String, Vec<Rec>>,
+    pub ptr: imbl::HashMap<IpAddr, Vec<String>>,
     /// Serial for the SOA: changes with every rebuild.
     pub serial: u32,
+}
+
+/// The records one Service contributes: every name at or below `<svc>.<ns>.svc.<zone>`
+/// (owned by this service alone) and its PTR targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRecords {
+    /// Lowercase namespace: its `<ns>.svc.<zone>` node exists while some service is in it.
+    pub namespace: String,
+    pub names: BTreeMap<String, Vec<Rec>>,
+    pub ptrs: Vec<(IpAddr, String)>,
+}
+
+fn proto_label(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "_tcp",
+        Protocol::Udp => "_udp",
+        Protocol::Sctp => "_sctp",
+    }
+}
+
+impl ServiceRecords {
+    fn add(&mut self, svc_name: &str, name: String, rec: Option<Rec>) {
+        // Every ancestor up to the service name exists (as an empty non-terminal at least).
+        let mut n = name.as_str();
+        while n.len() > svc_name.len() {
+            self.names.entry(n.to_string()).or_default();
+            match n.split_once('.') {
+                Some((_, rest)) => n = rest,
+                None => break,
+            }
+        }
+        self.names.entry(svc_name.to_string()).or_default();
+        if let Some(r) = rec {
+            let v = self.names.entry(name).or_default();
+            if !v.contains(&r) {
+                v.push(r);
+            }
+        }
+    }
+
+    fn add_ptr(&mut self, ip: IpAddr, target: &str) {
+        if !self.ptrs.iter().any(|(a, t)| *a == ip && t == target) {
+            self.ptrs.push((ip, target.to_string()));
+        }
+    }
+
+    /// The records of `svc` in `zone`, from its EndpointSlices (headless services).
+    pub fn of<'a>(
+        zone: &str,
+        svc: &Service,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) -> ServiceRecords {
+        let ns = svc.key.namespace.to_ascii_lowercase();
+        let name = format!("{}.{ns}.svc.{zone}", svc.key.name.to_ascii_lowercase());
+        let mut r = ServiceRecords {
+            namespace: ns,
+            ..ServiceRecords::default()
+        };
+        if svc.service_type == ServiceType::ExternalName {
+            let target = svc
+                .external_name
+                .as_ref()
+                .map(|t| Rec::Cname(t.to_ascii_lowercase()));
+            r.add(&name, name.clone(), target);
+            return r;
+        }
+        r.add(&name, name.clone(), None);
+        if !svc.headless {
+            for ip in &svc.cluster_ips {
+                r.add(&name, name.clone(), Some(Rec::Addr(*ip)));
+                r.add_ptr(*ip, &name);
+            }
+            for p in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+                r.add(
+                    &name,
+                    format!(
+                        "_{}.{}.{name}",
+                        p.name.to_ascii_lowercase(),
+                        proto_label(p.protocol)
+                    ),
+                    Some(Rec::Srv {
+                        weight: 100,
+                        port: p.port,
+                        target: name.clone(),
+                    }),
+                );
+            }
+            r.sort();
+            return r;
+        }
+        // Headless: every ready endpoint (the model's readiness rule), once, by name.
+        let mut endpoints: BTreeSet<(String, IpAddr)> = BTreeSet::new();
+        let mut srv: BTreeMap<String, BTreeSet<(u16, String)>> = BTreeMap::new();
+        for slice in slices {
+            for ep in slice.endpoints.iter().filter(|ep| svc.counts_as_ready(ep)) {
+                let host = ep
+                    .hostname
+                    .as_deref()
+                    .map_or_else(|| Snapshot::dashed(&ep.address), str::to_ascii_lowercase);
+                let ep_name = format!("{host}.{name}");
+                endpoints.insert((ep_name.clone(), ep.address));
+                for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
+                    srv.entry(format!(
+                        "_{}.{}.{name}",
+                        p.name.to_ascii_lowercase(),
+                        proto_label(p.protocol)
+                    ))
+                    .or_default()
+                    .insert((p.port, ep_name.clone()));
+                }
+            }
+        }
+        for (ep_name, ip) in &endpoints {
+            r.add(&name, name.clone(), Some(Rec::Addr(*ip)));
+            r.add(&name, ep_name.clone(), Some(Rec::Addr(*ip)));
+            r.add_ptr(*ip, ep_name);
+        }
+        for (srv_name, targets) in srv {
+            let weight = u16::try_from(100 / targets.len().max(1))
+                .unwrap_or(1)
+                .max(1);
+            for (port, target) in targets {
+                r.add(
+                    &name,
+                    srv_name.clone(),
+                    Some(Rec::Srv {
+                        weight,
+                        port,
+                        target,
+                    }),
+                );
+            }
+        }
+        r.sort();
+        r
+    }
+
+    fn sort(&mut self) {
+        for v in self.names.values_mut() {
+            v.sort();
+        }
+    }
+}
+
+/// Keeps the zone up to date one service at a time and publishes immutable snapshots.
+#[derive(Debug, Clone)]
+pub struct ZoneBuilder {
+    snap: Snapshot,
+    services: HashMap<ServiceKey, ServiceRecords>,
+    /// Services per lowercase namespace (the `<ns>.svc.<zone>` node lives while > 0).
+    namespaces: HashMap<String, usize>,
+}
+
+impl ZoneBuilder {
+    pub fn new(cfg: ZoneConfig) -> ZoneBuilder {
+        let mut snap = Snapshot::empty(cfg);
+        let zone = snap.cfg.zone.clone();
+        for n in [zone.clone(), format!("svc.{zone}")] {
+            snap.names.insert(n, Vec::new());
+        }
+        snap.names.insert(
+            format!("dns-version.{zone}"),
+            vec![Rec::Txt("1.1.0".into())],
+        );
+        if snap.cfg.pods == PodsMode::Insecure {
+            snap.names.insert(format!("pod.{zone}"), Vec::new());
+        }
+        ZoneBuilder {
+            snap,
+            services: HashMap::new(),
+            namespaces: HashMap::new(),
+        }
+    }
+
+    pub fn zone(&self) -> &str {
+        &self.snap.cfg.zone
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Replace the records of one service (`None`: the service is gone).
+    pub fn set(&mut self, key: &ServiceKey, records: Option<ServiceRecords>) {
+        if let Some(old) = self.services.remove(key) {
+            if records.as_ref() == Some(&old) {
+                self.services.insert(key.clone(), old);
+                return;
+            }
+            for n in old.names.keys() {
+                self.snap.names.remove(n);
+            }
+            for (ip, t) in &old.ptrs {
+                if let Some(v) = self.snap.ptr.get_mut(ip) {
+                    v.retain(|x| x != t);
+                    if v.is_empty() {
+                        self.snap.ptr.remove(ip);
+                    }
+                }
+            }
+            let ns_key = format!("{}.svc.{}", old.namespace, self.snap.cfg.zone);
+            if let Some(c) = self.namespaces.get_mut(&old.namespace) {
+                *c -= 1;
+                if *c == 0 {
+                    self.namespaces.remove(&old.namespace);
+                    self.snap.names.remove(&ns_key);
+                }
+            }
+        }
+        let Some(new) = records else { return };
+        for (n, recs) in &new.names {
+            self.snap.names.insert(n.clone(), recs.clone());
+        }
+        for (ip, t) in &new.ptrs {
+            let v = self.snap.ptr.entry(*ip).or_default();
+            v.push(t.clone());
+            v.sort();
+        }
+        let c = self.namespaces.entry(new.namespace.clone()).or_default();
+        if *c == 0 {
+            let ns_key = format!("{}.svc.{}", new.namespace, self.snap.cfg.zone);
+            self.snap.names.insert(ns_key, Vec::new());
+        }
+        *c += 1;
+        self.services.insert(key.clone(), new);
+    }
+
+    /// The zone as it is now, marked synced, with `serial` for its SOA.
+    pub fn publish(&mut self, serial: u32) -> Snapshot {
+        self.snap.synced = true;
+        self.snap.serial = serial;
+        self.snap.clone()
+    }
 }
 
 impl Snapshot {
@@ -60,8 +299,8 @@ impl Snapshot {
         Snapshot {
             synced: false,
             cfg,
-            names: HashMap::new(),
-            ptr: HashMap::new(),
+            names: imbl::HashMap::new(),
+            ptr: imbl::HashMap::new(),
             serial: 0,
         }
     }
@@ -74,142 +313,19 @@ impl Snapshot {
         }
     }
 
-    fn add(&mut self, name: String, rec: Option<Rec>) {
-        // Every ancestor inside the zone exists (as an empty non-terminal at least).
-        let zone_len = self.cfg.zone.len();
-        let mut n = name.as_str();
-        loop {
-            self.names.entry(n.to_string()).or_default();
-            if n.len() <= zone_len {
-                break;
-            }
-            match n.split_once('.') {
-                Some((_, rest)) if rest.len() >= zone_len => n = rest,
-                _ => break,
-            }
-        }
-        if let Some(r) = rec {
-            let v = self.names.entry(name).or_default();
-            if !v.contains(&r) {
-                v.push(r);
-            }
-        }
-    }
-
-    fn add_ptr(&mut self, ip: IpAddr, target: &str) {
-        let v = self.ptr.entry(ip).or_default();
-        if !v.iter().any(|t| t == target) {
-            v.push(target.to_string());
-        }
-    }
-
-    /// Build the zone from the model's Services and EndpointSlices.
+    /// Build the whole zone from Services and their EndpointSlices at once.
     pub fn build<'a>(
         cfg: ZoneConfig,
         services: impl Iterator<Item = &'a Service>,
         slices_of: impl Fn(&Service) -> Vec<&'a EndpointSlice>,
         serial: u32,
     ) -> Snapshot {
-        let mut s = Snapshot::empty(cfg);
-        s.synced = true;
-        s.serial = serial;
-        let zone = s.cfg.zone.clone();
-        s.add(zone.clone(), None);
-        s.add(format!("svc.{zone}"), None);
-        s.add(
-            format!("dns-version.{zone}"),
-            Some(Rec::Txt("1.1.0".into())),
-        );
-        if s.cfg.pods == PodsMode::Insecure {
-            s.add(format!("pod.{zone}"), None);
-        }
+        let mut b = ZoneBuilder::new(cfg);
         for svc in services {
-            let ns = svc.key.namespace.to_ascii_lowercase();
-            let name = format!("{}.{ns}.svc.{zone}", svc.key.name.to_ascii_lowercase());
-            if svc.service_type == ServiceType::ExternalName {
-                if let Some(t) = &svc.external_name {
-                    s.add(name, Some(Rec::Cname(t.to_ascii_lowercase())));
-                }
-                continue;
-            }
-            s.add(name.clone(), None);
-            let proto = |p: Protocol| match p {
-                Protocol::Tcp => "_tcp",
-                Protocol::Udp => "_udp",
-                Protocol::Sctp => "_sctp",
-            };
-            if !svc.headless {
-                for ip in &svc.cluster_ips {
-                    s.add(name.clone(), Some(Rec::Addr(*ip)));
-                    s.add_ptr(*ip, &name);
-                }
-                let named: Vec<_> = svc.ports.iter().filter(|p| !p.name.is_empty()).collect();
-                for p in named {
-                    s.add(
-                        format!(
-                            "_{}.{}.{name}",
-                            p.name.to_ascii_lowercase(),
-                            proto(p.protocol)
-                        ),
-                        Some(Rec::Srv {
-                            weight: 100,
-                            port: p.port,
-                            target: name.clone(),
-                        }),
-                    );
-                }
-                continue;
-            }
-            // Headless: every ready endpoint (publishNotReadyAddresses counts), once, by name.
-            let mut endpoints: BTreeSet<(String, IpAddr)> = BTreeSet::new();
-            let mut srv: HashMap<String, BTreeSet<(u16, String)>> = HashMap::new();
-            for slice in slices_of(svc) {
-                for ep in &slice.endpoints {
-                    if !(ep.ready || svc.publish_not_ready_addresses) {
-                        continue;
-                    }
-                    let host = ep
-                        .hostname
-                        .as_deref()
-                        .map_or_else(|| Snapshot::dashed(&ep.address), str::to_ascii_lowercase);
-                    let ep_name = format!("{host}.{name}");
-                    endpoints.insert((ep_name.clone(), ep.address));
-                    for p in slice.ports.iter().filter(|p| !p.name.is_empty()) {
-                        srv.entry(format!(
-                            "_{}.{}.{name}",
-                            p.name.to_ascii_lowercase(),
-                            proto(p.protocol)
-                        ))
-                        .or_default()
-                        .insert((p.port, ep_name.clone()));
-                    }
-                }
-            }
-            for (ep_name, ip) in &endpoints {
-                s.add(name.clone(), Some(Rec::Addr(*ip)));
-                s.add(ep_name.clone(), Some(Rec::Addr(*ip)));
-                s.add_ptr(*ip, ep_name);
-            }
-            for (srv_name, targets) in srv {
-                let weight = u16::try_from(100 / targets.len().max(1))
-                    .unwrap_or(1)
-                    .max(1);
-                for (port, target) in targets {
-                    s.add(
-                        srv_name.clone(),
-                        Some(Rec::Srv {
-                            weight,
-                            port,
-                            target,
-                        }),
-                    );
-                }
-            }
+            let recs = ServiceRecords::of(b.zone(), svc, slices_of(svc));
+            b.set(&svc.key, Some(recs));
         }
-        for v in s.names.values_mut() {
-            v.sort();
-        }
-        s
+        b.publish(serial)
     }
 
     pub fn family_matches(rec: &Rec, family: IpFamily) -> bool {

@@ -113,6 +113,10 @@ pub struct Engine {
     ports_of: HashMap<ServiceKey, Vec<ServicePortKey>>,
     dirty: BTreeSet<ServiceKey>,
     all_dirty: bool,
+    /// Services whose Service or EndpointSlices changed since DNS last took them: a journal
+    /// of its own, because DNS serves what the dataplane skips (headless, ExternalName) and
+    /// must not wait for a dataplane sync.
+    dns_dirty: BTreeSet<ServiceKey>,
 }
 
 impl Engine {
@@ -165,6 +169,21 @@ impl Engine {
         self.slices.get(owner)?.get(name)
     }
 
+    fn mark(&mut self, key: ServiceKey) {
+        self.dns_dirty.insert(key.clone());
+        self.dirty.insert(key);
+    }
+
+    /// The services whose objects changed since the last call (what DNS must rebuild).
+    pub fn take_dns_changes(&mut self) -> BTreeSet<ServiceKey> {
+        std::mem::take(&mut self.dns_dirty)
+    }
+
+    /// True when some object changed since the last `take_dns_changes`.
+    pub fn has_dns_changes(&self) -> bool {
+        !self.dns_dirty.is_empty()
+    }
+
     /// True when some event since the last `sync` may change the desired state.
     pub fn has_pending(&self) -> bool {
         self.all_dirty || !self.dirty.is_empty()
@@ -176,12 +195,12 @@ impl Engine {
             return;
         }
         self.services.insert(key.clone(), Arc::new(svc));
-        self.dirty.insert(key);
+        self.mark(key);
     }
 
     pub fn delete_service(&mut self, key: &ServiceKey) {
         if self.services.remove(key).is_some() {
-            self.dirty.insert(key.clone());
+            self.mark(key.clone());
         }
     }
 
@@ -207,7 +226,7 @@ impl Engine {
             .entry(owner.clone())
             .or_default()
             .insert(slice.name.clone(), Arc::new(slice));
-        self.dirty.insert(owner);
+        self.mark(owner);
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) {
@@ -226,7 +245,7 @@ impl Engine {
                 self.slices.remove(owner);
             }
         }
-        self.dirty.insert(owner.clone());
+        self.mark(owner.clone());
     }
 
     pub fn set_node(&mut self, node: Option<Node>) {
@@ -243,13 +262,6 @@ impl Engine {
         addrs.dedup();
         if self.host_addresses != addrs {
             self.host_addresses = addrs;
-            self.all_dirty = true;
-        }
-    }
-
-    pub fn set_config(&mut self, cfg: ProxyConfig) {
-        if self.cfg != cfg {
-            self.cfg = cfg;
             self.all_dirty = true;
         }
     }
@@ -381,25 +393,4 @@ impl Engine {
         }
         cs
     }
-}
-
-/// Diff two whole desired states (used for full resyncs and tests).
-pub fn diff(old: &DesiredState, new: &DesiredState) -> ChangeSet {
-    let mut cs = ChangeSet::default();
-    for (k, n) in &new.ports {
-        match old.ports.get(k) {
-            None => cs.added.push(Arc::clone(n)),
-            Some(o) => {
-                if let Some(ch) = ChangeSet::diff_port(o, n) {
-                    cs.changed.push(ch);
-                }
-            }
-        }
-    }
-    for (k, o) in &old.ports {
-        if !new.ports.contains_key(k) {
-            cs.removed.push(Arc::clone(o));
-        }
-    }
-    cs
 }

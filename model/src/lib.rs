@@ -11,7 +11,7 @@ pub mod state;
 pub mod synthetic;
 pub mod types;
 
-pub use engine::{ChangeSet, DesiredState, Engine, ServicePortChange, diff};
+pub use engine::{ChangeSet, DesiredState, Engine, ServicePortChange};
 pub use error::ModelError;
 pub use selector::Selector;
 pub use state::{

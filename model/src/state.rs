@@ -401,12 +401,12 @@ pub fn compute_service(
                     continue;
                 };
                 for ep in &slice.endpoints {
-                    let ready = ep.ready || svc.publish_not_ready_addresses;
+                    let ready = svc.counts_as_ready(ep);
                     let cand = Candidate {
                         addr: ep.address,
                         port: ep_port.port,
                         ready,
-                        serving: ep.serving || svc.publish_not_ready_addresses,
+                        serving: svc.counts_as_serving(ep),
                         terminating: ep.terminating,
                         local: ep.node_name.as_deref() == Some(cfg.node_name.as_str()),
                         zone_hints: ep.zone_hints.as_deref(),

@@ -138,6 +138,19 @@ pub struct Service {
     pub traffic_distribution: Option<TrafficDistribution>,
 }
 
+impl Service {
+    /// Whether an endpoint counts as ready for this service: `publishNotReadyAddresses`
+    /// makes every listed endpoint ready (for the proxy and for DNS alike).
+    pub fn counts_as_ready(&self, ep: &Endpoint) -> bool {
+        ep.ready || self.publish_not_ready_addresses
+    }
+
+    /// Same for `serving`.
+    pub fn counts_as_serving(&self, ep: &Endpoint) -> bool {
+        ep.serving || self.publish_not_ready_addresses
+    }
+}
+
 /// One endpoint of an EndpointSlice (only `addresses[0]` is used, as kube-proxy does).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Endpoint {

@@ -2,7 +2,7 @@
 //! `KubeProxyConfiguration`) plus Switchyard's own. Unknown fields and invalid values are
 //! errors that carry the field path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use switchyard_model::{NodePortAddresses, ProxyConfig};
 
+use crate::dataplane::ebpf::maglev::is_prime;
 use crate::error::ConfigError;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -31,15 +32,15 @@ pub struct Config {
     /// Interface name patterns (`*` wildcard) the per-packet programs attach to; empty = all
     /// non-loopback interfaces.
     pub interfaces: Vec<String>,
-    /// `iptables` backend flavour: `auto`, `legacy` or `nft`.
-    pub iptables_mode: String,
+    /// `iptables` backend flavour.
+    pub iptables_mode: IptablesMode,
     /// Capacity of the service / backend maps.
     pub max_services: u32,
     pub max_backends: u32,
     /// Where the eBPF backend pins its maps and links.
     pub bpf_pin_dir: PathBuf,
-    /// `random` or `maglev` (a service's `switchyard.io/lb-algorithm` annotation overrides).
-    pub lb_algorithm: String,
+    /// A service's `switchyard.io/lb-algorithm` annotation overrides it.
+    pub lb_algorithm: LbAlgorithm,
     /// Maglev lookup table size per service (prime).
     pub maglev_table_size: u32,
     /// The cluster's NodePort range (`LOW-HIGH`, the API server's
@@ -63,15 +64,44 @@ impl Default for Config {
             dns: DnsConfig::default(),
             cgroup_path: None,
             interfaces: Vec::new(),
-            iptables_mode: "auto".into(),
+            iptables_mode: IptablesMode::Auto,
             max_services: 65_536,
             max_backends: 1_048_576,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/switchyard"),
-            lb_algorithm: "random".into(),
+            lb_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16_381,
             node_port_range: "30000-32767".into(),
         }
     }
+}
+
+/// `iptablesMode`: which iptables flavour the iptables backend uses.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesMode {
+    /// The flavour already holding more rules on this node (as kube-proxy picks).
+    #[default]
+    Auto,
+    Legacy,
+    Nft,
+}
+
+/// `lbAlgorithm`: how the eBPF backend picks a backend for a new flow.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    #[default]
+    Random,
+    Maglev,
+}
+
+/// `dns.pods`: whether `a-b-c-d.<ns>.pod.<zone>` is answered (CoreDNS's `pods` option).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsPods {
+    #[default]
+    Disabled,
+    Insecure,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -84,8 +114,7 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// Upstream servers for other zones; empty = the node's resolv.conf.
     pub upstream: Vec<String>,
-    /// `disabled` or `insecure`.
-    pub pods: String,
+    pub pods: DnsPods,
     pub cache_size: u32,
     /// Longest time a forwarded positive answer is cached (seconds).
     pub cache_max_ttl: u32,
@@ -101,7 +130,7 @@ impl Default for DnsConfig {
             listen: Vec::new(),
             ttl: 5,
             upstream: Vec::new(),
-            pods: "disabled".into(),
+            pods: DnsPods::Disabled,
             cache_size: 10_000,
             cache_max_ttl: 300,
             cache_negative_ttl: 30,
@@ -109,7 +138,7 @@ impl Default for DnsConfig {
     }
 }
 
-/// The validated form the daemon uses.
+/// The validated form the daemon uses: every value parsed once into its type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub cluster_cidrs: Vec<IpNet>,
@@ -120,13 +149,53 @@ pub struct Settings {
     pub masquerade_bit: u8,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
-    pub dns_listen: Vec<SocketAddr>,
     pub node_port_range: Option<(u16, u16)>,
-    pub raw: Config,
+    pub cgroup_path: Option<PathBuf>,
+    pub interfaces: Vec<String>,
+    pub iptables_mode: IptablesMode,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub bpf_pin_dir: PathBuf,
+    pub lb_algorithm: LbAlgorithm,
+    pub maglev_table_size: u32,
+    pub dns: DnsSettings,
+}
+
+/// The validated `dns` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsSettings {
+    pub enabled: bool,
+    /// Lowercase, without the trailing dot.
+    pub cluster_domain: String,
+    pub listen: Vec<SocketAddr>,
+    pub ttl: u32,
+    /// Empty: the node's resolv.conf.
+    pub upstream: Vec<SocketAddr>,
+    pub pods: DnsPods,
+    pub cache_size: usize,
+    pub cache_max_ttl: u32,
+    pub cache_negative_ttl: u32,
+}
+
+/// Why a value of the config file does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{value:?}: {part:?} is not a port (want LOW-HIGH, e.g. 30000-32767)")]
+    NotAPort { value: String, part: String },
+    #[error("{value:?}: {low} is above {high}")]
+    ReversedRange { value: String, low: u16, high: u16 },
+    #[error("empty duration")]
+    EmptyDuration,
+    #[error("{value:?}: missing unit (ns, us, ms, s, m, h)")]
+    MissingUnit { value: String },
+    #[error("{value:?}: expected a number")]
+    NotANumber { value: String },
+    #[error("{value:?}: unknown unit {unit:?}")]
+    UnknownUnit { value: String, unit: String },
 }
 
 /// `LOW-HIGH` (or one port) as an inclusive range; empty is none.
-pub fn parse_port_range(s: &str) -> Result<Option<(u16, u16)>, String> {
+pub fn parse_port_range(s: &str) -> Result<Option<(u16, u16)>, ValueError> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(None);
@@ -137,11 +206,18 @@ pub fn parse_port_range(s: &str) -> Result<Option<(u16, u16)>, String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{s:?}: {p:?} is not a port (want LOW-HIGH, e.g. 30000-32767)"))
+            .ok_or_else(|| ValueError::NotAPort {
+                value: s.to_string(),
+                part: p.to_string(),
+            })
     };
     let (lo, hi) = (port(lo)?, port(hi)?);
     if lo > hi {
-        return Err(format!("{s:?}: {lo} is above {hi}"));
+        return Err(ValueError::ReversedRange {
+            value: s.to_string(),
+            low: lo,
+            high: hi,
+        });
     }
     Ok(Some((lo, hi)))
 }
@@ -155,34 +231,35 @@ impl Settings {
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+fn invalid(field: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 
 /// Parse a Go-style duration (`300ms`, `1s`, `1m30s`, `2h`), as kube-proxy's config takes.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
     }
     if s.is_empty() {
-        return Err("empty duration".into());
+        return Err(ValueError::EmptyDuration);
     }
+    let value = || s.to_string();
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
         let num_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{s:?}: missing unit (ns, us, ms, s, m, h)"))?;
+            .ok_or_else(|| ValueError::MissingUnit { value: value() })?;
         if num_len == 0 {
-            return Err(format!("{s:?}: expected a number"));
+            return Err(ValueError::NotANumber { value: value() });
         }
         let num: f64 = rest[..num_len]
             .parse()
-            .map_err(|_| format!("{s:?}: bad number"))?;
+            .map_err(|_| ValueError::NotANumber { value: value() })?;
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -196,18 +273,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => num,
             "m" => num * 60.0,
             "h" => num * 3600.0,
-            other => return Err(format!("{s:?}: unknown unit {other:?}")),
+            other => {
+                return Err(ValueError::UnknownUnit {
+                    value: value(),
+                    unit: other.to_string(),
+                });
+            }
         };
         total += Duration::from_secs_f64(secs);
     }
     Ok(total)
-}
-
-fn is_prime(n: u32) -> bool {
-    n >= 2
-        && (2..n)
-            .take_while(|d: &u32| d.saturating_mul(*d) <= n)
-            .all(|d| !n.is_multiple_of(d))
 }
 
 fn bind_address(field: &str, v: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -286,43 +361,35 @@ impl Config {
             })?;
         let healthz_bind_address = bind_address("healthzBindAddress", &self.healthz_bind_address)?;
         let metrics_bind_address = bind_address("metricsBindAddress", &self.metrics_bind_address)?;
-        let mut dns_listen = Vec::new();
+        let mut listen = Vec::new();
         for (i, l) in self.dns.listen.iter().enumerate() {
             let field = format!("dns.listen[{i}]");
-            dns_listen.push(bind_address(&field, l)?.ok_or_else(|| invalid(&field, "empty"))?);
+            listen.push(bind_address(&field, l)?.ok_or_else(|| invalid(&field, "empty"))?);
         }
+        let mut upstream = Vec::new();
         for (i, u) in self.dns.upstream.iter().enumerate() {
-            let ok = u.parse::<SocketAddr>().is_ok() || u.parse::<std::net::IpAddr>().is_ok();
-            if !ok {
-                return Err(invalid(
-                    &format!("dns.upstream[{i}]"),
-                    format!("{u:?} is not ADDR or ADDR:PORT"),
-                ));
-            }
+            let u = u.trim();
+            let addr = u
+                .parse::<SocketAddr>()
+                .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    invalid(
+                        &format!("dns.upstream[{i}]"),
+                        format!("{u:?} is not ADDR or ADDR:PORT"),
+                    )
+                })?;
+            upstream.push(addr);
         }
-        if !matches!(self.dns.pods.as_str(), "disabled" | "insecure") {
-            return Err(invalid(
-                "dns.pods",
-                format!("{:?} (want disabled or insecure)", self.dns.pods),
-            ));
-        }
-        if self.dns.cluster_domain.trim_matches('.').is_empty() {
+        let cluster_domain = self
+            .dns
+            .cluster_domain
+            .trim_matches('.')
+            .to_ascii_lowercase();
+        if cluster_domain.is_empty() {
             return Err(invalid("dns.clusterDomain", "must not be empty"));
-        }
-        if !matches!(self.iptables_mode.as_str(), "auto" | "legacy" | "nft") {
-            return Err(invalid(
-                "iptablesMode",
-                format!("{:?} (want auto, legacy or nft)", self.iptables_mode),
-            ));
         }
         if self.max_services == 0 {
             return Err(invalid("maxServices", "must be greater than 0"));
-        }
-        if !matches!(self.lb_algorithm.as_str(), "random" | "maglev") {
-            return Err(invalid(
-                "lbAlgorithm",
-                format!("{:?} (want random or maglev)", self.lb_algorithm),
-            ));
         }
         if !is_prime(self.maglev_table_size) || self.maglev_table_size > 65_521 {
             return Err(invalid(
@@ -335,6 +402,7 @@ impl Config {
         }
         let node_port_range =
             parse_port_range(&self.node_port_range).map_err(|e| invalid("nodePortRange", e))?;
+        let d = self.dns;
         Ok(Settings {
             cluster_cidrs,
             node_port_addresses,
@@ -344,9 +412,26 @@ impl Config {
             masquerade_bit,
             healthz_bind_address,
             metrics_bind_address,
-            dns_listen,
             node_port_range,
-            raw: self,
+            cgroup_path: self.cgroup_path,
+            interfaces: self.interfaces,
+            iptables_mode: self.iptables_mode,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            bpf_pin_dir: self.bpf_pin_dir,
+            lb_algorithm: self.lb_algorithm,
+            maglev_table_size: self.maglev_table_size,
+            dns: DnsSettings {
+                enabled: d.enabled,
+                cluster_domain,
+                listen,
+                ttl: d.ttl,
+                upstream,
+                pods: d.pods,
+                cache_size: d.cache_size as usize,
+                cache_max_ttl: d.cache_max_ttl,
+                cache_negative_ttl: d.cache_negative_ttl,
+            },
         })
     }
 }
@@ -375,7 +460,7 @@ mod tests {
         assert_eq!(s.cluster_cidrs.len(), 2);
         assert!(s.node_port_addresses.primary);
         assert_eq!(s.min_sync_period, Duration::from_millis(500));
-        assert_eq!(s.dns_listen[0].port(), 53);
+        assert_eq!(s.dns.listen[0].port(), 53);
     }
 
     #[test]
@@ -404,11 +489,18 @@ mod tests {
                 "dns.listen[0]",
                 "not ADDR:PORT",
             ),
+            ("dns:\n  pods: verified\n", "dns.pods", "unknown variant"),
             (
-                "dns:\n  pods: verified\n",
-                "dns.pods",
-                "want disabled or insecure",
+                "dns:\n  upstream: ['10.0.0.10', 'resolver.example']\n",
+                "dns.upstream[1]",
+                "not ADDR or ADDR:PORT",
             ),
+            (
+                "lbAlgorithm: roundrobin\n",
+                "lbAlgorithm",
+                "expected `random` or `maglev`",
+            ),
+            ("iptablesMode: ebpf\n", "iptablesMode", "unknown variant"),
             ("clusterCIDR: 10.0.0.0/33\n", "clusterCIDR", ""),
         ];
         for (yaml, field, reason) in cases {

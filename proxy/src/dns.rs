@@ -1,5 +1,8 @@
-//! Wiring of the cluster DNS into the daemon: build the resolver from the settings and keep
-//! its snapshot in step with the store.
+//! Wiring of the cluster DNS into the daemon: build the resolver from the settings, and keep
+//! its zone in step with the store. DNS is a consumer of the store of its own, beside the
+//! sync loop: it rebuilds the records of each service whose objects changed (headless and
+//! ExternalName services included, which the dataplane never sees), whatever the dataplane
+//! is doing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,70 +10,58 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use switchyard_dns::{
-    DnsMetrics, ForwardConfig, Forwarder, Handler, PodsMode, Snapshot, ZoneConfig,
+    DnsMetrics, ForwardConfig, Forwarder, Handler, PodsMode, ServiceRecords, SharedSnapshot,
+    Snapshot, ZoneBuilder, ZoneConfig,
 };
+use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{DnsPods, DnsSettings};
 use crate::metrics::Metrics;
-use crate::store::Store;
-use crate::sync::SyncHook;
+use crate::store::{DnsDelta, Store};
 
-pub fn zone_config(settings: &Settings, cluster_domain: Option<&str>) -> ZoneConfig {
-    let d = &settings.raw.dns;
+/// Changes closer together than this are answered from one rebuild.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+pub fn zone_config(dns: &DnsSettings, cluster_domain: Option<&str>) -> ZoneConfig {
     ZoneConfig {
-        zone: cluster_domain
-            .unwrap_or(&d.cluster_domain)
-            .trim_matches('.')
-            .to_ascii_lowercase(),
-        ttl: d.ttl,
-        pods: if d.pods == "insecure" {
-            PodsMode::Insecure
-        } else {
-            PodsMode::Disabled
+        zone: cluster_domain.map_or_else(
+            || dns.cluster_domain.clone(),
+            |d| d.trim_matches('.').to_ascii_lowercase(),
+        ),
+        ttl: dns.ttl,
+        pods: match dns.pods {
+            DnsPods::Insecure => PodsMode::Insecure,
+            DnsPods::Disabled => PodsMode::Disabled,
         },
     }
 }
 
 /// The upstreams: from the config, else the node's resolv.conf minus our own addresses.
-pub fn upstreams(settings: &Settings, listen: &[SocketAddr]) -> Vec<SocketAddr> {
-    let configured: Vec<SocketAddr> = settings
-        .raw
-        .dns
-        .upstream
-        .iter()
-        .filter_map(|u| {
-            u.parse::<SocketAddr>().ok().or_else(|| {
-                u.parse::<std::net::IpAddr>()
-                    .ok()
-                    .map(|ip| SocketAddr::new(ip, 53))
-            })
-        })
-        .collect();
-    if !configured.is_empty() {
-        return configured;
+pub fn upstreams(dns: &DnsSettings, listen: &[SocketAddr]) -> Vec<SocketAddr> {
+    if !dns.upstream.is_empty() {
+        return dns.upstream.clone();
     }
     let rc = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     switchyard_dns::forward::upstreams_from_resolv_conf(&rc, listen)
 }
 
-/// A resolver (answering SERVFAIL in the zone until the first sync) and the hook that
-/// refreshes it after every sync.
+/// The resolver (answering SERVFAIL in the zone until the store's first complete list) and
+/// the follower that keeps its zone current; run the follower as a task.
 pub fn build(
-    settings: &Settings,
+    dns: &DnsSettings,
     cluster_domain: Option<&str>,
     listen: &[SocketAddr],
     store: &Arc<Store>,
     metrics: &Metrics,
-) -> (Handler, SyncHook) {
-    let zone = zone_config(settings, cluster_domain);
+) -> (Handler, ZoneFollower) {
+    let zone = zone_config(dns, cluster_domain);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::empty(zone.clone())));
-    let d = &settings.raw.dns;
     let forwarder = Forwarder::new(ForwardConfig {
-        upstreams: upstreams(settings, listen),
+        upstreams: upstreams(dns, listen),
         timeout: Duration::from_secs(2),
-        cache_size: d.cache_size as usize,
-        max_ttl: d.cache_max_ttl,
-        negative_ttl: d.cache_negative_ttl,
+        cache_size: dns.cache_size,
+        max_ttl: dns.cache_max_ttl,
+        negative_ttl: dns.cache_negative_ttl,
     });
     tracing::info!(zone = %zone.zone, upstreams = ?forwarder.upstreams(), "cluster DNS configured");
     let dns_metrics = DnsMetrics::default();
@@ -80,26 +71,72 @@ pub fn build(
         forwarder: Arc::new(forwarder),
         metrics: dns_metrics.clone(),
     };
-    let store = Arc::clone(store);
-    let hook: SyncHook = Box::new(move |out| {
-        let serial = SystemTime::now()
+    let follower = ZoneFollower {
+        store: Arc::clone(store),
+        builder: ZoneBuilder::new(zone),
+        snapshot,
+        metrics: dns_metrics,
+        serial: 0,
+    };
+    (handler, follower)
+}
+
+/// Follows the store and publishes the zone.
+#[derive(Debug)]
+pub struct ZoneFollower {
+    store: Arc<Store>,
+    builder: ZoneBuilder,
+    snapshot: SharedSnapshot,
+    metrics: DnsMetrics,
+    serial: u32,
+}
+
+impl ZoneFollower {
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut changed = self.store.subscribe();
+        let mut first = true;
+        loop {
+            if let Some(delta) = self.store.dns_delta(first) {
+                if first || !delta.services.is_empty() {
+                    self.apply(&delta);
+                }
+                first = false;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            // Let a burst of events (a relist, a rollout) land in one rebuild.
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(DEBOUNCE) => {}
+            }
+        }
+    }
+
+    fn apply(&mut self, delta: &DnsDelta) {
+        let span =
+            tracing::debug_span!("dns_zone", services = delta.services.len(), all = delta.all);
+        let _enter = span.enter();
+        for (key, objs) in &delta.services {
+            let recs = objs.as_ref().map(|(svc, slices)| {
+                ServiceRecords::of(self.builder.zone(), svc, slices.iter().map(AsRef::as_ref))
+            });
+            self.builder.set(key, recs);
+        }
+        // The SOA serial must grow with every change, also within one second.
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or_default();
-        let snap = store.read(|e| {
-            Snapshot::build(
-                zone.clone(),
-                e.services().map(AsRef::as_ref),
-                |svc| e.slices_of(&svc.key).map(AsRef::as_ref).collect(),
-                serial,
-            )
-        });
-        snapshot.store(Arc::new(snap));
-        if let Some(since) = out.pending_since {
-            dns_metrics
+        self.serial = now.max(self.serial.wrapping_add(1));
+        self.snapshot
+            .store(Arc::new(self.builder.publish(self.serial)));
+        if let Some(since) = delta.pending_since {
+            self.metrics
                 .programming
                 .observe(since.elapsed().as_secs_f64());
         }
-    });
-    (handler, hook)
+        tracing::debug!(services = self.builder.len(), "DNS zone published");
+    }
 }

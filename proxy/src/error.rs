@@ -70,6 +70,11 @@ pub enum DataplaneError {
         service: String,
         reason: String,
     },
+    #[error("backend {backend}: attaching to interfaces failed: {interfaces}")]
+    Attach {
+        backend: &'static str,
+        interfaces: String,
+    },
     #[error("backend {backend}: injected fault on call {call}")]
     Injected { backend: &'static str, call: usize },
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub backend_selected: Family<BackendLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
     pub stale_conntrack_deleted: Counter,
+    pub tc_reattached: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +55,12 @@ impl Metrics {
         let backend_selected = Family::<BackendLabel, Gauge>::default();
         let dataplane_capacity_errors = Counter::default();
         let stale_conntrack_deleted = Counter::default();
+        let tc_reattached = Counter::default();
+        registry.register(
+            "switchyard_tc_programs_reattached",
+            "Per-packet programs found detached from an interface by a full sync and attached again",
+            tc_reattached.clone(),
+        );
         registry.register(
             "switchyard_stale_conntrack_entries_deleted",
             "UDP flows whose NAT pointed at an endpoint that is gone (or at no endpoint), deleted so the next datagram is balanced again",
@@ -110,6 +117,7 @@ impl Metrics {
             backend_selected,
             dataplane_capacity_errors,
             stale_conntrack_deleted,
+            tc_reattached,
         }
     }
 

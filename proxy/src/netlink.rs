@@ -1,8 +1,8 @@
-//! Follows the node's network interfaces and addresses with rtnetlink: new interfaces get the
-//! per-packet program, and new addresses become NodePort frontends, without a restart.
+//! Follows the node's network interfaces and addresses with rtnetlink and hands them to the
+//! store, like any other input: the sync loop then attaches per-interface programs to new
+//! interfaces and serves NodePorts on new addresses. Nothing here touches the dataplane.
 
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -11,15 +11,7 @@ use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::MulticastGroup;
 use tokio_util::sync::CancellationToken;
 
-use crate::dataplane::Dataplane;
-use crate::store::Store;
-
-/// Interface names and addresses of the host right now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostView {
-    pub links: Vec<String>,
-    pub addresses: Vec<IpAddr>,
-}
+use crate::store::{HostView, Store};
 
 async fn read(handle: &rtnetlink::Handle) -> Result<HostView, rtnetlink::Error> {
     let mut view = HostView::default();
@@ -48,12 +40,8 @@ async fn read(handle: &rtnetlink::Handle) -> Result<HostView, rtnetlink::Error> 
     Ok(view)
 }
 
-/// Push the host's links and addresses to the store and the dataplane now and on every change.
-pub async fn follow(
-    store: Arc<Store>,
-    dataplane: Arc<Mutex<Box<dyn Dataplane>>>,
-    cancel: CancellationToken,
-) -> std::io::Result<()> {
+/// Push the host's links and addresses to the store now and on every change.
+pub async fn follow(store: Arc<Store>, cancel: CancellationToken) -> std::io::Result<()> {
     let (conn, handle, mut events) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -65,16 +53,7 @@ pub async fn follow(
         match read(&handle).await {
             Ok(view) if view != last => {
                 tracing::debug!(links = ?view.links, addresses = ?view.addresses, "host interfaces");
-                store.set_host_addresses(view.addresses.clone());
-                let dp = Arc::clone(&dataplane);
-                let links = view.links.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    let mut dp = dp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if let Err(e) = dp.links_changed(&links) {
-                        tracing::warn!(error = %e, "following interfaces");
-                    }
-                })
-                .await;
+                store.set_host(view.clone());
                 last = view;
             }
             Ok(_) => {}

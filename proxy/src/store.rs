@@ -1,10 +1,13 @@
-//! The store between sources and the sync loop: latest objects (inside the model's engine),
-//! which kinds have completed their initial list, and a change signal.
+//! The hub: latest objects (inside the model's engine), the node's links and addresses,
+//! which kinds have completed their initial list, and a generation that changes with every
+//! store change. Two consumers follow it independently: the sync loop (the one writer of
+//! the dataplane) and the DNS zone, so a slow or failing backend never holds DNS back.
 //!
 //! Bad objects are reported and skipped; whatever good version of that object was held before
 //! stays in force.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -52,12 +55,26 @@ pub enum Converted {
     Ignored,
 }
 
+/// The node's network interfaces and their addresses: inputs like Services, so that only the
+/// sync loop acts on them (attaching per-interface programs, NodePorts on new addresses).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostView {
+    /// Interface names, sorted.
+    pub links: Vec<String>,
+    /// Addresses on those interfaces, sorted.
+    pub addresses: Vec<IpAddr>,
+}
+
 #[derive(Debug)]
 struct Inner {
     engine: Engine,
     listed: BTreeSet<Kind>,
     /// When the oldest change not yet synced arrived (network programming latency).
     pending_since: Option<Instant>,
+    /// Same for DNS, which takes changes on its own.
+    dns_pending_since: Option<Instant>,
+    links: Arc<Vec<String>>,
+    links_changed: bool,
 }
 
 #[derive(Debug)]
@@ -74,6 +91,9 @@ impl Store {
                 engine: Engine::new(cfg),
                 listed: BTreeSet::new(),
                 pending_since: None,
+                dns_pending_since: None,
+                links: Arc::new(Vec::new()),
+                links_changed: false,
             }),
             generation: watch::channel(0).0,
             metrics,
@@ -88,10 +108,18 @@ impl Store {
     }
 
     fn bump(&self, inner: &mut Inner) {
-        if inner.engine.has_pending() && inner.pending_since.is_none() {
+        if (inner.engine.has_pending() || inner.links_changed) && inner.pending_since.is_none() {
             inner.pending_since = Some(Instant::now());
         }
+        if inner.engine.has_dns_changes() && inner.dns_pending_since.is_none() {
+            inner.dns_pending_since = Some(Instant::now());
+        }
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The current generation (grows with every change).
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
     }
 
     /// A receiver that changes whenever the store does.
@@ -209,9 +237,14 @@ impl Store {
         self.bump(&mut inner);
     }
 
-    pub fn set_host_addresses(&self, addrs: Vec<std::net::IpAddr>) {
+    /// The node's links and addresses now (from rtnetlink, or a test).
+    pub fn set_host(&self, view: HostView) {
         let mut inner = self.lock();
-        inner.engine.set_host_addresses(addrs);
+        inner.engine.set_host_addresses(view.addresses);
+        if *inner.links != view.links {
+            inner.links = Arc::new(view.links);
+            inner.links_changed = true;
+        }
         self.bump(&mut inner);
     }
 
@@ -223,9 +256,41 @@ impl Store {
         }
         let changes = inner.engine.sync();
         let pending_since = inner.pending_since.take();
+        let links_changed = std::mem::take(&mut inner.links_changed);
         Some(SyncOutput {
             changes,
             state: inner.engine.state_arc(),
+            pending_since,
+            links: Arc::clone(&inner.links),
+            links_changed,
+        })
+    }
+
+    /// What DNS must rebuild: every service on the first call (`all`), then the services
+    /// whose objects changed since the last call, each with its current Service and
+    /// EndpointSlices (`None`: deleted). `None` until initialized.
+    pub fn dns_delta(&self, all: bool) -> Option<DnsDelta> {
+        let mut inner = self.lock();
+        if !Kind::ALL.iter().all(|k| inner.listed.contains(k)) {
+            return None;
+        }
+        let changed = inner.engine.take_dns_changes();
+        let pending_since = inner.dns_pending_since.take();
+        let e = &inner.engine;
+        let lookup = |k: &ServiceKey| {
+            e.service(k)
+                .map(|s| (Arc::clone(s), e.slices_of(k).cloned().collect::<Vec<_>>()))
+        };
+        let services = if all {
+            e.services()
+                .map(|s| (s.key.clone(), lookup(&s.key)))
+                .collect()
+        } else {
+            changed.iter().map(|k| (k.clone(), lookup(k))).collect()
+        };
+        Some(DnsDelta {
+            all,
+            services,
             pending_since,
         })
     }
@@ -240,5 +305,19 @@ impl Store {
 pub struct SyncOutput {
     pub changes: ChangeSet,
     pub state: Arc<DesiredState>,
+    pub pending_since: Option<Instant>,
+    /// The node's interfaces, and whether they changed since the last sync.
+    pub links: Arc<Vec<String>>,
+    pub links_changed: bool,
+}
+
+/// A Service with its EndpointSlices, as DNS reads them.
+pub type ServiceObjects = (Arc<Service>, Vec<Arc<EndpointSlice>>);
+
+#[derive(Debug)]
+pub struct DnsDelta {
+    /// Every service is listed (the first delta).
+    pub all: bool,
+    pub services: Vec<(ServiceKey, Option<ServiceObjects>)>,
     pub pending_since: Option<Instant>,
 }

@@ -1,17 +1,19 @@
-//! The sync loop: waits for the initial lists, then applies ChangeSets no more often than
-//! `minSyncPeriod` and a full sync every `syncPeriod` (repairing drift). A failed sync is
-//! retried as a full sync.
+//! The sync loop, the one and only writer of the dataplane: waits for the initial lists, then
+//! applies ChangeSets (and the node's interfaces) no more often than `minSyncPeriod`, and a
+//! full sync every `syncPeriod` that repairs drift: map entries, rules and programs detached
+//! from interfaces come back. A failed sync is retried as a full sync.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::dataplane::Dataplane;
 use crate::store::{Store, SyncOutput};
 
-/// Called after every successful sync with the new state (feeds DNS and status).
+/// Called after every successful sync with the new state (status reporting).
 pub type SyncHook = Box<dyn Fn(&SyncOutput) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy)]
@@ -23,10 +25,13 @@ pub struct SyncTiming {
 }
 
 pub struct SyncLoop {
-    pub store: Arc<Store>,
-    pub dataplane: Arc<Mutex<Box<dyn Dataplane>>>,
-    pub timing: SyncTiming,
-    pub hooks: Vec<SyncHook>,
+    store: Arc<Store>,
+    /// Behind a mutex only to move it into the blocking pool and back; nothing else holds it.
+    dataplane: Arc<Mutex<Box<dyn Dataplane>>>,
+    timing: SyncTiming,
+    hooks: Vec<SyncHook>,
+    /// The store generation the loop has handled (synced, or found nothing to do for).
+    progress: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for SyncLoop {
@@ -38,10 +43,39 @@ impl std::fmt::Debug for SyncLoop {
 }
 
 impl SyncLoop {
+    /// The loop takes the dataplane: from now on it is the only code that writes to it.
+    pub fn new(store: Arc<Store>, dataplane: Box<dyn Dataplane>, timing: SyncTiming) -> Self {
+        SyncLoop {
+            store,
+            dataplane: Arc::new(Mutex::new(dataplane)),
+            timing,
+            hooks: Vec::new(),
+            progress: watch::channel(0).0,
+        }
+    }
+
+    /// Follows the store generation the loop has handled: a sync attempt (or the decision
+    /// that there is nothing to program yet) covering every change up to it is over.
+    pub fn progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    /// Run `hook` after every successful sync.
+    #[must_use]
+    pub fn with_hook(mut self, hook: SyncHook) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
     pub async fn run(self, cancel: CancellationToken) {
         let mut changed = self.store.subscribe();
         // Nothing is programmed before every kind's initial list is complete.
-        while !self.store.initialized() {
+        loop {
+            let generation = *changed.borrow_and_update();
+            if self.store.initialized() {
+                break;
+            }
+            self.progress.send_replace(generation);
             tokio::select! {
                 () = cancel.cancelled() => return,
                 r = changed.changed() => if r.is_err() { return },
@@ -63,7 +97,10 @@ impl SyncLoop {
                     }
                 }
                 let full = need_full || Instant::now() >= next_full;
-                match self.sync_once(full).await {
+                let generation = *changed.borrow_and_update();
+                let result = self.sync_once(full).await;
+                self.progress.send_replace(generation);
+                match result {
                     Ok(()) => {
                         need_full = false;
                         retry = self.timing.retry;
@@ -101,20 +138,41 @@ impl SyncLoop {
         let Some(out) = self.store.sync() else {
             return Ok(());
         };
-        if !full && out.changes.is_empty() {
+        if !full && out.changes.is_empty() && !out.links_changed {
             return Ok(());
         }
         let started = Instant::now();
         let dp = Arc::clone(&self.dataplane);
         let state = Arc::clone(&out.state);
         let changes = out.changes.clone();
+        let links = Arc::clone(&out.links);
+        let links_changed = out.links_changed;
+        let span = tracing::info_span!(
+            "sync",
+            full,
+            added = changes.added.len(),
+            changed = changes.changed.len(),
+            removed = changes.removed.len()
+        );
         let result = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
             let mut dp = dp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if full {
+            // A full sync also re-attaches programs someone detached. An interface that
+            // refuses a program must not keep the maps from being programmed: both run, and
+            // either failure fails the sync (retried, counted, reported by /healthz).
+            let links = if full || links_changed {
+                dp.sync_links(&links, full)
+            } else {
+                Ok(())
+            };
+            let state = if full {
                 dp.full_sync(&state)
+            } else if changes.is_empty() {
+                Ok(())
             } else {
                 dp.apply(&changes, &state)
-            }
+            };
+            state.and(links)
         })
         .await;
         let metrics = self.store.metrics();

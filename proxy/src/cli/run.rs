@@ -1,6 +1,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use futures::FutureExt as _;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -134,32 +136,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    let kernel_backend = dataplane.name() != "none";
-    let dataplane = Arc::new(Mutex::new(dataplane));
-    if kernel_backend {
-        let (store, dp, cancel) = (Arc::clone(&store), Arc::clone(&dataplane), cancel.clone());
+    {
+        let (store, cancel) = (Arc::clone(&store), cancel.clone());
         tasks.spawn(async move {
-            crate::netlink::follow(store, dp, cancel)
+            crate::netlink::follow(store, cancel)
                 .await
                 .map_err(anyhow::Error::from)
         });
     }
-    let mut hooks: Vec<crate::sync::SyncHook> = Vec::new();
-    let mut dns_listen = settings.dns_listen.clone();
+    let mut dns_listen = settings.dns.listen.clone();
     for a in &args.dns_listen {
         if !dns_listen.contains(a) {
             dns_listen.push(*a);
         }
     }
-    if !dns_listen.is_empty() && settings.raw.dns.enabled {
-        let (handler, hook) = crate::dns::build(
-            &settings,
+    if !dns_listen.is_empty() && settings.dns.enabled {
+        let (handler, follower) = crate::dns::build(
+            &settings.dns,
             args.cluster_domain.as_deref(),
             &dns_listen,
             &store,
             &metrics,
         );
-        hooks.push(hook);
+        tasks.spawn(follower.run(cancel.clone()).map(Ok));
         let cancel = cancel.clone();
         // Bind now so a port clash fails the start, not later.
         tasks.spawn(async move {
@@ -169,24 +168,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     let h = Arc::clone(&health);
-    hooks.push(Box::new(move |_| h.synced()));
-    let sync = SyncLoop {
-        store: Arc::clone(&store),
-        dataplane: Arc::clone(&dataplane),
-        timing: SyncTiming {
+    let sync = SyncLoop::new(
+        Arc::clone(&store),
+        dataplane,
+        SyncTiming {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
             retry: std::time::Duration::from_secs(1),
         },
-        hooks,
-    };
-    {
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            sync.run(cancel).await;
-            Ok(())
-        });
-    }
+    )
+    .with_hook(Box::new(move |_| h.synced()));
+    tasks.spawn(sync.run(cancel.clone()).map(Ok));
 
     let router = admin::router(Arc::clone(&health), Arc::clone(&metrics));
     let mut binds: Vec<SocketAddr> = Vec::new();

@@ -6,9 +6,11 @@ pub mod iptables;
 pub mod ipvs;
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use switchyard_model::{ChangeSet, DesiredState};
 
+use crate::config::LbAlgorithm;
 use crate::error::DataplaneError;
 
 /// A backend that programs the desired state into the kernel.
@@ -21,9 +23,10 @@ pub trait Dataplane: Send {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError>;
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError>;
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
-    /// The node's network interfaces now are `links` (names); backends with per-interface
-    /// programs attach to new ones.
-    fn links_changed(&mut self, _links: &[String]) -> Result<(), DataplaneError> {
+    /// The node's network interfaces are now `links` (names). Backends with per-interface
+    /// programs attach to new ones; with `verify` (full syncs) they also check that every
+    /// interface that should carry a program still does and re-attach where it does not.
+    fn sync_links(&mut self, _links: &[String], _verify: bool) -> Result<(), DataplaneError> {
         Ok(())
     }
 }
@@ -57,28 +60,55 @@ pub enum Call {
     FullSync {
         state: DesiredState,
     },
+    Links {
+        links: Vec<String>,
+        verify: bool,
+    },
     Cleanup,
 }
 
 /// Records every call, for tests of the sync loop.
 #[derive(Debug, Clone, Default)]
 pub struct RecordingDataplane {
-    pub calls: Arc<Mutex<Vec<Call>>>,
+    pub calls: Arc<Mutex<Vec<(Instant, Call)>>>,
+    pushed: Arc<tokio::sync::Notify>,
 }
 
 impl RecordingDataplane {
     pub fn calls(&self) -> Vec<Call> {
+        self.timed_calls().into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The calls with the time each was made.
+    pub fn timed_calls(&self) -> Vec<(Instant, Call)> {
         self.calls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
+    /// Wait until the calls so far satisfy `done` (true), or `timeout` passes (false).
+    pub async fn wait_for(&self, timeout: Duration, done: impl Fn(&[Call]) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pushed = self.pushed.notified();
+            tokio::pin!(pushed);
+            pushed.as_mut().enable();
+            if done(&self.calls()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, pushed).await.is_err() {
+                return done(&self.calls());
+            }
+        }
+    }
+
     fn push(&self, c: Call) {
         self.calls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(c);
+            .push((Instant::now(), c));
+        self.pushed.notify_waiters();
     }
 }
 
@@ -101,6 +131,13 @@ impl Dataplane for RecordingDataplane {
     }
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.push(Call::Cleanup);
+        Ok(())
+    }
+    fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
+        self.push(Call::Links {
+            links: links.to_vec(),
+            verify,
+        });
         Ok(())
     }
 }
@@ -150,6 +187,35 @@ impl<D: Dataplane> Dataplane for FaultyDataplane<D> {
         self.tick()?;
         self.inner.cleanup()
     }
+    fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
+        self.inner.sync_links(links, verify)
+    }
+}
+
+/// Fails every `apply` and `full_sync`: a backend that can never program (the kernel refuses,
+/// a capability is missing). Consumers of the store other than the dataplane must not care.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrokenDataplane;
+
+impl Dataplane for BrokenDataplane {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+    fn apply(&mut self, _: &ChangeSet, _: &DesiredState) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Injected {
+            backend: "broken",
+            call: 0,
+        })
+    }
+    fn full_sync(&mut self, _: &DesiredState) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Injected {
+            backend: "broken",
+            call: 0,
+        })
+    }
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 /// Which backend `--backend` asks for.
@@ -171,53 +237,41 @@ pub struct BackendContext {
 
 impl BackendContext {
     pub fn ebpf_config(&self) -> Result<ebpf::EbpfConfig, DataplaneError> {
-        let raw = &self.settings.raw;
-        let cgroup_path = match &raw.cgroup_path {
+        let s = &self.settings;
+        let cgroup_path = match &s.cgroup_path {
             Some(p) => p.clone(),
             None => ebpf::cgroup2_root().ok_or_else(|| DataplaneError::Unavailable {
                 backend: "ebpf",
                 reason: "no cgroup2 mount found: mount one or pass --cgroup-path".into(),
             })?,
         };
-        let table = raw.maglev_table_size;
+        let table = s.maglev_table_size;
+        let v4 = s.cluster_cidrs.iter().filter_map(|c| match c {
+            ipnet::IpNet::V4(n) => Some((ebpf::render::addr4(n.network()), n.prefix_len())),
+            ipnet::IpNet::V6(_) => None,
+        });
+        let v6 = s.cluster_cidrs.iter().filter_map(|c| match c {
+            ipnet::IpNet::V6(n) => Some((ebpf::render::addr6(n.network()), n.prefix_len())),
+            ipnet::IpNet::V4(_) => None,
+        });
         Ok(ebpf::EbpfConfig {
-            pin_dir: raw.bpf_pin_dir.clone(),
-            reserve_ports: self.settings.node_port_range,
+            pin_dir: s.bpf_pin_dir.clone(),
+            reserve_ports: s.node_port_range,
             cgroup_path,
-            interfaces: raw.interfaces.clone(),
+            interfaces: s.interfaces.clone(),
             capacity: ebpf::writer::Capacity {
-                services: raw.max_services,
-                backends: raw.max_backends,
-                slots: raw.max_backends.max(table.saturating_mul(4)),
+                services: s.max_services,
+                backends: s.max_backends,
+                slots: s.max_backends.max(table.saturating_mul(4)),
             },
             render: ebpf::render::RenderConfig {
-                maglev_default: raw.lb_algorithm == "maglev",
+                maglev_default: s.lb_algorithm == LbAlgorithm::Maglev,
                 maglev_table_size: table,
             },
             globals: ebpf::writer::Globals {
-                masquerade_all: self.settings.masquerade_all,
-                cluster_cidrs4: self
-                    .settings
-                    .cluster_cidrs
-                    .iter()
-                    .filter_map(|c| match c {
-                        ipnet::IpNet::V4(n) => {
-                            Some((ebpf::render::addr4(n.network()), n.prefix_len()))
-                        }
-                        ipnet::IpNet::V6(_) => None,
-                    })
-                    .collect(),
-                cluster_cidrs6: self
-                    .settings
-                    .cluster_cidrs
-                    .iter()
-                    .filter_map(|c| match c {
-                        ipnet::IpNet::V6(n) => {
-                            Some((ebpf::render::addr6(n.network()), n.prefix_len()))
-                        }
-                        ipnet::IpNet::V4(_) => None,
-                    })
-                    .collect(),
+                masquerade_all: s.masquerade_all,
+                cluster_cidrs4: v4.collect(),
+                cluster_cidrs6: v6.collect(),
             },
         })
     }
@@ -234,7 +288,7 @@ fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError
 }
 
 fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
-    let (flavor, why) = iptables::detect(&ctx.settings.raw.iptables_mode)?;
+    let (flavor, why) = iptables::detect(ctx.settings.iptables_mode)?;
     let s = &ctx.settings;
     let dp = iptables::IptablesBackend::start(
         flavor,
@@ -245,10 +299,10 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     )?;
     let families: Vec<String> = dp.families().map(|f| format!("{f:?}")).collect();
     // Switching from eBPF: detach its programs and drop its pinned maps.
-    if let Err(e) = ebpf::unreserve_ports(&s.raw.bpf_pin_dir) {
+    if let Err(e) = ebpf::unreserve_ports(&s.bpf_pin_dir) {
         tracing::warn!(error = %e, "releasing the eBPF backend's reserved NodePort range");
     }
-    if let Err(e) = ebpf::cleanup_pins(&s.raw.bpf_pin_dir) {
+    if let Err(e) = ebpf::cleanup_pins(&s.bpf_pin_dir) {
         tracing::warn!(error = %e, "removing the eBPF backend's pins");
     }
     // And the other iptables flavor's rules, if the node moved between them.

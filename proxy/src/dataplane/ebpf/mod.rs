@@ -334,6 +334,12 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// The kernel's id of our loaded tc program.
+    fn tc_program_id(&self) -> Option<u32> {
+        let prog: &SchedClassifier = self.ebpf.program(TC_PROGRAM)?.try_into().ok()?;
+        prog.info().ok().map(|i| i.id())
+    }
+
     /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`), in both families'
     /// flow maps. A failure is logged: the maps are already right, and the next sync tries
     /// again.
@@ -486,13 +492,25 @@ impl Dataplane for EbpfDataplane {
         cleanup_pins(&self.cfg.pin_dir)
     }
 
-    fn links_changed(&mut self, links: &[String]) -> Result<(), DataplaneError> {
+    fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
         let present: BTreeSet<String> = links.iter().filter(|l| self.wanted(l)).cloned().collect();
+        let ours = if verify { self.tc_program_id() } else { None };
+        let mut failed = Vec::new();
         for l in &present {
-            if !self.attached.contains(l)
-                && let Err(e) = self.attach_tc(l)
-            {
-                tracing::warn!(interface = %l, error = %e, "cannot attach tc program");
+            let mut attach = !self.attached.contains(l);
+            if !attach && let Some(id) = ours {
+                // Someone detached it (or replaced it): the full sync puts it back.
+                if !tc_attached(l, id) {
+                    tracing::warn!(interface = %l, "tc program no longer attached; re-attaching");
+                    self.metrics.tc_reattached.inc();
+                    let _ = std::fs::remove_file(self.link_pin(&format!("tc-{l}")));
+                    self.attached.remove(l);
+                    attach = true;
+                }
+            }
+            if attach && let Err(e) = self.attach_tc(l) {
+                tracing::error!(interface = %l, error = %e, "cannot attach tc program");
+                failed.push(format!("{l}: {e}"));
             }
         }
         // Links of deleted interfaces die with them; forget them and their pins.
@@ -501,7 +519,23 @@ impl Dataplane for EbpfDataplane {
             self.attached.remove(&l);
             let _ = std::fs::remove_file(self.link_pin(&format!("tc-{l}")));
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(DataplaneError::Attach {
+                backend: "ebpf",
+                interfaces: failed.join("; "),
+            })
+        }
+    }
+}
+
+/// Whether the tc program with kernel id `id` is attached at `ifname`'s ingress.
+fn tc_attached(ifname: &str, id: u32) -> bool {
+    match SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) {
+        Ok((_, progs)) => progs.iter().any(|p| p.id() == id),
+        // Cannot tell (e.g. the interface went away meanwhile): leave it to the next sync.
+        Err(_) => true,
     }
 }
 

@@ -16,6 +16,7 @@ use switchyard_model::{ChangeSet, DesiredState, IpFamily, ServicePortKey, Servic
 
 use self::render::{FILTER, NODEPORTS, PortRules, RenderConfig, Rule, SERVICES};
 use super::Dataplane;
+use crate::config::IptablesMode;
 use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
@@ -76,11 +77,11 @@ fn rule_count(text: &str) -> usize {
 
 /// Pick the flavor: as configured, or (auto) the one already holding more rules on this node,
 /// like kube-proxy; nft when neither has any.
-pub fn detect(mode: &str) -> Result<(Flavor, String), DataplaneError> {
+pub fn detect(mode: IptablesMode) -> Result<(Flavor, String), DataplaneError> {
     let usable = |f: Flavor| save(f, IpFamily::IPv4).is_some();
     match mode {
-        "legacy" | "nft" => {
-            let f = if mode == "legacy" {
+        IptablesMode::Legacy | IptablesMode::Nft => {
+            let f = if mode == IptablesMode::Legacy {
                 Flavor::Legacy
             } else {
                 Flavor::Nft
@@ -94,7 +95,7 @@ pub fn detect(mode: &str) -> Result<(Flavor, String), DataplaneError> {
                 )))
             }
         }
-        _ => {
+        IptablesMode::Auto => {
             let legacy = save(Flavor::Legacy, IpFamily::IPv4).map(|t| rule_count(&t));
             let nft = save(Flavor::Nft, IpFamily::IPv4).map(|t| rule_count(&t));
             match (legacy, nft) {
