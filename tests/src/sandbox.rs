@@ -424,9 +424,15 @@ impl Sandbox {
     }
 
     /// The daemon's config for this sandbox.
+    /// `extra` may set `syncPeriod` itself.
     pub fn config_yaml(&self, extra: &str) -> String {
+        let sync_period = if extra.lines().any(|l| l.starts_with("syncPeriod:")) {
+            ""
+        } else {
+            "syncPeriod: 10s\n"
+        };
         format!(
-            "clusterCIDR: 10.244.0.0/16\nsyncPeriod: 10s\nminSyncPeriod: 50ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: {}\n{extra}",
+            "clusterCIDR: 10.244.0.0/16\n{sync_period}minSyncPeriod: 50ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: {}\n{extra}",
             self.pin_dir.display()
         )
     }

@@ -532,6 +532,12 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
         c.backend.name != "ebpf",
         "tc links pinned: {tc_progs:?}"
     );
+    let cgroup_progs = cgroup_prog_ids(&c.sb);
+    assert_eq!(
+        cgroup_progs.len(),
+        if c.backend.name == "ebpf" { 8 } else { 0 },
+        "socket-LB programs on the sandbox cgroup: {cgroup_progs:?}"
+    );
     c.sb.stop_daemon();
     let cfg = c.sb.dir.path().join("config.yaml");
     let out = std::process::Command::new("nsenter")
@@ -577,12 +583,84 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
     ])
     .unwrap();
     assert!(!cg.contains("sy_"), "cgroup programs left attached:\n{cg}");
-    let progs = switchyard_tests::sandbox::sh(&["bpftool", "prog", "show"]).unwrap();
-    assert!(
-        !progs.contains("sy_connect4") || !progs.contains(&c.sb.prefix),
-        "{progs}"
+    for id in &cgroup_progs {
+        assert!(!prog_alive(id), "socket-LB program {id} still loaded");
+    }
+}
+
+/// The ids of the programs attached to the sandbox's cgroup (`bpftool cgroup show`).
+fn cgroup_prog_ids(sb: &Sandbox) -> Vec<String> {
+    let out =
+        switchyard_tests::sandbox::sh(&["bpftool", "cgroup", "show", &sb.cgroup.to_string_lossy()])
+            .unwrap();
+    out.lines()
+        .filter(|l| l.contains("sy_"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// A full sync puts back a tc program that someone detached from an interface: NodePort
+/// traffic from outside stops while it is detached and flows again after the next full sync.
+#[test]
+fn a_full_sync_reattaches_a_detached_tc_program() {
+    let manifests = format!(
+        "{}{}",
+        nodeport_service("web", "10.96.0.96", 30181, ""),
+        slice("web", &ALL3)
     );
-    let _ = Ipv4Addr::LOCALHOST;
+    let mut c = Cluster::start(&EBPF, 7, &manifests);
+    // The default 10 s syncPeriod would make this test slow; the scenario is the same.
+    c.sb.stop_daemon();
+    let dir = c.dir.clone();
+    c.sb.start_daemon(&dir, EBPF.name, "syncPeriod: 3s\n")
+        .unwrap();
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_client(&[
+            "--tcp",
+            "172.30.0.10:30181",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "300",
+        ])
+        .unwrap()
+    };
+    c.until("NodePort up", Duration::from_secs(20), ask, all_ok);
+    let before = tc_prog_ids(&c.sb);
+    assert!(!before.is_empty(), "no tc links pinned");
+    // Detach by hand, as an operator's `bpftool link detach` (or another agent) would.
+    for e in std::fs::read_dir(c.sb.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("tc-") {
+            switchyard_tests::sandbox::sh(&[
+                "bpftool",
+                "link",
+                "detach",
+                "pinned",
+                &e.path().to_string_lossy(),
+            ])
+            .unwrap();
+        }
+    }
+    // While detached, NodePort traffic from outside is not translated.
+    let detached = ask(&c.sb);
+    assert!(
+        detached.iter().all(|l| !l.starts_with("ok ")),
+        "traffic still translated after the detach: {detached:?}"
+    );
+    c.until(
+        "NodePort after re-attach",
+        Duration::from_secs(10),
+        ask,
+        all_ok,
+    );
+    assert!(
+        c.sb.daemon_log().contains("re-attaching"),
+        "the daemon must say it re-attached:\n{}",
+        c.sb.daemon_log()
+    );
 }
 
 fn pods_source_ranges_and_new_interfaces_and_addresses(b: &Backend) {
