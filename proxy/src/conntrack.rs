@@ -350,61 +350,191 @@ pub fn touches_udp(changes: &ChangeSet) -> bool {
         || changes.changed.iter().any(|c| udp(&c.new))
 }
 
-/// A backend's handle on the cleanup: the socket (opened on first use, reopened after an
-/// error) and the metric. Failures are logged, never fail the sync: the rules are in place
-/// and the next sync retries.
-#[derive(Debug, Default)]
+/// The conntrack table as the cleanup sees it: list and delete. The real one is ctnetlink
+/// (`Conntrack`); tests use `FakeConntrack` and `FaultyConntrack`.
+pub trait ConntrackTable: Send + std::fmt::Debug {
+    /// Every entry of one address family (`AF_INET` or `AF_INET6`).
+    fn list(&mut self, family: u8) -> std::io::Result<Vec<Entry>>;
+    /// Delete one entry; `false` when it was already gone.
+    fn delete(&mut self, e: &Entry) -> std::io::Result<bool>;
+}
+
+impl ConntrackTable for Conntrack {
+    fn list(&mut self, family: u8) -> std::io::Result<Vec<Entry>> {
+        Conntrack::list(self, family)
+    }
+    fn delete(&mut self, e: &Entry) -> std::io::Result<bool> {
+        Conntrack::delete(self, e)
+    }
+}
+
+/// An in-memory conntrack table; clones share it.
+#[derive(Debug, Default, Clone)]
+pub struct FakeConntrack {
+    pub entries: Arc<std::sync::Mutex<Vec<Entry>>>,
+}
+
+impl FakeConntrack {
+    pub fn entries(&self) -> Vec<Entry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ConntrackTable for FakeConntrack {
+    fn list(&mut self, family: u8) -> std::io::Result<Vec<Entry>> {
+        Ok(self
+            .entries()
+            .into_iter()
+            .filter(|e| (family == AF_INET) == e.orig.src.is_ipv4())
+            .collect())
+    }
+    fn delete(&mut self, e: &Entry) -> std::io::Result<bool> {
+        let mut v = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = v.len();
+        v.retain(|x| x != e);
+        Ok(v.len() < before)
+    }
+}
+
+/// Wraps a table and fails the deletes whose 1-based numbers are listed.
+#[derive(Debug)]
+pub struct FaultyConntrack<T> {
+    pub inner: T,
+    pub fail_deletes: Vec<usize>,
+    deletes: usize,
+}
+
+impl<T> FaultyConntrack<T> {
+    pub fn new(inner: T, fail_deletes: Vec<usize>) -> Self {
+        FaultyConntrack {
+            inner,
+            fail_deletes,
+            deletes: 0,
+        }
+    }
+}
+
+impl<T: ConntrackTable> ConntrackTable for FaultyConntrack<T> {
+    fn list(&mut self, family: u8) -> std::io::Result<Vec<Entry>> {
+        self.inner.list(family)
+    }
+    fn delete(&mut self, e: &Entry) -> std::io::Result<bool> {
+        self.deletes += 1;
+        if self.fail_deletes.contains(&self.deletes) {
+            return Err(std::io::Error::other(format!(
+                "injected fault on delete {}",
+                self.deletes
+            )));
+        }
+        self.inner.delete(e)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("opening a ctnetlink socket: {source}")]
+    Open {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listing conntrack entries: {source}")]
+    List {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("deleting the conntrack entry {orig:?}: {source}")]
+    Delete {
+        orig: Tuple,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the real conntrack table.
+type OpenTable = fn() -> std::io::Result<Box<dyn ConntrackTable>>;
+
+/// A backend's handle on the cleanup: the table (the real one is opened on first use and
+/// reopened after an error) and the metric. A failure is returned, so the sync loop retries
+/// it as a full sync; the rules are in place meanwhile.
+#[derive(Debug)]
 pub struct StaleUdp {
-    ct: Option<Conntrack>,
-    metrics: Option<Arc<Metrics>>,
+    table: Option<Box<dyn ConntrackTable>>,
+    /// Opens the real table (none for fakes: their table is never dropped).
+    open: Option<OpenTable>,
+    metrics: Arc<Metrics>,
+}
+
+fn open_ctnetlink() -> std::io::Result<Box<dyn ConntrackTable>> {
+    Ok(Box::new(Conntrack::open()?))
 }
 
 impl StaleUdp {
+    /// Over ctnetlink in the caller's network namespace.
     pub fn new(metrics: Arc<Metrics>) -> StaleUdp {
         StaleUdp {
-            ct: None,
-            metrics: Some(metrics),
+            table: None,
+            open: Some(open_ctnetlink),
+            metrics,
         }
     }
 
-    pub fn clear(&mut self, services: &UdpServices) {
-        if services.is_empty() || self.metrics.is_none() {
-            return;
+    /// Over any table (fakes in tests).
+    pub fn with_table(table: Box<dyn ConntrackTable>, metrics: Arc<Metrics>) -> StaleUdp {
+        StaleUdp {
+            table: Some(table),
+            open: None,
+            metrics,
         }
-        let ct = match self.ct.take() {
-            Some(ct) => Ok(ct),
-            None => Conntrack::open(),
+    }
+
+    pub fn clear(&mut self, services: &UdpServices) -> Result<usize, ConntrackError> {
+        if services.is_empty() {
+            return Ok(0);
+        }
+        let mut table = match (self.table.take(), self.open) {
+            (Some(t), _) => t,
+            (None, Some(open)) => open().map_err(|source| ConntrackError::Open { source })?,
+            (None, None) => return Ok(0),
         };
-        let result = ct.and_then(|mut ct| {
-            let n = clear_stale(&mut ct, services);
-            self.ct = Some(ct);
-            n
-        });
-        match result {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(entries = n, "deleted stale UDP conntrack entries");
-                if let Some(m) = &self.metrics {
-                    m.stale_conntrack_deleted.inc_by(n as u64);
-                }
-            }
-            Err(e) => {
-                self.ct = None;
-                tracing::warn!(error = %e, "stale UDP conntrack cleanup failed; retried at the next sync");
-            }
+        let result = clear_stale(table.as_mut(), services);
+        // A socket that failed may be out of step: reopen it next time (fakes are kept).
+        if result.is_ok() || self.open.is_none() {
+            self.table = Some(table);
         }
+        let n = result?;
+        if n > 0 {
+            tracing::info!(entries = n, "deleted stale UDP conntrack entries");
+            self.metrics.stale_conntrack_deleted.inc_by(n as u64);
+        }
+        Ok(n)
     }
 }
 
 /// Delete the stale UDP entries of both families; returns how many were deleted.
-pub fn clear_stale(ct: &mut Conntrack, services: &UdpServices) -> std::io::Result<usize> {
+pub fn clear_stale(
+    ct: &mut dyn ConntrackTable,
+    services: &UdpServices,
+) -> Result<usize, ConntrackError> {
     if services.is_empty() {
         return Ok(0);
     }
     let mut deleted = 0;
     for family in [AF_INET, AF_INET6] {
-        for e in ct.list(family)? {
-            if services.is_stale(&e) && ct.delete(&e)? {
+        let entries = ct
+            .list(family)
+            .map_err(|source| ConntrackError::List { source })?;
+        for e in entries.iter().filter(|e| services.is_stale(e)) {
+            let gone = ct.delete(e).map_err(|source| ConntrackError::Delete {
+                orig: e.orig,
+                source,
+            })?;
+            if gone {
                 tracing::debug!(orig = ?e.orig, reply = ?e.reply, "deleted stale UDP conntrack entry");
                 deleted += 1;
             }

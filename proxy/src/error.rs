@@ -75,6 +75,21 @@ pub enum DataplaneError {
         backend: &'static str,
         interfaces: String,
     },
+    #[error("backend iptables: {source}")]
+    Iptables {
+        #[source]
+        source: crate::dataplane::iptables::runner::RunError,
+    },
+    #[error("stale UDP conntrack cleanup (retried by the next sync): {source}")]
+    Conntrack {
+        #[from]
+        source: crate::conntrack::ConntrackError,
+    },
+    #[error("stale UDP flows of the tc path (retried by the next sync): {source}")]
+    Flows {
+        #[from]
+        source: crate::dataplane::ebpf::ct::FlowError,
+    },
     #[error("backend {backend}: injected fault on call {call}")]
     Injected { backend: &'static str, call: usize },
 }

@@ -5,10 +5,15 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use switchyard::dataplane::iptables::render::RenderConfig;
+use std::sync::Arc;
+
+use switchyard::conntrack::{FakeConntrack, StaleUdp};
+use switchyard::dataplane::Dataplane;
+use switchyard::dataplane::iptables::runner::{FakeRunner, Runner, Tool};
 use switchyard::dataplane::iptables::tracer::{Outcome, Packet, trace};
-use switchyard::dataplane::iptables::{Flavor, IptablesDataplane};
+use switchyard::dataplane::iptables::{Flavor, IptablesBackend, IptablesConfig};
 use switchyard::dataplane::ipvs;
+use switchyard::metrics::Metrics;
 use switchyard_model::{Engine, Protocol, ProxyConfig, manifest};
 
 const CLUSTER: &str = r"
@@ -93,18 +98,64 @@ fn golden(name: &str, expected: &str, got: &str) {
     }
 }
 
-fn dp() -> IptablesDataplane {
-    IptablesDataplane::start_unprivileged(
-        Flavor::Nft,
-        RenderConfig::new(&["10.244.0.0/16".parse().unwrap()], false, 14),
-    )
+const V4: Tool = Tool {
+    flavor: Flavor::Nft,
+    family: switchyard_model::IpFamily::IPv4,
+};
+const V6: Tool = Tool {
+    flavor: Flavor::Nft,
+    family: switchyard_model::IpFamily::IPv6,
+};
+
+fn iptables_config(cidrs: &[&str]) -> IptablesConfig {
+    IptablesConfig {
+        flavor: Flavor::Nft,
+        cluster_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        masquerade_all: false,
+        masquerade_bit: 14,
+    }
+}
+
+/// The iptables backend over a fake runner (returned to inspect what was written).
+fn dp_with(cidrs: &[&str], ipv6: bool) -> (IptablesBackend, FakeRunner) {
+    let fake = FakeRunner::default();
+    let metrics = Arc::new(Metrics::new());
+    let d = IptablesBackend::with(
+        &iptables_config(cidrs),
+        ipv6,
+        Box::new(fake.clone()),
+        StaleUdp::with_table(Box::new(FakeConntrack::default()), metrics),
+    );
+    (d, fake)
+}
+
+fn dp() -> (IptablesBackend, FakeRunner) {
+    dp_with(&["10.244.0.0/16"], false)
+}
+
+/// The input of the last restore for `tool`.
+fn last_restore(fake: &FakeRunner, tool: Tool) -> String {
+    fake.kernel()
+        .restores
+        .iter()
+        .rev()
+        .find(|(t, _)| *t == tool)
+        .map(|(_, i)| i.clone())
+        .unwrap_or_default()
 }
 
 #[test]
 fn full_restore_input_is_golden() {
     let e = engine(CLUSTER);
-    let mut d = dp();
-    let got = d.full_input(e.state(), &BTreeSet::from(["SY-SVC-STALE".to_string()]));
+    let (mut d, mut fake) = dp();
+    // A chain of ours the new state no longer has, and one hook already in place.
+    fake.restore(
+        V4,
+        "*nat\n:SY-SVC-STALE - [0:0]\n:SY-SERVICES - [0:0]\n-A PREROUTING -j SY-SERVICES\nCOMMIT\n",
+    )
+    .unwrap();
+    d.full_sync(e.state()).unwrap();
+    let got = last_restore(&fake, V4);
     golden(
         "iptables_full.txt",
         include_str!("golden/iptables_full.txt"),
@@ -115,8 +166,8 @@ fn full_restore_input_is_golden() {
 #[test]
 fn partial_sync_writes_only_the_changed_service_and_deletes_its_old_chains() {
     let mut e = engine(CLUSTER);
-    let mut d = dp();
-    d.full_input(e.state(), &BTreeSet::new());
+    let (mut d, fake) = dp();
+    d.full_sync(e.state()).unwrap();
     let objs = manifest::parse(
         "t",
         &CLUSTER.replace("- {addresses: [10.244.2.5], nodeName: node-b}\n", ""),
@@ -125,7 +176,8 @@ fn partial_sync_writes_only_the_changed_service_and_deletes_its_old_chains() {
     e.replace_all(objs.services, objs.slices);
     let cs = e.sync();
     assert_eq!(cs.len(), 1);
-    let input = d.partial_input(&cs);
+    d.apply(&cs, e.state()).unwrap();
+    let input = last_restore(&fake, V4);
     // Only web's chains (plus the shared dispatch and fixed chains) are declared.
     let declared: Vec<&str> = input
         .lines()
@@ -162,10 +214,11 @@ fn pkt(src: [u8; 4], dst: [u8; 4], proto: Protocol, dport: u16) -> Packet {
 #[test]
 fn packet_tracer_follows_kube_proxy_semantics() {
     let e = engine(CLUSTER);
-    let mut d = dp();
-    d.full_input(e.state(), &BTreeSet::new());
-    let (nat, filter) = d.rules();
-    let cfg = d.config().clone();
+    let (mut d, _) = dp();
+    d.full_sync(e.state()).unwrap();
+    let v4 = d.families().next().unwrap();
+    let (nat, filter) = v4.rules();
+    let cfg = v4.config().clone();
     let t = |p: &Packet| trace(&nat, &filter, cfg.masquerade_mark, cfg.drop_mark, p);
     let eps = |v: &[([u8; 4], u16)]| {
         v.iter()
@@ -288,15 +341,9 @@ endpoints:
 #[test]
 fn ipv6_rules_are_rendered_for_ip6tables() {
     let e = engine(DUAL_STACK);
-    let cidrs = [
-        "10.244.0.0/16".parse().unwrap(),
-        "fd00:244::/64".parse().unwrap(),
-    ];
-    let mut v6 = IptablesDataplane::start_unprivileged(
-        Flavor::Nft,
-        RenderConfig::for_family(switchyard_model::IpFamily::IPv6, &cidrs, false, 14),
-    );
-    let input = v6.full_input(e.state(), &BTreeSet::new());
+    let (mut d, fake) = dp_with(&["10.244.0.0/16", "fd00:244::/64"], true);
+    d.full_sync(e.state()).unwrap();
+    let input = last_restore(&fake, V6);
     assert!(
         input.contains("-d fd00:96::10/128 -p tcp -m tcp --dport 80"),
         "{input}"
@@ -316,11 +363,7 @@ fn ipv6_rules_are_rendered_for_ip6tables() {
     for v4 in ["10.96.0.10", "10.244.1.5", "10.244.0.0"] {
         assert!(!input.contains(v4), "IPv4 in the IPv6 rules: {input}");
     }
-    let mut d4 = IptablesDataplane::start_unprivileged(
-        Flavor::Nft,
-        RenderConfig::for_family(switchyard_model::IpFamily::IPv4, &cidrs, false, 14),
-    );
-    let input4 = d4.full_input(e.state(), &BTreeSet::new());
+    let input4 = last_restore(&fake, V4);
     assert!(
         input4.contains("10.244.1.5:8080") && !input4.contains("fd00"),
         "{input4}"
@@ -328,6 +371,7 @@ fn ipv6_rules_are_rendered_for_ip6tables() {
 
     // The tracer agrees: an outside IPv6 client on the NodePort reaches the IPv6 endpoint,
     // masqueraded; a pod is not.
+    let v6 = d.families().nth(1).unwrap();
     let (nat, filter) = v6.rules();
     let cfg = v6.config().clone();
     let p = |src: &str| Packet {
@@ -455,5 +499,157 @@ fn ipvs_companion_ipsets_and_masquerade_rules_are_golden() {
         "ipvs_companion.txt",
         include_str!("golden/ipvs_companion.txt"),
         &got,
+    );
+}
+
+fn cluster_without_web_endpoint_b() -> String {
+    CLUSTER.replace("- {addresses: [10.244.2.5], nodeName: node-b}\n", "")
+}
+
+/// What a backend that never failed writes for `yaml`.
+fn clean_dump(yaml: &str) -> String {
+    let e = engine(yaml);
+    let (mut d, fake) = dp();
+    d.full_sync(e.state()).unwrap();
+    fake.dump(V4)
+}
+
+#[test]
+fn a_failed_restore_keeps_the_last_good_rules_and_a_full_sync_repairs() {
+    use switchyard::dataplane::iptables::runner::FaultyRunner;
+    let mut e = engine(CLUSTER);
+    let fake = FakeRunner::default();
+    let metrics = Arc::new(Metrics::new());
+    // Restore 1 is the full sync; restore 2 (the partial sync of the change) is refused.
+    let mut d = IptablesBackend::with(
+        &iptables_config(&["10.244.0.0/16"]),
+        false,
+        Box::new(FaultyRunner::new(fake.clone(), vec![2])),
+        StaleUdp::with_table(Box::new(FakeConntrack::default()), metrics),
+    );
+    d.full_sync(e.state()).unwrap();
+    let good = fake.dump(V4);
+    assert_eq!(good, clean_dump(CLUSTER));
+    let objs = manifest::parse("t", &cluster_without_web_endpoint_b()).unwrap();
+    e.replace_all(objs.services, objs.slices);
+    let cs = e.sync();
+    let err = d.apply(&cs, e.state()).unwrap_err();
+    assert!(err.to_string().contains("injected fault"), "{err}");
+    assert_eq!(fake.dump(V4), good, "a refused restore must change nothing");
+    // The sync loop retries a failure as a full sync: that one lands the change.
+    d.full_sync(e.state()).unwrap();
+    assert_eq!(fake.dump(V4), clean_dump(&cluster_without_web_endpoint_b()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_loop_retries_a_refused_restore_until_the_rules_are_right() {
+    use std::time::Duration;
+    use switchyard::dataplane::iptables::runner::FaultyRunner;
+    use switchyard::store::Store;
+    use switchyard::sync::{SyncLoop, SyncTiming};
+    let fake = FakeRunner::default();
+    let metrics = Arc::new(Metrics::new());
+    let d = IptablesBackend::with(
+        &iptables_config(&["10.244.0.0/16"]),
+        false,
+        Box::new(FaultyRunner::new(fake.clone(), vec![2, 3])),
+        StaleUdp::with_table(Box::new(FakeConntrack::default()), Arc::clone(&metrics)),
+    );
+    let store = Store::new(
+        ProxyConfig {
+            node_name: "node-a".into(),
+            ..ProxyConfig::default()
+        },
+        Arc::clone(&metrics),
+    );
+    let load = |yaml: &str| {
+        let o = manifest::parse("t", yaml).unwrap();
+        store.replace_all(o.services, o.slices, o.nodes.into_iter().next());
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let sync = SyncLoop::new(
+        Arc::clone(&store),
+        Box::new(d),
+        SyncTiming {
+            min_sync_period: Duration::from_millis(10),
+            sync_period: Duration::from_mins(10),
+            retry: Duration::from_millis(20),
+        },
+    );
+    let mut progress = sync.progress();
+    tokio::spawn(sync.run(cancel.clone()));
+    load(CLUSTER);
+    let want = store.generation();
+    progress.wait_for(|g| *g >= want).await.unwrap();
+    assert_eq!(fake.dump(V4), clean_dump(CLUSTER));
+    // The change's restore and the first retry are refused; the second retry lands.
+    load(&cluster_without_web_endpoint_b());
+    let expected = clean_dump(&cluster_without_web_endpoint_b());
+    let t = std::time::Instant::now();
+    while fake.dump(V4) != expected {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the refused change never landed:\n{}",
+            fake.dump(V4)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        metrics.encode().contains("switchyard_sync_errors_total 2"),
+        "{}",
+        metrics.encode()
+    );
+    cancel.cancel();
+}
+
+#[test]
+fn a_failed_conntrack_delete_is_reported_and_retried() {
+    use switchyard::conntrack::{Entry, FaultyConntrack, Tuple};
+    let e = engine(CLUSTER);
+    let tuple = |src: &str, sport, dst: &str, dport| Tuple {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        proto: 17,
+        sport,
+        dport,
+    };
+    // A client black-holed while t/empty had no endpoint (its reply comes from the VIP
+    // itself), and an unrelated flow.
+    let stale = Entry {
+        orig: tuple("10.244.1.99", 4000, "10.96.0.12", 53),
+        reply: tuple("10.96.0.12", 53, "10.244.1.99", 4000),
+        zone: 0,
+        id: None,
+    };
+    let other = Entry {
+        orig: tuple("10.244.1.99", 4001, "192.0.2.53", 53),
+        reply: tuple("192.0.2.53", 53, "10.244.1.99", 4001),
+        zone: 0,
+        id: None,
+    };
+    let table = FakeConntrack::default();
+    table.entries.lock().unwrap().extend([stale, other]);
+    let metrics = Arc::new(Metrics::new());
+    let fake = FakeRunner::default();
+    let mut d = IptablesBackend::with(
+        &iptables_config(&["10.244.0.0/16"]),
+        false,
+        Box::new(fake.clone()),
+        StaleUdp::with_table(
+            Box::new(FaultyConntrack::new(table.clone(), vec![1])),
+            Arc::clone(&metrics),
+        ),
+    );
+    let err = d.full_sync(e.state()).unwrap_err();
+    assert!(err.to_string().contains("conntrack"), "{err}");
+    // The rules are in place; the stale flow is still there, for the retry.
+    assert_eq!(fake.dump(V4), clean_dump(CLUSTER));
+    assert_eq!(table.entries(), vec![stale, other]);
+    d.full_sync(e.state()).unwrap();
+    assert_eq!(table.entries(), vec![other]);
+    assert!(
+        metrics
+            .encode()
+            .contains("switchyard_stale_conntrack_entries_deleted_total 1")
     );
 }

@@ -291,13 +291,18 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     let (flavor, why) = iptables::detect(ctx.settings.iptables_mode)?;
     let s = &ctx.settings;
     let dp = iptables::IptablesBackend::start(
-        flavor,
-        &s.cluster_cidrs,
-        s.masquerade_all,
-        s.masquerade_bit,
+        &iptables::IptablesConfig {
+            flavor,
+            cluster_cidrs: s.cluster_cidrs.clone(),
+            masquerade_all: s.masquerade_all,
+            masquerade_bit: s.masquerade_bit,
+        },
         Arc::clone(&ctx.metrics),
     )?;
-    let families: Vec<String> = dp.families().map(|f| format!("{f:?}")).collect();
+    let families: Vec<String> = dp
+        .families()
+        .map(|f| format!("{:?}", f.config().family))
+        .collect();
     // Switching from eBPF: detach its programs and drop its pinned maps.
     if let Err(e) = ebpf::unreserve_ports(&s.bpf_pin_dir) {
         tracing::warn!(error = %e, "releasing the eBPF backend's reserved NodePort range");

@@ -947,8 +947,7 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
 /// in a fresh network namespace, for one flavor.
 fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
     use switchyard::dataplane::Dataplane;
-    use switchyard::dataplane::iptables::render::RenderConfig;
-    use switchyard::dataplane::iptables::{Flavor, IptablesDataplane};
+    use switchyard::dataplane::iptables::{Flavor, IptablesBackend, IptablesConfig};
     println!("\n### iptables backend programming (10 endpoints per service)\n");
     println!(
         "Switchyard: `full_sync` (save, render, one restore) into an empty namespace, then a one-endpoint change (`apply`). Peer: kube-proxy's rules from shared/peers/gen_iptables.py through `<flavor>-restore --noflush` into an empty namespace, then its `--update` partial sync; {PEER_TIMEOUT} s limit as in the peers' sync_time.sh.\n"
@@ -971,9 +970,14 @@ fn iptables_sync_bench(sizes: &[u32]) -> anyhow::Result<()> {
                     let mut e = Engine::new(ProxyConfig::default());
                     e.replace_all(svcs, slices);
                     e.sync();
-                    let mut dp = IptablesDataplane::start(
-                        flavor,
-                        RenderConfig::new(&["10.128.0.0/9".parse()?], false, 14),
+                    let mut dp = IptablesBackend::start(
+                        &IptablesConfig {
+                            flavor,
+                            cluster_cidrs: vec!["10.128.0.0/9".parse()?],
+                            masquerade_all: false,
+                            masquerade_bit: 14,
+                        },
+                        std::sync::Arc::new(switchyard::metrics::Metrics::new()),
                     )
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                     let t = Instant::now();

@@ -119,6 +119,126 @@ pub fn stale_udp<V: Flow>(
     out
 }
 
+/// A flow map as the sweep sees it: the real map (`AyaFlows`), `FakeFlows` and
+/// `FaultyFlows` for tests.
+pub trait FlowTable<V: Flow> {
+    fn entries(&mut self) -> Result<Vec<(V::Key, V)>, FlowError>;
+    /// Remove one entry; `false` when it was not there.
+    fn remove(&mut self, key: &V::Key) -> Result<bool, FlowError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error("flow map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("flow map {map}: injected fault on remove {call}")]
+    Injected { map: &'static str, call: usize },
+}
+
+/// A kernel flow map through aya.
+#[derive(Debug)]
+pub struct AyaFlows<'a, V: Flow + aya::Pod>
+where
+    V::Key: aya::Pod,
+{
+    pub name: &'static str,
+    pub map: aya::maps::HashMap<&'a mut aya::maps::MapData, V::Key, V>,
+}
+
+impl<V: Flow + aya::Pod> FlowTable<V> for AyaFlows<'_, V>
+where
+    V::Key: aya::Pod,
+{
+    fn entries(&mut self) -> Result<Vec<(V::Key, V)>, FlowError> {
+        // Entries may vanish (LRU, the kernel) while we walk: skip those, as a dump does.
+        Ok(self.map.iter().filter_map(Result::ok).collect())
+    }
+    fn remove(&mut self, key: &V::Key) -> Result<bool, FlowError> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(FlowError::Map {
+                map: self.name,
+                source,
+            }),
+        }
+    }
+}
+
+/// An in-memory flow map.
+#[derive(Debug, Clone, Default)]
+pub struct FakeFlows<V: Flow> {
+    pub entries: Vec<(V::Key, V)>,
+}
+
+impl<V: Flow> FlowTable<V> for FakeFlows<V>
+where
+    V::Key: PartialEq,
+{
+    fn entries(&mut self) -> Result<Vec<(V::Key, V)>, FlowError> {
+        Ok(self.entries.clone())
+    }
+    fn remove(&mut self, key: &V::Key) -> Result<bool, FlowError> {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _)| k != key);
+        Ok(self.entries.len() < before)
+    }
+}
+
+/// Fails the removes whose 1-based numbers are listed.
+#[derive(Debug)]
+pub struct FaultyFlows<T> {
+    pub inner: T,
+    pub fail_removes: Vec<usize>,
+    removes: usize,
+}
+
+impl<T> FaultyFlows<T> {
+    pub fn new(inner: T, fail_removes: Vec<usize>) -> Self {
+        FaultyFlows {
+            inner,
+            fail_removes,
+            removes: 0,
+        }
+    }
+}
+
+impl<V: Flow, T: FlowTable<V>> FlowTable<V> for FaultyFlows<T> {
+    fn entries(&mut self) -> Result<Vec<(V::Key, V)>, FlowError> {
+        self.inner.entries()
+    }
+    fn remove(&mut self, key: &V::Key) -> Result<bool, FlowError> {
+        self.removes += 1;
+        if self.fail_removes.contains(&self.removes) {
+            return Err(FlowError::Injected {
+                map: "faulty",
+                call: self.removes,
+            });
+        }
+        self.inner.remove(key)
+    }
+}
+
+/// Delete one flow map's stale UDP flows (each with its reverse entry); how many.
+pub fn sweep<V: Flow>(
+    table: &mut dyn FlowTable<V>,
+    endpoints: &UdpEndpoints,
+) -> Result<u64, FlowError> {
+    let mut flows = 0;
+    for (fwd, rev) in stale_udp(table.entries()?, endpoints) {
+        // The forward entry goes last: while it is there, a failed sweep is found again.
+        table.remove(&rev)?;
+        if table.remove(&fwd)? {
+            flows += 1;
+        }
+    }
+    Ok(flows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +286,27 @@ mod tests {
         );
         assert_eq!(got[0].1.saddr, 0x0af4_010c);
         assert_eq!((got[0].1.sport, got[0].1.dport), (9125, 1001));
+    }
+
+    #[test]
+    fn a_failed_remove_keeps_the_flow_for_the_next_sweep() {
+        let eps =
+            UdpEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
+        let live = fwd(1, 1000, 0x0af4_010b, 9125, 7);
+        let stale = fwd(1, 1001, 0x0af4_010c, 9125, 7);
+        let mut rev = stale;
+        rev.0 = stale.1.reverse_key(IPPROTO_UDP);
+        rev.1.flags = CT_REVERSE;
+        let table = FakeFlows::<Ct4Value> {
+            entries: vec![live, stale, rev],
+        };
+        // Remove 1 (the reverse entry) works, remove 2 (the forward entry) fails.
+        let mut faulty = FaultyFlows::new(table, vec![2]);
+        let err = sweep(&mut faulty, &eps).unwrap_err();
+        assert!(matches!(err, FlowError::Injected { call: 2, .. }), "{err}");
+        assert_eq!(faulty.inner.entries, vec![live, stale]);
+        // The next sweep finds the forward entry again and finishes the job.
+        assert_eq!(sweep(&mut faulty, &eps).unwrap(), 1);
+        assert_eq!(faulty.inner.entries, vec![live]);
     }
 }

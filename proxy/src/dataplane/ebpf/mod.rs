@@ -341,16 +341,17 @@ impl EbpfDataplane {
     }
 
     /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`), in both families'
-    /// flow maps. A failure is logged: the maps are already right, and the next sync tries
-    /// again.
-    fn clear_stale_udp(&mut self) {
+    /// flow maps. A failure fails the sync, so it is retried (the service maps are right
+    /// meanwhile).
+    fn clear_stale_udp(&mut self) -> Result<(), DataplaneError> {
         let endpoints = ct::udp_endpoints(self.writer.ports());
-        let flows = sweep::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)
-            + sweep::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints);
+        let flows = sweep::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)?
+            + sweep::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints)?;
         if flows > 0 {
             tracing::info!(flows, "deleted stale UDP flows from the tc flow maps");
             self.metrics.stale_conntrack_deleted.inc_by(flows);
         }
+        Ok(())
     }
 
     fn report(&self, r: &Report) {
@@ -473,7 +474,7 @@ impl Dataplane for EbpfDataplane {
         let r = self.writer.apply(changes, state).map_err(program)?;
         self.report(&r);
         if crate::conntrack::touches_udp(changes) {
-            self.clear_stale_udp();
+            self.clear_stale_udp()?;
         }
         Ok(())
     }
@@ -481,8 +482,7 @@ impl Dataplane for EbpfDataplane {
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.full_sync(state).map_err(program)?;
         self.report(&r);
-        self.clear_stale_udp();
-        Ok(())
+        self.clear_stale_udp()
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
@@ -540,30 +540,21 @@ fn tc_attached(ifname: &str, id: u32) -> bool {
 }
 
 /// Delete one flow map's stale UDP flows; how many.
-fn sweep<V>(ebpf: &mut aya::Ebpf, name: &'static str, endpoints: &ct::UdpEndpoints) -> u64
+fn sweep<V>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    endpoints: &ct::UdpEndpoints,
+) -> Result<u64, ct::FlowError>
 where
     V: ct::Flow + aya::Pod,
     V::Key: aya::Pod,
 {
     let Some(map) = ebpf.map_mut(name) else {
-        return 0;
+        return Ok(0);
     };
-    let mut map = match aya::maps::HashMap::<_, V::Key, V>::try_from(map) {
-        Ok(map) => map,
-        Err(e) => {
-            tracing::warn!(error = %e, map = name, "opening a flow map for stale UDP cleanup");
-            return 0;
-        }
-    };
-    let entries: Vec<(V::Key, V)> = map.iter().filter_map(Result::ok).collect();
-    let mut flows = 0;
-    for (fwd, rev) in ct::stale_udp(entries, endpoints) {
-        let _ = map.remove(&rev);
-        if map.remove(&fwd).is_ok() {
-            flows += 1;
-        }
-    }
-    flows
+    let map = aya::maps::HashMap::<_, V::Key, V>::try_from(map)
+        .map_err(|source| ct::FlowError::Map { map: name, source })?;
+    ct::sweep(&mut ct::AyaFlows { name, map }, endpoints)
 }
 
 /// Remove every link and map Switchyard pinned: programs detach, maps go away.

@@ -5,23 +5,23 @@
 //! would black-hole clients are deleted over ctnetlink after a sync (see `crate::conntrack`).
 
 pub mod render;
+pub mod runner;
 pub mod tracer;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use switchyard_model::{ChangeSet, DesiredState, IpFamily, ServicePortKey, ServicePortState};
 
 use self::render::{FILTER, NODEPORTS, PortRules, RenderConfig, Rule, SERVICES};
+use self::runner::{CommandRunner, RunError, Runner, Tool};
 use super::Dataplane;
 use crate::config::IptablesMode;
 use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Flavor {
     Legacy,
     Nft,
@@ -41,9 +41,6 @@ impl Flavor {
             IpFamily::IPv6 => self.name().replacen("iptables", "ip6tables", 1),
         }
     }
-    fn restore(self, family: IpFamily) -> String {
-        format!("{}-restore", self.cmd(family))
-    }
     fn save(self, family: IpFamily) -> String {
         format!("{}-save", self.cmd(family))
     }
@@ -56,19 +53,12 @@ fn unavailable(reason: impl Into<String>) -> DataplaneError {
     }
 }
 
-fn failed(reason: impl Into<String>) -> DataplaneError {
-    DataplaneError::Program {
-        backend: "iptables",
-        service: "-".into(),
-        reason: reason.into(),
-    }
+fn failed(source: RunError) -> DataplaneError {
+    DataplaneError::Iptables { source }
 }
 
-fn save(flavor: Flavor, family: IpFamily) -> Option<String> {
-    let out = Command::new(flavor.save(family)).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+fn save(runner: &mut dyn Runner, flavor: Flavor, family: IpFamily) -> Option<String> {
+    runner.save(Tool::new(flavor, family)).ok()
 }
 
 fn rule_count(text: &str) -> usize {
@@ -78,7 +68,8 @@ fn rule_count(text: &str) -> usize {
 /// Pick the flavor: as configured, or (auto) the one already holding more rules on this node,
 /// like kube-proxy; nft when neither has any.
 pub fn detect(mode: IptablesMode) -> Result<(Flavor, String), DataplaneError> {
-    let usable = |f: Flavor| save(f, IpFamily::IPv4).is_some();
+    let r = &mut CommandRunner;
+    let mut usable = |f: Flavor| save(r, f, IpFamily::IPv4).is_some();
     match mode {
         IptablesMode::Legacy | IptablesMode::Nft => {
             let f = if mode == IptablesMode::Legacy {
@@ -96,8 +87,8 @@ pub fn detect(mode: IptablesMode) -> Result<(Flavor, String), DataplaneError> {
             }
         }
         IptablesMode::Auto => {
-            let legacy = save(Flavor::Legacy, IpFamily::IPv4).map(|t| rule_count(&t));
-            let nft = save(Flavor::Nft, IpFamily::IPv4).map(|t| rule_count(&t));
+            let legacy = save(r, Flavor::Legacy, IpFamily::IPv4).map(|t| rule_count(&t));
+            let nft = save(r, Flavor::Nft, IpFamily::IPv4).map(|t| rule_count(&t));
             match (legacy, nft) {
                 (None, None) => Err(unavailable(
                     "neither iptables-legacy nor iptables-nft works here (needs root and the iptables package)",
@@ -114,32 +105,6 @@ pub fn detect(mode: IptablesMode) -> Result<(Flavor, String), DataplaneError> {
     }
 }
 
-fn restore(flavor: Flavor, family: IpFamily, input: &str) -> Result<(), DataplaneError> {
-    let cmd = flavor.restore(family);
-    let mut child = Command::new(&cmd)
-        .args(["--noflush", "--wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| failed(format!("running {cmd}: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| failed(format!("writing to {cmd}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(format!("{cmd}: {e}")))?;
-    if !out.status.success() {
-        return Err(failed(format!(
-            "{cmd} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
-}
-
 /// What of ours is in the kernel now, from one `*-save`.
 #[derive(Debug, Default)]
 struct Existing {
@@ -149,8 +114,8 @@ struct Existing {
     jumps: BTreeSet<(String, String)>,
 }
 
-fn existing(flavor: Flavor, family: IpFamily) -> Existing {
-    save(flavor, family).map_or_else(Existing::default, |t| parse_existing(&t))
+fn existing(runner: &mut dyn Runner, flavor: Flavor, family: IpFamily) -> Existing {
+    save(runner, flavor, family).map_or_else(Existing::default, |t| parse_existing(&t))
 }
 
 fn parse_existing(text: &str) -> Existing {
@@ -175,12 +140,6 @@ fn parse_existing(text: &str) -> Existing {
         }
     }
     e
-}
-
-/// Our chains currently in the kernel, per table.
-fn our_chains(flavor: Flavor, family: IpFamily) -> (BTreeSet<String>, BTreeSet<String>) {
-    let e = existing(flavor, family);
-    (e.nat, e.filter)
 }
 
 /// The hook rules missing from `e`, as `-I` lines for the restore input, per table.
@@ -222,52 +181,57 @@ fn insert_in_tables(input: &str, lines: &[(&'static str, String)]) -> String {
     out
 }
 
-fn iptables(flavor: Flavor, family: IpFamily, args: &[&str]) -> bool {
-    Command::new(flavor.cmd(family))
-        .args(["-w"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Remove every hook and chain of ours from one flavor, both families (a no-op when there
 /// are none).
 pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
-    cleanup_family(flavor, IpFamily::IPv4)?;
-    cleanup_family(flavor, IpFamily::IPv6)
+    cleanup_with(&mut CommandRunner, flavor)
 }
 
-fn cleanup_family(flavor: Flavor, family: IpFamily) -> Result<(), DataplaneError> {
-    if save(flavor, family).is_none() {
+/// `cleanup_flavor` through any runner.
+pub fn cleanup_with(runner: &mut dyn Runner, flavor: Flavor) -> Result<(), DataplaneError> {
+    cleanup_family(runner, flavor, IpFamily::IPv4)?;
+    cleanup_family(runner, flavor, IpFamily::IPv6)
+}
+
+fn cleanup_family(
+    runner: &mut dyn Runner,
+    flavor: Flavor,
+    family: IpFamily,
+) -> Result<(), DataplaneError> {
+    let Some(saved) = save(runner, flavor, family) else {
         return Ok(());
-    }
+    };
+    let e = parse_existing(&saved);
+    let tool = Tool::new(flavor, family);
     for (table, chain, spec) in render::hooks() {
+        let line = format!("-A {chain} {}", spec.join(" "));
+        if !e.jumps.contains(&(table.to_string(), line)) {
+            continue;
+        }
         let mut del = vec!["-t", table, "-D", chain];
         del.extend(&spec);
-        while iptables(flavor, family, &del) {}
+        // A hook may have been inserted twice (by hand, or an older version): all go.
+        while runner.command(tool, &del).is_ok() {}
     }
-    let (nat, filter) = our_chains(flavor, family);
-    if nat.is_empty() && filter.is_empty() {
+    if e.nat.is_empty() && e.filter.is_empty() {
         return Ok(());
     }
     let mut input = String::from("*nat\n");
-    for c in &nat {
+    for c in &e.nat {
         input.push_str(&format!(":{c} - [0:0]\n"));
     }
-    for c in &nat {
+    for c in &e.nat {
         input.push_str(&format!("-X {c}\n"));
     }
     input.push_str("COMMIT\n*filter\n");
-    for c in &filter {
+    for c in &e.filter {
         input.push_str(&format!(":{c} - [0:0]\n"));
     }
-    for c in &filter {
+    for c in &e.filter {
         input.push_str(&format!("-X {c}\n"));
     }
     input.push_str("COMMIT\n");
-    restore(flavor, family, &input)
+    runner.restore(tool, &input).map_err(failed)
 }
 
 /// Remove our state from both flavors.
@@ -276,40 +240,26 @@ pub fn cleanup_all() -> Result<(), DataplaneError> {
     cleanup_flavor(Flavor::Nft)
 }
 
-/// The rules of one family (iptables or ip6tables).
+/// The rules of one family (iptables or ip6tables): a renderer that remembers what it last
+/// rendered per service port, so a ChangeSet rewrites only what changed.
 #[derive(Debug)]
-pub struct IptablesDataplane {
+pub struct IptablesFamily {
     pub flavor: Flavor,
     cfg: RenderConfig,
     ports: BTreeMap<ServicePortKey, PortRules>,
 }
 
-impl IptablesDataplane {
-    /// A renderer without kernel access (golden tests, tracing).
-    pub fn start_unprivileged(flavor: Flavor, cfg: RenderConfig) -> IptablesDataplane {
-        IptablesDataplane {
+impl IptablesFamily {
+    pub fn new(flavor: Flavor, cfg: RenderConfig) -> IptablesFamily {
+        IptablesFamily {
             flavor,
             cfg,
             ports: BTreeMap::new(),
         }
     }
 
-    pub fn start(flavor: Flavor, cfg: RenderConfig) -> Result<IptablesDataplane, DataplaneError> {
-        if !nix::unistd::Uid::effective().is_root() {
-            return Err(unavailable("needs root (CAP_NET_ADMIN)"));
-        }
-        let family = cfg.family;
-        if save(flavor, family).is_none() {
-            return Err(unavailable(format!(
-                "{} is missing or not permitted",
-                flavor.save(family)
-            )));
-        }
-        Ok(IptablesDataplane {
-            flavor,
-            cfg,
-            ports: BTreeMap::new(),
-        })
+    fn tool(&self) -> Tool {
+        Tool::new(self.flavor, self.cfg.family)
     }
 
     fn mine(&self, key: &ServicePortKey) -> bool {
@@ -334,8 +284,8 @@ impl IptablesDataplane {
         BTreeMap::from([(FILTER.to_string(), filter)])
     }
 
-    /// The restore input a full sync writes (for golden tests).
-    pub fn full_input(&mut self, state: &DesiredState, stale: &BTreeSet<String>) -> String {
+    /// The restore input of a full sync: every chain, stale chains deleted.
+    fn full_input(&mut self, state: &DesiredState, stale: &BTreeSet<String>) -> String {
         let endpoints: usize = state
             .values()
             .filter(|s| self.mine(&s.key))
@@ -356,9 +306,9 @@ impl IptablesDataplane {
         render::restore_input(&nat, &self.filter_chains(), &delete)
     }
 
-    /// The restore input for a ChangeSet (for golden tests): dispatch chains plus the chains
-    /// of changed ports, and deletions of chains that went away.
-    pub fn partial_input(&mut self, changes: &ChangeSet) -> String {
+    /// The restore input for a ChangeSet: dispatch chains plus the chains of changed ports,
+    /// and deletions of chains that went away.
+    fn partial_input(&mut self, changes: &ChangeSet) -> String {
         let family = self.cfg.family;
         let mut touched = BTreeSet::new();
         let mut gone = BTreeSet::new();
@@ -397,14 +347,12 @@ impl IptablesDataplane {
     pub fn config(&self) -> &RenderConfig {
         &self.cfg
     }
-}
 
-impl Dataplane for IptablesDataplane {
-    fn name(&self) -> &'static str {
-        "iptables"
-    }
-
-    fn apply(&mut self, changes: &ChangeSet, _state: &DesiredState) -> Result<(), DataplaneError> {
+    fn apply(
+        &mut self,
+        runner: &mut dyn Runner,
+        changes: &ChangeSet,
+    ) -> Result<(), DataplaneError> {
         let mine = |s: &&Arc<ServicePortState>| s.key.family == self.cfg.family;
         if !(changes.added.iter().any(|s| mine(&s))
             || changes.removed.iter().any(|s| mine(&s))
@@ -413,21 +361,21 @@ impl Dataplane for IptablesDataplane {
             return Ok(());
         }
         let input = self.partial_input(changes);
-        restore(self.flavor, self.cfg.family, &input)
+        runner.restore(self.tool(), &input).map_err(failed)
     }
 
     /// One save (our chains and hooks as the kernel has them), one restore: stale chains
     /// deleted and missing hooks inserted in the same transaction, so no extra `iptables`
     /// call has to load a large ruleset again.
-    fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
-        let e = existing(self.flavor, self.cfg.family);
+    fn full_sync(
+        &mut self,
+        runner: &mut dyn Runner,
+        state: &DesiredState,
+    ) -> Result<(), DataplaneError> {
+        let e = existing(runner, self.flavor, self.cfg.family);
         let input = self.full_input(state, &e.nat);
         let input = insert_in_tables(&input, &missing_hooks(&e));
-        restore(self.flavor, self.cfg.family, &input)
-    }
-
-    fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        cleanup_family(self.flavor, self.cfg.family)
+        runner.restore(self.tool(), &input).map_err(failed)
     }
 }
 
@@ -435,34 +383,80 @@ impl Dataplane for IptablesDataplane {
 /// runs one proxier per family), and the stale-UDP conntrack cleanup for both.
 #[derive(Debug)]
 pub struct IptablesBackend {
-    families: Vec<IptablesDataplane>,
+    families: Vec<IptablesFamily>,
+    runner: Box<dyn Runner>,
     conntrack: StaleUdp,
 }
 
+/// What the iptables backend renders for.
+#[derive(Debug, Clone)]
+pub struct IptablesConfig {
+    pub flavor: Flavor,
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
+    pub masquerade_all: bool,
+    pub masquerade_bit: u8,
+}
+
 impl IptablesBackend {
-    /// IPv4 must work; IPv6 is added when `ip6tables` of the same flavor works (else its
-    /// service ports are left unprogrammed, with a warning).
+    /// On this node: IPv4 must work; IPv6 is added when `ip6tables` of the same flavor works
+    /// (else its service ports are left unprogrammed, with a warning).
     pub fn start(
-        flavor: Flavor,
-        cluster_cidrs: &[ipnet::IpNet],
-        masquerade_all: bool,
-        masquerade_bit: u8,
+        cfg: &IptablesConfig,
         metrics: Arc<Metrics>,
     ) -> Result<IptablesBackend, DataplaneError> {
-        let cfg = |f| RenderConfig::for_family(f, cluster_cidrs, masquerade_all, masquerade_bit);
-        let mut families = vec![IptablesDataplane::start(flavor, cfg(IpFamily::IPv4))?];
-        match IptablesDataplane::start(flavor, cfg(IpFamily::IPv6)) {
-            Ok(dp) => families.push(dp),
-            Err(e) => tracing::warn!(error = %e, "IPv6 service ports will not be programmed"),
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err(unavailable("needs root (CAP_NET_ADMIN)"));
         }
-        Ok(IptablesBackend {
-            families,
-            conntrack: StaleUdp::new(metrics),
-        })
+        let mut runner = CommandRunner;
+        if save(&mut runner, cfg.flavor, IpFamily::IPv4).is_none() {
+            return Err(unavailable(format!(
+                "{} is missing or not permitted",
+                cfg.flavor.save(IpFamily::IPv4)
+            )));
+        }
+        let v6 = save(&mut runner, cfg.flavor, IpFamily::IPv6).is_some();
+        if !v6 {
+            tracing::warn!(
+                tool = %cfg.flavor.save(IpFamily::IPv6),
+                "ip6tables does not work here: IPv6 service ports will not be programmed"
+            );
+        }
+        Ok(Self::with(
+            cfg,
+            v6,
+            Box::new(runner),
+            StaleUdp::new(metrics),
+        ))
     }
 
-    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
-        self.families.iter().map(|f| f.cfg.family)
+    /// With any runner and conntrack cleaner (fakes in tests).
+    pub fn with(
+        cfg: &IptablesConfig,
+        ipv6: bool,
+        runner: Box<dyn Runner>,
+        conntrack: StaleUdp,
+    ) -> IptablesBackend {
+        let render = |f| {
+            RenderConfig::for_family(
+                f,
+                &cfg.cluster_cidrs,
+                cfg.masquerade_all,
+                cfg.masquerade_bit,
+            )
+        };
+        let mut families = vec![IptablesFamily::new(cfg.flavor, render(IpFamily::IPv4))];
+        if ipv6 {
+            families.push(IptablesFamily::new(cfg.flavor, render(IpFamily::IPv6)));
+        }
+        IptablesBackend {
+            families,
+            runner,
+            conntrack,
+        }
+    }
+
+    pub fn families(&self) -> impl Iterator<Item = &IptablesFamily> + '_ {
+        self.families.iter()
     }
 }
 
@@ -473,28 +467,29 @@ impl Dataplane for IptablesBackend {
 
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         for f in &mut self.families {
-            f.apply(changes, state)?;
+            f.apply(self.runner.as_mut(), changes)?;
         }
         if touches_udp(changes) {
             let mut udp = UdpServices::from_state(state);
             for r in &changes.removed {
                 udp.add_removed(r);
             }
-            self.conntrack.clear(&udp);
+            self.conntrack.clear(&udp)?;
         }
         Ok(())
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         for f in &mut self.families {
-            f.full_sync(state)?;
+            f.full_sync(self.runner.as_mut(), state)?;
         }
-        self.conntrack.clear(&UdpServices::from_state(state));
+        self.conntrack.clear(&UdpServices::from_state(state))?;
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        cleanup_flavor(self.families[0].flavor)
+        let flavor = self.families[0].flavor;
+        cleanup_with(self.runner.as_mut(), flavor)
     }
 }
 
