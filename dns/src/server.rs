@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::{Forwarder, Source};
 use crate::metrics::{DnsMetrics, QueryLabels};
-use crate::resolve::{Outcome, resolve, response_to};
+use crate::resolve::{Outcome, resolve};
 use crate::snapshot::Snapshot;
 
 /// The handle the daemon swaps snapshots through.
@@ -138,9 +138,4 @@ pub async fn serve(
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     Ok(())
-}
-
-/// A response for a request that could not be parsed at all (used by tests).
-pub fn formerr_for(req: &Message) -> Message {
-    response_to(req, ResponseCode::FormErr)
 }

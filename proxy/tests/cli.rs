@@ -197,5 +197,25 @@ fn run_with_manifests_and_no_backend_syncs_and_reports_health_and_metrics() {
         m.contains("switchyard_backend{backend=\"none\",reason=\"requested\"} 1"),
         "{m}"
     );
-    assert!(m.contains("sync_proxy_rules_duration_seconds_count"), "{m}");
+    // Present is not enough: the sync that made the daemon healthy was measured.
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    };
+    assert!(
+        value("sync_proxy_rules_duration_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(value("sync_proxy_rules_duration_seconds_sum") > 0.0, "{m}");
+    assert!(
+        value("network_programming_duration_seconds_count") >= 1.0,
+        "{m}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = value("sync_proxy_rules_last_timestamp_seconds");
+    assert!((now - last).abs() < 120.0, "last sync at {last}, now {now}");
 }

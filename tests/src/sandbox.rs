@@ -51,14 +51,11 @@ pub fn require_root() {
     );
 }
 
-/// Where cgroup v2 is mounted; mounts one under /run if the host has none.
+/// Where cgroup v2 is mounted (as the daemon finds it); mounts one under /run if the host
+/// has none (this machine kind's host is hybrid v1).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    for l in mounts.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() > 2 && f[2] == "cgroup2" {
-            return Ok(PathBuf::from(f[1]));
-        }
+    if let Some(dir) = switchyard::dataplane::ebpf::cgroup2_root() {
+        return Ok(dir);
     }
     let dir = PathBuf::from("/run/switchyard-cgroup2");
     std::fs::create_dir_all(&dir)?;
@@ -568,16 +565,24 @@ impl Sandbox {
 }
 
 impl Drop for Sandbox {
+    /// Removes everything the sandbox made. What cannot be removed is reported: a panic
+    /// (unless the test is already panicking, whose message matters more), as aya's test
+    /// guards do, so a leak fails the test that made it.
     fn drop(&mut self) {
+        let mut failures: Vec<String> = Vec::new();
         self.stop_daemon();
         let names: Vec<String> = self.backends.keys().cloned().collect();
         for n in names {
             self.stop_backend(&n);
         }
         for ns in self.namespaces.drain(..).rev() {
-            let _ = sh(&["ip", "netns", "del", &ns]);
+            if let Err(e) = sh(&["ip", "netns", "del", &ns]) {
+                failures.push(format!("deleting netns {ns}: {e}"));
+            }
         }
-        let _ = switchyard::dataplane::ebpf::cleanup_pins(&self.pin_dir);
+        if let Err(e) = switchyard::dataplane::ebpf::cleanup_pins(&self.pin_dir) {
+            failures.push(format!("removing pins {}: {e}", self.pin_dir.display()));
+        }
         // Processes that joined the cgroup are gone; the directory can go.
         if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
             let parent = self.cgroup.parent().map(|p| p.join("cgroup.procs"));
@@ -587,6 +592,22 @@ impl Drop for Sandbox {
                 }
             }
         }
-        let _ = std::fs::remove_dir(&self.cgroup);
+        if self.cgroup.exists()
+            && let Err(e) = std::fs::remove_dir(&self.cgroup)
+        {
+            failures.push(format!("removing cgroup {}: {e}", self.cgroup.display()));
+        }
+        if !failures.is_empty() {
+            let msg = format!(
+                "sandbox {} left state behind: {}",
+                self.prefix,
+                failures.join("; ")
+            );
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
     }
 }

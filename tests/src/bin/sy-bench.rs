@@ -567,6 +567,13 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     let gen_iptables =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_iptables.py");
+    // The peer is the point of the table: without it there is nothing to compare with.
+    if !gen_iptables.exists() {
+        bail!(
+            "{} is missing: the kube-proxy peer row needs shared/peers beside the checkout",
+            gen_iptables.display()
+        );
+    }
     for &n in sizes {
         let last = peer_service(n - 1, 10);
         let vip = format!("{}:{}", last.vip, last.port);
@@ -599,10 +606,6 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
                     ));
                 }
                 Path_::KubeProxyLegacy => {
-                    if !gen_iptables.exists() {
-                        eprintln!("{} missing: no kube-proxy row", gen_iptables.display());
-                        continue;
-                    }
                     let script = format!(
                         "python3 {} {n} 10 | ip netns exec {} iptables-legacy-restore -w 5",
                         gen_iptables.display(),
@@ -664,10 +667,11 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
         let base = |node: bool| {
             rows.iter()
                 .find(|(name, _, from_node)| name.starts_with("direct") && *from_node == node)
-                .map_or((1.0, 1.0, 1.0), |r| r.1)
+                .map(|r| r.1)
+                .ok_or_else(|| anyhow::anyhow!("no direct row to compare with ({n} services)"))
         };
         for (name, r, from_node) in &rows {
-            let b = base(*from_node);
+            let b = base(*from_node)?;
             println!(
                 "| {name} | {n} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} |",
                 r.0,

@@ -10,11 +10,23 @@ use switchyard_ebpf_common::{
 };
 
 #[derive(Debug, thiserror::Error)]
-#[error("map {map}: {op}: {reason}")]
+#[error("map {map}: {op}: {cause}")]
 pub struct MapError {
     pub map: &'static str,
     pub op: &'static str,
-    pub reason: String,
+    #[source]
+    pub cause: MapFault,
+}
+
+/// What went wrong with a map: the kernel's answer through aya, kept typed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapFault {
+    #[error(transparent)]
+    Aya(#[from] aya::maps::MapError),
+    #[error("not in the kernel object")]
+    Missing,
+    #[error("injected failure of write {write}")]
+    Injected { write: usize },
 }
 
 /// One write to the maps; the fake records these in order, the goldens compare them.
@@ -169,7 +181,7 @@ impl<M: MapIo> MapIo for FaultyMaps<M> {
             return Err(MapError {
                 map: "faulty",
                 op: "write",
-                reason: format!("injected failure of write {}", self.writes),
+                cause: MapFault::Injected { write: self.writes },
             });
         }
         self.inner.write(op)
@@ -204,15 +216,15 @@ fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, MapError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| MapError {
+    let map = ebpf.take_map(name).ok_or(MapError {
         map: name,
         op: "open",
-        reason: "not in the kernel object".into(),
+        cause: MapFault::Missing,
     })?;
     T::try_from(map).map_err(|e| MapError {
         map: name,
         op: "open",
-        reason: e.to_string(),
+        cause: MapFault::Aya(e),
     })
 }
 
@@ -220,7 +232,7 @@ fn err(map: &'static str, op: &'static str) -> impl Fn(aya::maps::MapError) -> M
     move |e| MapError {
         map,
         op,
-        reason: e.to_string(),
+        cause: MapFault::Aya(e),
     }
 }
 
