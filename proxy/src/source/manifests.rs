@@ -111,8 +111,8 @@ pub async fn run(
         store.replace_all(objs.services, objs.slices, node);
         Ok(())
     };
-    push(&mut md)?;
-
+    // Watch before the first load: an edit made between the load and the watch would
+    // otherwise be lost until the next one.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok() {
@@ -129,6 +129,7 @@ pub async fn run(
             path: dir.clone(),
             source,
         })?;
+    push(&mut md)?;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
