@@ -77,6 +77,12 @@ struct Inner {
     links_changed: bool,
 }
 
+impl Inner {
+    fn initialized(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.listed.contains(k))
+    }
+}
+
 #[derive(Debug)]
 pub struct Store {
     inner: Mutex<Inner>,
@@ -134,7 +140,7 @@ impl Store {
     /// True once every kind has completed its initial list; nothing is programmed before.
     pub fn initialized(&self) -> bool {
         let inner = self.lock();
-        Kind::ALL.iter().all(|k| inner.listed.contains(k))
+        inner.initialized()
     }
 
     pub fn report(&self, kind: Kind, id: &ObjectId, err: &ModelError) {
@@ -251,7 +257,7 @@ impl Store {
     /// Recompute what changed since the last call. `None` until initialized.
     pub fn sync(&self) -> Option<SyncOutput> {
         let mut inner = self.lock();
-        if !Kind::ALL.iter().all(|k| inner.listed.contains(k)) {
+        if !inner.initialized() {
             return None;
         }
         let changes = inner.engine.sync();
@@ -271,7 +277,7 @@ impl Store {
     /// EndpointSlices (`None`: deleted). `None` until initialized.
     pub fn dns_delta(&self, all: bool) -> Option<DnsDelta> {
         let mut inner = self.lock();
-        if !Kind::ALL.iter().all(|k| inner.listed.contains(k)) {
+        if !inner.initialized() {
             return None;
         }
         let changed = inner.engine.take_dns_changes();
