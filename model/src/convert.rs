@@ -80,14 +80,16 @@ fn parse_port(
 
 /// Parse one `loadBalancerSourceRanges` entry. Whitespace around it is tolerated, as
 /// kube-proxy does; a bare address is taken as a host route.
-pub fn parse_source_range(value: &str) -> Result<IpNet, String> {
+pub fn parse_source_range(value: &str) -> Result<IpNet, ModelError> {
     let v = value.trim();
     if let Ok(net) = v.parse::<IpNet>() {
         return Ok(net.trunc());
     }
     v.parse::<IpAddr>()
         .map(IpNet::from)
-        .map_err(|_| format!("{value:?} is not a CIDR"))
+        .map_err(|_| ModelError::SourceRange {
+            value: value.to_string(),
+        })
 }
 
 /// Convert a core/v1 Service.
@@ -240,7 +242,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
                         KIND,
                         &obj,
                         format!("spec.loadBalancerSourceRanges[{i}]"),
-                        reason,
+                        reason.to_string(),
                     )
                 })?;
                 load_balancer_source_ranges.push(net);
@@ -254,7 +256,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
                             KIND,
                             &obj,
                             format!("metadata.annotations[{ANNOTATION_SOURCE_RANGES}]"),
-                            reason,
+                            reason.to_string(),
                         )
                     })?;
                     load_balancer_source_ranges.push(net);

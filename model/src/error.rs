@@ -49,8 +49,22 @@ pub enum ModelError {
         source: serde_json::Error,
     },
 
-    #[error("label selector {selector:?}: {reason}")]
-    Selector { selector: String, reason: String },
+    #[error("label selector {selector:?}: {source}")]
+    Selector {
+        selector: String,
+        #[source]
+        source: crate::selector::SelectorSyntax,
+    },
+
+    #[error("{value:?} is neither a CIDR nor \"primary\": {source}")]
+    NodePortAddress {
+        value: String,
+        #[source]
+        source: ipnet::AddrParseError,
+    },
+
+    #[error("{value:?} is not a CIDR")]
+    SourceRange { value: String },
 }
 
 impl ModelError {

@@ -63,9 +63,9 @@ impl Selector {
     }
 
     pub fn parse(input: &str) -> Result<Selector, ModelError> {
-        let err = |reason: String| ModelError::Selector {
+        let err = |source: SelectorSyntax| ModelError::Selector {
             selector: input.to_string(),
-            reason,
+            source,
         };
         let toks = lex(input);
         let mut p = Parser { toks, pos: 0 };
@@ -79,20 +79,25 @@ impl Selector {
                         Tok::End => break,
                         Tok::Comma => {
                             if matches!(p.peek(), Tok::End) {
-                                return Err(err("found '', expected: identifier after ','".into()));
+                                return Err(err(SelectorSyntax::Unexpected {
+                                    found: String::new(),
+                                    expected: "identifier after ','",
+                                }));
                             }
                         }
                         t => {
-                            return Err(err(format!(
-                                "found '{t}', expected: ',' or 'end of string'"
-                            )));
+                            return Err(err(SelectorSyntax::Unexpected {
+                                found: t.to_string(),
+                                expected: "',' or 'end of string'",
+                            }));
                         }
                     }
                 }
                 t => {
-                    return Err(err(format!(
-                        "found '{t}', expected: !, identifier, or 'end of string'"
-                    )));
+                    return Err(err(SelectorSyntax::Unexpected {
+                        found: t.to_string(),
+                        expected: "!, identifier, or 'end of string'",
+                    }));
                 }
             }
         }
@@ -200,12 +205,12 @@ impl Parser {
         t
     }
 
-    fn requirement(&mut self) -> Result<Requirement, String> {
+    fn requirement(&mut self) -> Result<Requirement, SelectorSyntax> {
         if self.peek() == Tok::Not {
             self.next();
             let key = match self.next() {
                 Tok::Ident(k) => k,
-                t => return Err(format!("found '{t}', expected: identifier")),
+                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
             };
             validate_key(&key)?;
             return Ok(Requirement {
@@ -216,7 +221,7 @@ impl Parser {
         }
         let key = match self.next() {
             Tok::Ident(k) => k,
-            t => return Err(format!("found '{t}', expected: identifier")),
+            t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
         };
         validate_key(&key)?;
         let op = match self.peek() {
@@ -234,9 +239,10 @@ impl Parser {
             Tok::Gt => Operator::GreaterThan,
             Tok::Lt => Operator::LessThan,
             t => {
-                return Err(format!(
-                    "found '{t}', expected: in, notin, =, ==, !=, gt, lt"
-                ));
+                return Err(SelectorSyntax::Unexpected {
+                    found: t.to_string(),
+                    expected: "in, notin, =, ==, !=, gt, lt",
+                });
             }
         };
         self.next();
@@ -254,13 +260,11 @@ impl Parser {
                         let t = self.next();
                         t.to_string()
                     }
-                    t => return Err(format!("found '{t}', expected: identifier")),
+                    t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
                 };
                 if matches!(op, Operator::GreaterThan | Operator::LessThan) {
                     if v.parse::<i64>().is_err() {
-                        return Err(format!(
-                            "for 'Gt', 'Lt' operators, the value must be an integer: {v:?}"
-                        ));
+                        return Err(SelectorSyntax::NotAnInteger { value: v });
                     }
                 } else {
                     validate_value(&v)?;
@@ -271,10 +275,10 @@ impl Parser {
         Ok(Requirement { key, op, values })
     }
 
-    fn value_set(&mut self) -> Result<Vec<String>, String> {
+    fn value_set(&mut self) -> Result<Vec<String>, SelectorSyntax> {
         match self.next() {
             Tok::Open => {}
-            t => return Err(format!("found '{t}', expected: '('")),
+            t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "'('" }),
         }
         let mut values = Vec::new();
         loop {
@@ -286,14 +290,14 @@ impl Parser {
                 Tok::In => values.push("in".into()),
                 Tok::NotIn => values.push("notin".into()),
                 Tok::Close if values.is_empty() => {
-                    return Err("for 'in', 'notin' operators, values set can't be empty".into());
+                    return Err(SelectorSyntax::EmptyValueSet);
                 }
-                t => return Err(format!("found '{t}', expected: ',', ')' or identifier")),
+                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "',', ')' or identifier" }),
             }
             match self.next() {
                 Tok::Comma => {}
                 Tok::Close => return Ok(values),
-                t => return Err(format!("found '{t}', expected: ',' or ')'")),
+                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "',' or ')'" }),
             }
         }
     }
@@ -322,54 +326,77 @@ fn is_dns1123_subdomain(s: &str) -> bool {
         })
 }
 
+/// Why a label selector does not parse; the messages are kubectl's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorSyntax {
+    #[error("found '{found}', expected: {expected}")]
+    Unexpected {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("for 'in', 'notin' operators, values set can't be empty")]
+    EmptyValueSet,
+    #[error("for 'Gt', 'Lt' operators, the value must be an integer: {value:?}")]
+    NotAnInteger { value: String },
+    #[error("invalid label key {key:?}: prefix part must be non-empty")]
+    EmptyKeyPrefix { key: String },
+    #[error(
+        "invalid label key {key:?}: prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (at most 253 characters)"
+    )]
+    BadKeyPrefix { key: String },
+    #[error("invalid label key {key:?}: name part must be non-empty")]
+    EmptyKeyName { key: String },
+    #[error("invalid label key {key:?}: name part must be no more than 63 characters")]
+    LongKeyName { key: String },
+    #[error("invalid label key {key:?}: name part {NAME_FMT}")]
+    BadKeyName { key: String },
+    #[error("invalid label value: {value:?}: must be no more than 63 characters")]
+    LongValue { value: String },
+    #[error("invalid label value: {value:?}: a valid label {NAME_FMT}")]
+    BadValue { value: String },
+}
+
 /// A label key: `[prefix/]name`, prefix a DNS subdomain, name at most 63 characters.
-pub fn validate_key(key: &str) -> Result<(), String> {
+pub fn validate_key(key: &str) -> Result<(), SelectorSyntax> {
     let (prefix, name) = match key.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
+    let key = || key.to_string();
     if let Some(p) = prefix {
         if p.is_empty() {
-            return Err(format!(
-                "invalid label key {key:?}: prefix part must be non-empty"
-            ));
+            return Err(SelectorSyntax::EmptyKeyPrefix { key: key() });
         }
         if !is_dns1123_subdomain(p) {
-            return Err(format!(
-                "invalid label key {key:?}: prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (at most 253 characters)"
-            ));
+            return Err(SelectorSyntax::BadKeyPrefix { key: key() });
         }
     }
     if name.is_empty() {
-        return Err(format!(
-            "invalid label key {key:?}: name part must be non-empty"
-        ));
+        return Err(SelectorSyntax::EmptyKeyName { key: key() });
     }
     if name.len() > 63 {
-        return Err(format!(
-            "invalid label key {key:?}: name part must be no more than 63 characters"
-        ));
+        return Err(SelectorSyntax::LongKeyName { key: key() });
     }
     if !is_name(name) {
-        return Err(format!("invalid label key {key:?}: name part {NAME_FMT}"));
+        return Err(SelectorSyntax::BadKeyName { key: key() });
     }
     Ok(())
 }
 
 /// A label value: empty, or at most 63 characters of the name alphabet.
-pub fn validate_value(v: &str) -> Result<(), String> {
+pub fn validate_value(v: &str) -> Result<(), SelectorSyntax> {
     if v.is_empty() {
         return Ok(());
     }
     if v.len() > 63 {
-        return Err(format!(
-            "invalid label value: {v:?}: must be no more than 63 characters"
-        ));
+        return Err(SelectorSyntax::LongValue {
+            value: v.to_string(),
+        });
     }
     if !is_name(v) {
-        return Err(format!(
-            "invalid label value: {v:?}: a valid label {NAME_FMT}"
-        ));
+        return Err(SelectorSyntax::BadValue {
+            value: v.to_string(),
+        });
     }
     Ok(())
 }

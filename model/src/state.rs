@@ -30,7 +30,7 @@ impl NodePortAddresses {
     }
 
     /// Parse kube-proxy's `nodePortAddresses` list (CIDRs and `primary`).
-    pub fn parse(values: &[String]) -> Result<Self, String> {
+    pub fn parse(values: &[String]) -> Result<Self, crate::ModelError> {
         let mut out = NodePortAddresses::default();
         for v in values {
             let t = v.trim();
@@ -39,7 +39,10 @@ impl NodePortAddresses {
             } else {
                 out.cidrs.push(
                     t.parse::<IpNet>()
-                        .map_err(|e| format!("{v:?} is neither a CIDR nor \"primary\": {e}"))?
+                        .map_err(|source| crate::ModelError::NodePortAddress {
+                            value: v.clone(),
+                            source,
+                        })?
                         .trunc(),
                 );
             }

@@ -176,7 +176,7 @@ impl<M: MapIo> Writer<M> {
         &mut self,
         s: &ServicePortState,
         old: Option<&PortRender>,
-    ) -> Result<PortRender, String> {
+    ) -> Result<PortRender, Exhausted> {
         let (attempt, reason) = match render_port(s, &mut self.alloc, &self.cfg) {
             Ok(r) => {
                 let old_slots: u64 =
@@ -188,12 +188,13 @@ impl<M: MapIo> Writer<M> {
                 {
                     return Ok(r);
                 }
-                (r, format!("slot capacity {} exhausted", self.cap.slots))
+                let slots = Exhausted {
+                    what: "slot",
+                    limit: self.cap.slots,
+                };
+                (r, slots)
             }
-            Err(Exhausted { what, limit }) => (
-                self.alloc.port_ids(&s.key),
-                format!("{what} capacity {limit} exhausted"),
-            ),
+            Err(e) => (self.alloc.port_ids(&s.key), e),
         };
         self.alloc.release_unused(&s.key, &attempt, old);
         Err(reason)
@@ -214,7 +215,7 @@ impl<M: MapIo> Writer<M> {
                     tracing::error!(service_port = %key, %reason, "cannot program service: map capacity exhausted; its previous state stays");
                     report.capacity_errors.push(CapacityError {
                         service_port: key.to_string(),
-                        reason,
+                        reason: reason.to_string(),
                     });
                     return Ok(());
                 }
@@ -444,7 +445,7 @@ impl<M: MapIo> Writer<M> {
                     tracing::error!(service_port = %s.key, %reason, "cannot program service: map capacity exhausted");
                     report.capacity_errors.push(CapacityError {
                         service_port: s.key.to_string(),
-                        reason,
+                        reason: reason.to_string(),
                     });
                     if let Some(o) = old {
                         desired.insert(s.key.clone(), o);
