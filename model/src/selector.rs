@@ -210,7 +210,12 @@ impl Parser {
             self.next();
             let key = match self.next() {
                 Tok::Ident(k) => k,
-                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
+                t => {
+                    return Err(SelectorSyntax::Unexpected {
+                        found: t.to_string(),
+                        expected: "identifier",
+                    });
+                }
             };
             validate_key(&key)?;
             return Ok(Requirement {
@@ -221,7 +226,12 @@ impl Parser {
         }
         let key = match self.next() {
             Tok::Ident(k) => k,
-            t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
+            t => {
+                return Err(SelectorSyntax::Unexpected {
+                    found: t.to_string(),
+                    expected: "identifier",
+                });
+            }
         };
         validate_key(&key)?;
         let op = match self.peek() {
@@ -260,7 +270,12 @@ impl Parser {
                         let t = self.next();
                         t.to_string()
                     }
-                    t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "identifier" }),
+                    t => {
+                        return Err(SelectorSyntax::Unexpected {
+                            found: t.to_string(),
+                            expected: "identifier",
+                        });
+                    }
                 };
                 if matches!(op, Operator::GreaterThan | Operator::LessThan) {
                     if v.parse::<i64>().is_err() {
@@ -278,7 +293,12 @@ impl Parser {
     fn value_set(&mut self) -> Result<Vec<String>, SelectorSyntax> {
         match self.next() {
             Tok::Open => {}
-            t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "'('" }),
+            t => {
+                return Err(SelectorSyntax::Unexpected {
+                    found: t.to_string(),
+                    expected: "'('",
+                });
+            }
         }
         let mut values = Vec::new();
         loop {
@@ -292,12 +312,22 @@ impl Parser {
                 Tok::Close if values.is_empty() => {
                     return Err(SelectorSyntax::EmptyValueSet);
                 }
-                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "',', ')' or identifier" }),
+                t => {
+                    return Err(SelectorSyntax::Unexpected {
+                        found: t.to_string(),
+                        expected: "',', ')' or identifier",
+                    });
+                }
             }
             match self.next() {
                 Tok::Comma => {}
                 Tok::Close => return Ok(values),
-                t => return Err(SelectorSyntax::Unexpected { found: t.to_string(), expected: "',' or ')'" }),
+                t => {
+                    return Err(SelectorSyntax::Unexpected {
+                        found: t.to_string(),
+                        expected: "',' or ')'",
+                    });
+                }
             }
         }
     }

@@ -57,35 +57,108 @@ pub enum SourceError {
     NoNodeName,
 }
 
+/// An error with its sources, for log lines that must say what the kernel answered (the
+/// variants' own messages leave their sources to the chain, as `{:#}` prints it).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 #[derive(Debug, Error)]
 pub enum DataplaneError {
-    #[error("backend {backend} is not available: {reason}")]
-    Unavailable {
+    #[error("backend {backend} needs {what}")]
+    NeedsPrivilege {
         backend: &'static str,
-        reason: String,
+        what: &'static str,
     },
-    #[error("backend {backend}: programming service {service}: {reason}")]
+    #[error("backend {backend} is not available: {tool} is missing or not permitted")]
+    ToolMissing { backend: &'static str, tool: String },
+    #[error("backend ebpf: no cgroup2 mount found: mount one or pass --cgroup-path")]
+    NoCgroup2,
+    #[error(
+        "backend ipvs is not available: the kernel has no IPVS support (the IPVS generic-netlink family is missing); it needs CONFIG_IP_VS (module ip_vs)"
+    )]
+    NoIpvs {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "backend ipvs is not available: the kernel has IPVS, but this build only plans and encodes IPVS operations; use --backend ebpf or iptables"
+    )]
+    IpvsNotWritten,
+    #[error(
+        "backend auto: neither eBPF ({}) nor iptables ({}) can run here",
+        chain(.ebpf.as_ref()),
+        chain(.iptables.as_ref())
+    )]
+    NoBackend {
+        ebpf: Box<DataplaneError>,
+        iptables: Box<DataplaneError>,
+    },
+    #[error("backend {backend}: {action} {}", path.display())]
+    Filesystem {
+        backend: &'static str,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "backend ebpf: loading the kernel object (pinned maps of an incompatible version? run `switchyard cleanup`)"
+    )]
+    LoadObject {
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("backend ebpf: program {program} is missing from the kernel object")]
+    MissingProgram { program: &'static str },
+    #[error("backend ebpf: program {program}: {step} {target}")]
     Program {
-        backend: &'static str,
-        service: String,
-        reason: String,
+        program: &'static str,
+        step: &'static str,
+        target: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
-    #[error("backend {backend}: attaching to interfaces failed: {interfaces}")]
+    #[error("backend ebpf: link of {program}")]
+    Link {
+        program: String,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("backend ebpf: pinning {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("backend ebpf: service maps")]
+    Map {
+        #[from]
+        source: crate::dataplane::ebpf::io::MapError,
+    },
+    #[error("backend {backend}: attaching to interfaces failed: {}", failed.join("; "))]
     Attach {
         backend: &'static str,
-        interfaces: String,
+        failed: Vec<String>,
     },
-    #[error("backend iptables: {source}")]
+    #[error("backend iptables")]
     Iptables {
         #[source]
         source: crate::dataplane::iptables::runner::RunError,
     },
-    #[error("stale UDP conntrack cleanup (retried by the next sync): {source}")]
+    #[error("stale UDP conntrack cleanup (retried by the next sync)")]
     Conntrack {
         #[from]
         source: crate::conntrack::ConntrackError,
     },
-    #[error("stale UDP flows of the tc path (retried by the next sync): {source}")]
+    #[error("stale UDP flows of the tc path (retried by the next sync)")]
     Flows {
         #[from]
         source: crate::dataplane::ebpf::ct::FlowError,

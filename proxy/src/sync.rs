@@ -209,7 +209,7 @@ impl SyncLoop {
             }
             Ok(Err(e)) => {
                 metrics.sync_errors.inc();
-                tracing::error!(error = %e, full, "sync failed; will retry with a full sync");
+                tracing::error!(error = %crate::error::chain(&e), full, "sync failed; will retry with a full sync");
                 Err(())
             }
             Err(e) => {

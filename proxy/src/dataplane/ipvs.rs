@@ -539,15 +539,7 @@ pub fn family_id() -> std::io::Result<u16> {
 /// Why `--backend ipvs` cannot run here (the kernel lacks IPVS), or that it is present.
 pub fn unavailable_reason() -> DataplaneError {
     match family_id() {
-        Err(e) => DataplaneError::Unavailable {
-            backend: "ipvs",
-            reason: format!(
-                "the kernel has no IPVS support: the IPVS generic-netlink family is missing ({e}); the kernel needs CONFIG_IP_VS (module ip_vs)"
-            ),
-        },
-        Ok(_) => DataplaneError::Unavailable {
-            backend: "ipvs",
-            reason: "the kernel has IPVS, but this build only plans and encodes IPVS operations; use --backend ebpf or iptables".into(),
-        },
+        Err(source) => DataplaneError::NoIpvs { source },
+        Ok(_) => DataplaneError::IpvsNotWritten,
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use switchyard_model::{ChangeSet, DesiredState};
 
 use crate::config::LbAlgorithm;
-use crate::error::DataplaneError;
+use crate::error::{DataplaneError, chain};
 
 /// A backend that programs the desired state into the kernel.
 ///
@@ -240,10 +240,7 @@ impl BackendContext {
         let s = &self.settings;
         let cgroup_path = match &s.cgroup_path {
             Some(p) => p.clone(),
-            None => ebpf::cgroup2_root().ok_or_else(|| DataplaneError::Unavailable {
-                backend: "ebpf",
-                reason: "no cgroup2 mount found: mount one or pass --cgroup-path".into(),
-            })?,
+            None => ebpf::cgroup2_root().ok_or(DataplaneError::NoCgroup2)?,
         };
         let table = s.maglev_table_size;
         let v4 = s.cluster_cidrs.iter().filter_map(|c| match c {
@@ -282,7 +279,7 @@ fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError
     let dp = ebpf::EbpfDataplane::start(cfg, Arc::clone(&ctx.metrics))?;
     // Switching from iptables: its rules would otherwise still catch service traffic.
     if let Err(e) = iptables::cleanup_all() {
-        tracing::warn!(error = %e, "removing the iptables backend's rules");
+        tracing::warn!(error = %chain(&e), "removing the iptables backend's rules");
     }
     Ok(Box::new(dp))
 }
@@ -305,10 +302,10 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
         .collect();
     // Switching from eBPF: detach its programs and drop its pinned maps.
     if let Err(e) = ebpf::unreserve_ports(&s.bpf_pin_dir) {
-        tracing::warn!(error = %e, "releasing the eBPF backend's reserved NodePort range");
+        tracing::warn!(error = %chain(&e), "releasing the eBPF backend's reserved NodePort range");
     }
     if let Err(e) = ebpf::cleanup_pins(&s.bpf_pin_dir) {
-        tracing::warn!(error = %e, "removing the eBPF backend's pins");
+        tracing::warn!(error = %chain(&e), "removing the eBPF backend's pins");
     }
     // And the other iptables flavor's rules, if the node moved between them.
     let other = if flavor == iptables::Flavor::Legacy {
@@ -317,7 +314,7 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
         iptables::Flavor::Legacy
     };
     if let Err(e) = iptables::cleanup_flavor(other) {
-        tracing::warn!(error = %e, "removing the other iptables flavor's rules");
+        tracing::warn!(error = %chain(&e), "removing the other iptables flavor's rules");
     }
     Ok((
         Box::new(dp),
@@ -338,12 +335,13 @@ pub fn select(
         BackendChoice::Auto => match start_ebpf(ctx) {
             Ok(dp) => Ok((dp, "auto: kernel and privileges allow eBPF".into())),
             Err(ebpf_err) => {
-                tracing::warn!(error = %ebpf_err, "eBPF backend unavailable; trying iptables");
-                let (dp, why) = start_iptables(ctx).map_err(|e| DataplaneError::Unavailable {
-                    backend: "auto",
-                    reason: format!("eBPF: {ebpf_err}; iptables: {e}"),
+                let ebpf_why = chain(&ebpf_err);
+                tracing::warn!(error = %ebpf_why, "eBPF backend unavailable; trying iptables");
+                let (dp, why) = start_iptables(ctx).map_err(|e| DataplaneError::NoBackend {
+                    ebpf: Box::new(ebpf_err),
+                    iptables: Box::new(e),
                 })?;
-                Ok((dp, format!("auto: eBPF unavailable ({ebpf_err}); {why}")))
+                Ok((dp, format!("auto: eBPF unavailable ({ebpf_why}); {why}")))
             }
         },
     }

@@ -239,6 +239,24 @@ pub fn sweep<V: Flow>(
     Ok(flows)
 }
 
+/// Delete the stale UDP flows of the kernel flow map `name`; how many.
+pub fn sweep_map<V>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    endpoints: &UdpEndpoints,
+) -> Result<u64, FlowError>
+where
+    V: Flow + aya::Pod,
+    V::Key: aya::Pod,
+{
+    let Some(map) = ebpf.map_mut(name) else {
+        return Ok(0);
+    };
+    let map = aya::maps::HashMap::<_, V::Key, V>::try_from(map)
+        .map_err(|source| FlowError::Map { map: name, source })?;
+    sweep(&mut AyaFlows { name, map }, endpoints)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,10 +46,10 @@ impl Flavor {
     }
 }
 
-fn unavailable(reason: impl Into<String>) -> DataplaneError {
-    DataplaneError::Unavailable {
+fn missing(tool: String) -> DataplaneError {
+    DataplaneError::ToolMissing {
         backend: "iptables",
-        reason: reason.into(),
+        tool,
     }
 }
 
@@ -80,18 +80,15 @@ pub fn detect(mode: IptablesMode) -> Result<(Flavor, String), DataplaneError> {
             if usable(f) {
                 Ok((f, "configured".into()))
             } else {
-                Err(unavailable(format!(
-                    "{} is missing or not permitted (needs root and the iptables package)",
-                    f.save(IpFamily::IPv4)
-                )))
+                Err(missing(f.save(IpFamily::IPv4)))
             }
         }
         IptablesMode::Auto => {
             let legacy = save(r, Flavor::Legacy, IpFamily::IPv4).map(|t| rule_count(&t));
             let nft = save(r, Flavor::Nft, IpFamily::IPv4).map(|t| rule_count(&t));
             match (legacy, nft) {
-                (None, None) => Err(unavailable(
-                    "neither iptables-legacy nor iptables-nft works here (needs root and the iptables package)",
+                (None, None) => Err(missing(
+                    "both iptables-legacy-save and iptables-nft-save (needs root and the iptables package)".into(),
                 )),
                 (Some(l), Some(n)) if l > n => Ok((
                     Flavor::Legacy,
@@ -405,14 +402,14 @@ impl IptablesBackend {
         metrics: Arc<Metrics>,
     ) -> Result<IptablesBackend, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
-            return Err(unavailable("needs root (CAP_NET_ADMIN)"));
+            return Err(DataplaneError::NeedsPrivilege {
+                backend: "iptables",
+                what: "root (CAP_NET_ADMIN)",
+            });
         }
         let mut runner = CommandRunner;
         if save(&mut runner, cfg.flavor, IpFamily::IPv4).is_none() {
-            return Err(unavailable(format!(
-                "{} is missing or not permitted",
-                cfg.flavor.save(IpFamily::IPv4)
-            )));
+            return Err(missing(cfg.flavor.save(IpFamily::IPv4)));
         }
         let v6 = save(&mut runner, cfg.flavor, IpFamily::IPv6).is_some();
         if !v6 {
