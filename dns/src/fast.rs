@@ -8,12 +8,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Message, MessageType};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::QueryLabels;
+use crate::handler::Handler;
 use crate::resolve::{Outcome, resolve};
-use crate::server::Handler;
 use crate::snapshot::Snapshot;
 
 const CACHE_LIMIT: usize = 200_000;
@@ -66,15 +65,7 @@ struct Worker {
 impl Worker {
     fn flush(&mut self) {
         for ((qtype, rcode), n) in self.counts.drain() {
-            let labels = QueryLabels {
-                qtype: hickory_proto::rr::RecordType::from(qtype).to_string(),
-                rcode: ResponseCode::from(0, rcode).to_string(),
-            };
-            self.handler
-                .metrics
-                .queries
-                .get_or_create(&labels)
-                .inc_by(n);
+            self.handler.metrics.count_queries(qtype, rcode, n);
         }
         self.last_flush = Instant::now();
     }
@@ -154,15 +145,7 @@ impl Worker {
                     let resp = handler.answer(&req).await;
                     handler
                         .metrics
-                        .queries
-                        .get_or_create(&QueryLabels {
-                            qtype: req
-                                .queries
-                                .first()
-                                .map_or_else(|| "none".into(), |q| q.query_type().to_string()),
-                            rcode: resp.metadata.response_code.to_string(),
-                        })
-                        .inc();
+                        .count_queries(qtype, resp.metadata.response_code.low(), 1);
                     if let Some(out) = encode(&req, resp) {
                         let _ = sock.send_to(&out, peer);
                     }

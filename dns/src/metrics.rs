@@ -37,6 +37,21 @@ impl Default for DnsMetrics {
 }
 
 impl DnsMetrics {
+    /// Count `n` answered queries of type `qtype` (0: the message had no question) with
+    /// response code `rcode`: the one place both transports record queries.
+    pub fn count_queries(&self, qtype: u16, rcode: u8, n: u64) {
+        let qtype = if qtype == 0 {
+            "none".to_string()
+        } else {
+            hickory_proto::rr::RecordType::from(qtype).to_string()
+        };
+        let labels = QueryLabels {
+            qtype,
+            rcode: hickory_proto::op::ResponseCode::from(0, rcode).to_string(),
+        };
+        self.queries.get_or_create(&labels).inc_by(n);
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "switchyard_dns_queries",
