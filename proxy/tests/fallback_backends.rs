@@ -534,7 +534,8 @@ fn a_failed_restore_keeps_the_last_good_rules_and_a_full_sync_repairs() {
     e.replace_all(objs.services, objs.slices);
     let cs = e.sync();
     let err = d.apply(&cs, e.state()).unwrap_err();
-    assert!(err.to_string().contains("injected fault"), "{err}");
+    let err = switchyard::error::chain(&err);
+    assert!(err.contains("injected fault"), "{err}");
     assert_eq!(fake.dump(V4), good, "a refused restore must change nothing");
     // The sync loop retries a failure as a full sync: that one lands the change.
     d.full_sync(e.state()).unwrap();
@@ -641,7 +642,8 @@ fn a_failed_conntrack_delete_is_reported_and_retried() {
         ),
     );
     let err = d.full_sync(e.state()).unwrap_err();
-    assert!(err.to_string().contains("conntrack"), "{err}");
+    let err = switchyard::error::chain(&err);
+    assert!(err.contains("conntrack"), "{err}");
     // The rules are in place; the stale flow is still there, for the retry.
     assert_eq!(fake.dump(V4), clean_dump(CLUSTER));
     assert_eq!(table.entries(), vec![stale, other]);
