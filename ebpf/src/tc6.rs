@@ -37,24 +37,6 @@ fn parse6(ctx: &TcContext) -> Option<Packet6> {
     })
 }
 
-#[inline(always)]
-fn csum_off(p: &Packet6) -> usize {
-    if p.proto == IPPROTO_TCP {
-        p.l4 + 16
-    } else {
-        p.l4 + 6
-    }
-}
-
-#[inline(always)]
-fn mangled(p: &Packet6) -> u64 {
-    if p.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    }
-}
-
 /// Replace an address (no IP header checksum in IPv6; the L4 checksum covers it through the
 /// pseudo-header).
 #[inline(always)]
@@ -72,25 +54,15 @@ fn set_addr6(
     while i < 4 {
         if old[i] != new[i] {
             ctx.l4_csum_replace(
-                csum_off(p),
+                csum_offset(p.proto, p.l4),
                 old[i] as u64,
                 new[i] as u64,
-                mangled(p) | BPF_F_PSEUDO_HDR as u64 | 4,
+                mangled(p.proto) | BPF_F_PSEUDO_HDR as u64 | 4,
             )?;
         }
         i += 1;
     }
     ctx.store(off, new, 0)?;
-    Ok(())
-}
-
-#[inline(always)]
-fn set_port6(ctx: &TcContext, p: &Packet6, off: usize, old: u16, new: u16) -> Result<(), i64> {
-    if old == new {
-        return Ok(());
-    }
-    ctx.l4_csum_replace(csum_off(p), old as u64, new as u64, mangled(p) | 2)?;
-    ctx.store(off, &new, 0)?;
     Ok(())
 }
 
@@ -106,8 +78,8 @@ fn nat6(ctx: &TcContext, p: &Packet6, saddr: &[u32; 4], daddr: &[u32; 4], ports:
     let (sport, dport) = (ports as u16, (ports >> 16) as u16);
     if set_addr6(ctx, p, IP6_SRC, &p.saddr, saddr).is_err()
         || set_addr6(ctx, p, IP6_DST, &p.daddr, daddr).is_err()
-        || set_port6(ctx, p, p.l4, p.sport, sport).is_err()
-        || set_port6(ctx, p, p.l4 + 2, p.dport, dport).is_err()
+        || set_port(ctx, p.proto, p.l4, p.l4, p.sport, sport).is_err()
+        || set_port(ctx, p.proto, p.l4, p.l4 + 2, p.dport, dport).is_err()
     {
         return TC_ACT_SHOT as i32;
     }
