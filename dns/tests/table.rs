@@ -87,9 +87,7 @@ spec:
 
 fn snapshot(pods: PodsMode) -> Snapshot {
     let objs = manifest::parse("fixture", FIXTURE).unwrap();
-    let mut e = Engine::new(ProxyConfig::default());
-    e.replace_all(objs.services, objs.slices);
-    e.sync();
+    let e = Engine::with_objects(ProxyConfig::default(), objs);
     Snapshot::build(
         ZoneConfig {
             zone: "cluster.local".into(),

@@ -127,6 +127,18 @@ impl Engine {
         }
     }
 
+    /// An engine holding `objs`, with the desired state computed: the node is the one named
+    /// in `cfg` (or the only one when `cfg` names none). For offline planning and tests.
+    pub fn with_objects(cfg: ProxyConfig, objs: crate::manifest::Objects) -> Self {
+        let name = (!cfg.node_name.is_empty()).then(|| cfg.node_name.clone());
+        let node = objs.node(name.as_deref());
+        let mut e = Engine::new(cfg);
+        e.set_node(node);
+        e.replace_all(objs.services, objs.slices);
+        e.sync();
+        e
+    }
+
     pub fn config(&self) -> &ProxyConfig {
         &self.cfg
     }

@@ -26,6 +26,15 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// The Node this proxy runs on: the one named `node_name`; without a name, the only one.
+    pub fn node(&self, node_name: Option<&str>) -> Option<Node> {
+        match node_name {
+            Some(n) => self.nodes.iter().find(|x| x.name == n).cloned(),
+            None if self.nodes.len() == 1 => self.nodes.first().cloned(),
+            None => None,
+        }
+    }
+
     pub fn push(&mut self, o: Object) {
         match o {
             Object::Service(s) => self.services.push(*s),

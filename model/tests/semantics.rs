@@ -31,11 +31,7 @@ fn engine_with(yaml: &str, npa: &[&str]) -> Engine {
         )
         .unwrap(),
     };
-    let mut e = Engine::new(cfg);
-    e.set_node(objs.nodes.pop());
-    e.replace_all(objs.services, objs.slices);
-    e.sync();
-    e
+    Engine::with_objects(cfg, objs)
 }
 
 fn plan(yaml: &str) -> String {

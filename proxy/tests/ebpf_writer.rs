@@ -7,7 +7,7 @@ use switchyard::dataplane::ebpf::inspect;
 use switchyard::dataplane::ebpf::io::{Dump, FakeMaps, FaultyMaps, MapIo, Op};
 use switchyard::dataplane::ebpf::render::RenderConfig;
 use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
-use switchyard::source::manifests::{ManifestDir, pick_node};
+use switchyard::source::manifests::ManifestDir;
 use switchyard_ebpf_common::SlotKey;
 use switchyard_model::plan::Plan;
 use switchyard_model::{Engine, ProxyConfig, Selector, manifest};
@@ -37,14 +37,11 @@ fn examples_engine() -> Engine {
     let mut md = ManifestDir::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
     let (objs, errors) = md.load().unwrap();
     assert!(errors.is_empty());
-    let mut e = Engine::new(ProxyConfig {
+    let cfg = ProxyConfig {
         node_name: "node-a".into(),
         ..ProxyConfig::default()
-    });
-    e.set_node(pick_node(&objs.nodes, Some("node-a")));
-    e.replace_all(objs.services, objs.slices);
-    e.sync();
-    e
+    };
+    Engine::with_objects(cfg, objs)
 }
 
 /// Every frontend points at an existing set whose live slots all point at existing backends.

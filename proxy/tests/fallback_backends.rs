@@ -78,15 +78,11 @@ spec: {clusterIP: 10.96.0.12, sessionAffinity: ClientIP, ports: [{port: 53, prot
 ";
 
 fn engine(yaml: &str) -> Engine {
-    let objs = manifest::parse("t", yaml).unwrap();
-    let mut e = Engine::new(ProxyConfig {
+    let cfg = ProxyConfig {
         node_name: "node-a".into(),
         ..ProxyConfig::default()
-    });
-    e.set_node(objs.nodes.into_iter().next());
-    e.replace_all(objs.services, objs.slices);
-    e.sync();
-    e
+    };
+    Engine::with_objects(cfg, manifest::parse("t", yaml).unwrap())
 }
 
 /// Compare with a golden file; on a difference write `<name>.new` beside it and fail.

@@ -135,14 +135,11 @@ fn zero(sb: &Sandbox) {
 #[test]
 fn ipvs_companion_rules_mark_what_kube_proxy_masquerades_or_drops() {
     require_root();
-    let objs = manifest::parse("t", CLUSTER).unwrap();
-    let mut e = Engine::new(ProxyConfig {
+    let cfg = ProxyConfig {
         node_name: "node-a".into(),
         ..ProxyConfig::default()
-    });
-    e.set_node(objs.nodes.into_iter().next());
-    e.replace_all(objs.services, objs.slices);
-    e.sync();
+    };
+    let e = Engine::with_objects(cfg, manifest::parse("t", CLUSTER).unwrap());
 
     let sb = Sandbox::create(
         "syv",

@@ -5,7 +5,7 @@ use switchyard_model::plan::Plan;
 use switchyard_model::{Engine, Selector};
 
 use crate::config::Config;
-use crate::source::manifests::{ManifestDir, pick_node};
+use crate::source::manifests::ManifestDir;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Output {
@@ -46,7 +46,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         // Offline planning has no last good state to fall back to: refuse bad input.
         return Err(e.into());
     }
-    let node = pick_node(&objs.nodes, args.node_name.as_deref());
+    let node = objs.node(args.node_name.as_deref());
     if let Some(n) = &args.node_name
         && node.is_none()
     {
@@ -56,10 +56,7 @@ pub fn run(args: &PlanArgs) -> anyhow::Result<()> {
         );
     }
     let node_name = node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
-    let mut engine = Engine::new(settings.proxy_config(&node_name));
-    engine.set_node(node);
-    engine.replace_all(objs.services, objs.slices);
-    engine.sync();
+    let engine = Engine::with_objects(settings.proxy_config(&node_name), objs);
     let plan = Plan::build(&engine, &selector);
     match args.output {
         Output::Table => print!("{}", plan.to_table()),

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use switchyard_model::Node;
 use switchyard_model::manifest::{self, Objects};
 use tokio_util::sync::CancellationToken;
 
@@ -77,15 +76,6 @@ impl ManifestDir {
     }
 }
 
-/// The node named `node_name`; without a name, the only Node in the manifests.
-pub fn pick_node(nodes: &[Node], node_name: Option<&str>) -> Option<Node> {
-    match node_name {
-        Some(n) => nodes.iter().find(|x| x.name == n).cloned(),
-        None if nodes.len() == 1 => nodes.first().cloned(),
-        None => None,
-    }
-}
-
 /// Load once into the store, then follow the directory until cancelled.
 pub async fn run(
     dir: PathBuf,
@@ -100,7 +90,7 @@ pub async fn run(
             store.metrics().source_error("manifest");
             tracing::error!(error = %e, "invalid manifest; keeping the last good content of that file");
         }
-        let node = pick_node(&objs.nodes, node_name.as_deref());
+        let node = objs.node(node_name.as_deref());
         tracing::info!(
             services = objs.services.len(),
             slices = objs.slices.len(),
