@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod engine;
 pub mod error;
+pub mod fixtures;
 pub mod manifest;
 pub mod plan;
 pub mod selector;

@@ -2,6 +2,7 @@
 //! The ChangeSet is exact: what was added, changed (with the frontends and backends that
 //! moved) and removed, and nothing when a change nets to nothing.
 
+use switchyard_model::fixtures::{self, Port};
 use switchyard_model::{Engine, ProxyConfig, manifest};
 
 fn engine() -> Engine {
@@ -12,21 +13,13 @@ fn engine() -> Engine {
 }
 
 fn svc(name: &str, ip: &str) -> switchyard_model::Service {
-    let y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {ip}, ports: [{{name: p, port: 80}}]}}\n"
-    );
+    let y = fixtures::service("ns", name, ip, &[Port::tcp("p", 80)]);
     manifest::parse("svc", &y).unwrap().services.remove(0)
 }
 
 fn slice(name: &str, svc: &str, ips: &[&str]) -> switchyard_model::EndpointSlice {
-    let eps: String = ips
-        .iter()
-        .map(|ip| format!("- addresses: [{ip}]\n"))
-        .collect::<Vec<_>>()
-        .concat();
-    let y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080}}]\nendpoints:\n{eps}"
-    );
+    let eps: Vec<(&str, Option<&str>)> = ips.iter().map(|ip| (*ip, None)).collect();
+    let y = fixtures::slice("ns", svc, name, &[Port::tcp("p", 8080)], &eps);
     manifest::parse("slice", &y).unwrap().slices.remove(0)
 }
 

@@ -9,6 +9,7 @@ use switchyard::dataplane::ebpf::render::RenderConfig;
 use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
 use switchyard::source::manifests::ManifestDir;
 use switchyard_ebpf_common::SlotKey;
+use switchyard_model::fixtures::{self, Port};
 use switchyard_model::plan::Plan;
 use switchyard_model::{Engine, ProxyConfig, Selector, manifest};
 
@@ -147,13 +148,10 @@ fn maps_match_the_model_for_the_examples() {
 }
 
 fn svc_yaml(backends: &[&str], extra: &str) -> String {
-    let eps: String = backends
-        .iter()
-        .map(|b| format!("- addresses: [{b}]\n"))
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: t}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80}}]\n{extra}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}"
-    )
+    let eps: Vec<(&str, Option<&str>)> = backends.iter().map(|b| (*b, None)).collect();
+    fixtures::service("t", "web", "10.96.0.10", &[Port::tcp("http", 80)])
+        + extra
+        + &fixtures::slice("t", "web", "web-1", &[Port::tcp("http", 8080)], &eps)
 }
 
 fn load(e: &mut Engine, yaml: &str) -> switchyard_model::ChangeSet {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use switchyard_model::fixtures::{self, Port};
 use switchyard_tests::sandbox::{BackendSpec, Sandbox, require_root};
 
 fn backends() -> Vec<BackendSpec> {
@@ -18,20 +19,19 @@ fn backends() -> Vec<BackendSpec> {
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
 
+/// Every scenario service: HTTP on 80 -> 8080 and UDP on 53 -> 9125, plus `extra` spec.
 fn service(name: &str, ip: &str, extra: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 9125, protocol: UDP}}\n{extra}"
-    )
+    let ports = [
+        Port::tcp("http", 80).to(8080),
+        Port::udp("udp", 53).to(9125),
+    ];
+    fixtures::service("t", name, ip, &ports) + extra
 }
 
 fn slice(svc: &str, eps: &[(&str, &str)]) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|(ip, node)| format!("- {{addresses: [{ip}], nodeName: {node}}}\n"))
-        .collect();
-    format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: t, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: udp, port: 9125, protocol: UDP}}]\nendpoints:\n{eps}"
-    )
+    let eps: Vec<(&str, Option<&str>)> = eps.iter().map(|(ip, n)| (*ip, Some(*n))).collect();
+    let ports = [Port::tcp("http", 8080), Port::udp("udp", 9125)];
+    fixtures::slice("t", svc, &format!("{svc}-1"), &ports, &eps)
 }
 
 const ALL3: [(&str, &str); 3] = [

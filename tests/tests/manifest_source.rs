@@ -9,6 +9,7 @@ use switchyard::metrics::Metrics;
 use switchyard::source::manifests;
 use switchyard::store::Store;
 use switchyard_model::ProxyConfig;
+use switchyard_model::fixtures::{self, Port};
 use tokio_util::sync::CancellationToken;
 
 fn services(store: &Store) -> Vec<String> {
@@ -37,9 +38,7 @@ async fn until(store: &Store, want: &[&str], what: &str) {
 }
 
 fn svc(name: &str, ip: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
-    )
+    fixtures::service("default", name, ip, &[Port::tcp("http", 80)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

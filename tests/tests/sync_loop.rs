@@ -9,13 +9,17 @@ use switchyard::dataplane::{Call, Dataplane, FaultyDataplane, RecordingDataplane
 use switchyard::metrics::Metrics;
 use switchyard::store::{Converted, Kind, ObjectId, Store};
 use switchyard::sync::{SyncLoop, SyncTiming};
+use switchyard_model::fixtures::{self, Port};
 use switchyard_model::{ProxyConfig, manifest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 fn service(name: &str, n: u8) -> Converted {
-    let y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: 10.96.0.{n}, ports: [{{port: 80}}]}}\n"
+    let y = fixtures::service(
+        "ns",
+        name,
+        &format!("10.96.0.{n}"),
+        &[Port::tcp("http", 80)],
     );
     Converted::Service(manifest::parse("t", &y).unwrap().services.remove(0))
 }

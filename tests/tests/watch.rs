@@ -11,21 +11,24 @@ use switchyard::metrics::Metrics;
 use switchyard::source;
 use switchyard::store::Store;
 use switchyard_model::ProxyConfig;
+use switchyard_model::fixtures::{self, Port};
 use switchyard_tests::fake_api::{FakeApi, Resource};
 use tokio_util::sync::CancellationToken;
 
 fn svc(name: &str, ip: &str) -> Value {
-    json!({"metadata": {"name": name, "namespace": "shop"},
-           "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}})
+    fixtures::to_json(&fixtures::service(
+        "shop",
+        name,
+        ip,
+        &[Port::tcp("http", 80)],
+    ))
+    .unwrap()
 }
 
 fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
-    let eps: Vec<Value> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
-    json!({"metadata": {"name": name, "namespace": "shop",
-                        "labels": {"kubernetes.io/service-name": service}},
-           "addressType": "IPv4",
-           "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-           "endpoints": eps})
+    let eps: Vec<(&str, Option<&str>)> = ips.iter().map(|ip| (*ip, None)).collect();
+    let doc = fixtures::slice("shop", service, name, &[Port::tcp("http", 8080)], &eps);
+    fixtures::to_json(&doc).unwrap()
 }
 
 fn node(name: &str, ip: &str) -> Value {
