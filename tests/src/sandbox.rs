@@ -109,6 +109,43 @@ fn no_dad(ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Create a network namespace with loopback up and no duplicate address detection.
+pub fn add_netns(ns: &str) -> anyhow::Result<()> {
+    sh(&["ip", "netns", "add", ns])?;
+    no_dad(ns)?;
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// One end of a veth pair: its namespace, its name there and its addresses (`ADDR/LEN`).
+#[derive(Debug, Clone, Copy)]
+pub struct VethEnd<'a> {
+    pub ns: &'a str,
+    pub name: &'a str,
+    pub addrs: &'a [&'a str],
+}
+
+/// A veth pair between two namespaces, addressed and up. `tmp` names the pair while it is
+/// still in the caller's namespace (unique, at most 13 characters).
+pub fn veth(tmp: &str, a: VethEnd<'_>, b: VethEnd<'_>) -> anyhow::Result<()> {
+    let (ta, tb) = (format!("{tmp}a"), format!("{tmp}b"));
+    sh(&[
+        "ip", "link", "add", &ta, "type", "veth", "peer", "name", &tb,
+    ])?;
+    for (t, end) in [(&ta, a), (&tb, b)] {
+        sh(&["ip", "link", "set", t, "netns", end.ns, "name", end.name])?;
+        for addr in end.addrs {
+            let mut cmd = vec!["ip", "-n", end.ns, "addr", "add", addr, "dev", end.name];
+            if addr.contains(':') {
+                cmd.push("nodad");
+            }
+            sh(&cmd)?;
+        }
+        sh(&["ip", "-n", end.ns, "link", "set", end.name, "up"])?;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Sandbox {
     pub prefix: String,
@@ -151,61 +188,24 @@ impl Sandbox {
         let node = sb.node_ns();
         let client = sb.client_ns();
         for ns in [&node, &client] {
-            sh(&["ip", "netns", "add", ns])?;
+            add_netns(ns)?;
             sb.namespaces.push(ns.clone());
-            no_dad(ns)?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
-        let (n0, c0) = (format!("{prefix}n"), format!("{prefix}c"));
-        sh(&[
-            "ip", "link", "add", &n0, "type", "veth", "peer", "name", &c0,
-        ])?;
-        sh(&["ip", "link", "set", &n0, "netns", &node, "name", "ext0"])?;
-        sh(&["ip", "link", "set", &c0, "netns", &client, "name", "eth0"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            "ext0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{NODE_IP6}/64"),
-            "dev",
-            "ext0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &node, "link", "set", "ext0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &client,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &client,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &client, "link", "set", "eth0", "up"])?;
+        let (node4, node6) = (format!("{NODE_IP}/24"), format!("{NODE_IP6}/64"));
+        let (client4, client6) = (format!("{CLIENT_IP}/24"), format!("{CLIENT_IP6}/64"));
+        veth(
+            &format!("{prefix}x"),
+            VethEnd {
+                ns: &node,
+                name: "ext0",
+                addrs: &[&node4, &node6],
+            },
+            VethEnd {
+                ns: &client,
+                name: "eth0",
+                addrs: &[&client4, &client6],
+            },
+        )?;
         sh(&[
             "ip",
             "-n",
@@ -287,55 +287,24 @@ impl Sandbox {
     pub fn add_backend(&mut self, b: &BackendSpec) -> anyhow::Result<()> {
         let node = self.node_ns();
         let ns = format!("{}-{}", self.prefix, b.name);
-        sh(&["ip", "netns", "add", &ns])?;
+        add_netns(&ns)?;
         self.namespaces.push(ns.clone());
-        no_dad(&ns)?;
         let host_if = format!("b{}", &b.name[..b.name.len().min(12)]);
-        let tmp = format!("{}t{}", self.prefix, self.backends.len());
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &tmp,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{tmp}p"),
-        ])?;
-        sh(&["ip", "link", "set", &tmp, "netns", &node, "name", &host_if])?;
-        sh(&[
-            "ip",
-            "link",
-            "set",
-            &format!("{tmp}p"),
-            "netns",
-            &ns,
-            "name",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{GATEWAY}/32"),
-            "dev",
-            &host_if,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("{GATEWAY6}/64"),
-            "dev",
-            &host_if,
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &node, "link", "set", &host_if, "up"])?;
+        let (gw4, gw6) = (format!("{GATEWAY}/32"), format!("{GATEWAY6}/64"));
+        let (ip4, ip6) = (format!("{}/32", b.ip), format!("{}/128", b.ip6()));
+        veth(
+            &format!("{}t{}", self.prefix, self.backends.len()),
+            VethEnd {
+                ns: &node,
+                name: &host_if,
+                addrs: &[&gw4, &gw6],
+            },
+            VethEnd {
+                ns: &ns,
+                name: "eth0",
+                addrs: &[&ip4, &ip6],
+            },
+        )?;
         sh(&[
             "ip",
             "-n",
@@ -357,29 +326,6 @@ impl Sandbox {
             "dev",
             &host_if,
         ])?;
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/32", b.ip),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/128", b.ip6()),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         sh(&[
             "ip", "-n", &ns, "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
         ])?;

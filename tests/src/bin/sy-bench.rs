@@ -18,7 +18,7 @@ use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
 use switchyard::dataplane::ebpf::{cleanup_pins, load_maps};
 use switchyard_ebpf_common::{Frontend4Key, FrontendValue};
 use switchyard_model::{Engine, ProxyConfig, synthetic};
-use switchyard_tests::sandbox::{bin, cgroup2_root, require_root, sh};
+use switchyard_tests::sandbox::{VethEnd, add_netns, bin, cgroup2_root, require_root, sh, veth};
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -157,94 +157,41 @@ impl Topo {
         std::fs::create_dir_all(&t.cgroup)?;
         let (node, cli, be) = (t.node(), t.cli(), t.be());
         for ns in [&node, &cli, &be] {
-            sh(&["ip", "netns", "add", ns])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            add_netns(ns)?;
         }
-        sh(&[
-            "ip",
-            "link",
-            "add",
+        veth(
             &format!("{tag}c"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{tag}n1"),
-        ])?;
-        sh(&["ip", "link", "set", &format!("{tag}c"), "netns", &cli])?;
-        sh(&["ip", "link", "set", &format!("{tag}n1"), "netns", &node])?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &format!("{tag}b"),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{tag}n2"),
-        ])?;
-        sh(&["ip", "link", "set", &format!("{tag}b"), "netns", &be])?;
-        sh(&["ip", "link", "set", &format!("{tag}n2"), "netns", &node])?;
-        sh(&[
-            "ip",
-            "-n",
-            &cli,
-            "addr",
-            "add",
-            "10.1.0.2/24",
-            "dev",
-            &format!("{tag}c"),
-        ])?;
-        sh(&["ip", "-n", &cli, "link", "set", &format!("{tag}c"), "up"])?;
+            VethEnd {
+                ns: &cli,
+                name: &format!("{tag}c"),
+                addrs: &["10.1.0.2/24"],
+            },
+            VethEnd {
+                ns: &node,
+                name: &format!("{tag}n1"),
+                addrs: &["10.1.0.1/24"],
+            },
+        )?;
         sh(&[
             "ip", "-n", &cli, "route", "add", "default", "via", "10.1.0.1",
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "10.1.0.1/24",
-            "dev",
-            &format!("{tag}n1"),
-        ])?;
-        sh(&["ip", "-n", &node, "link", "set", &format!("{tag}n1"), "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "10.2.0.1/24",
-            "dev",
-            &format!("{tag}n2"),
-        ])?;
-        sh(&["ip", "-n", &node, "link", "set", &format!("{tag}n2"), "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &be,
-            "addr",
-            "add",
-            "10.2.0.2/24",
-            "dev",
+        // The backend namespace holds every endpoint address, nginx answering on all.
+        let eps: Vec<String> = endpoints.iter().map(|e| format!("{e}/32")).collect();
+        let mut be_addrs: Vec<&str> = vec!["10.2.0.2/24"];
+        be_addrs.extend(eps.iter().map(String::as_str));
+        veth(
             &format!("{tag}b"),
-        ])?;
-        sh(&["ip", "-n", &be, "link", "set", &format!("{tag}b"), "up"])?;
-        for e in endpoints {
-            sh(&[
-                "ip",
-                "-n",
-                &be,
-                "addr",
-                "add",
-                &format!("{e}/32"),
-                "dev",
-                &format!("{tag}b"),
-            ])?;
-        }
+            VethEnd {
+                ns: &be,
+                name: &format!("{tag}b"),
+                addrs: &be_addrs,
+            },
+            VethEnd {
+                ns: &node,
+                name: &format!("{tag}n2"),
+                addrs: &["10.2.0.1/24"],
+            },
+        )?;
         sh(&[
             "ip", "-n", &be, "route", "add", "default", "via", "10.2.0.1",
         ])?;
