@@ -177,6 +177,7 @@ impl<M: MapIo> Writer<M> {
         s: &ServicePortState,
         old: Option<&PortRender>,
     ) -> Result<PortRender, Exhausted> {
+        let _span = tracing::trace_span!("service_port", port = %s.key).entered();
         let (attempt, reason) = match render_port(s, &mut self.alloc, &self.cfg) {
             Ok(r) => {
                 let old_slots: u64 =

@@ -319,6 +319,7 @@ fn route_verdict(r: Route<'_>) -> Option<Target> {
 
 /// The rules of one service port (of the renderer's family; others yield nothing).
 pub fn render_port(cfg: &RenderConfig, s: &ServicePortState) -> PortRules {
+    let _span = tracing::trace_span!("service_port", port = %s.key).entered();
     let mut out = PortRules::default();
     if s.key.family != cfg.family {
         return out;
