@@ -51,6 +51,27 @@ pub enum SourceError {
         #[source]
         source: kube::config::InferConfigError,
     },
+    #[error("kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("--master {value:?} is not a URL (want e.g. https://10.0.0.1:6443)")]
+    Master {
+        value: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error(
+        "in-cluster configuration (KUBERNETES_SERVICE_HOST/PORT and the service account token); \
+         without kube-proxy the `kubernetes` Service IP is not routed: set --master, --kubeconfig \
+         or KUBERNETES_SERVICE_HOST to the API server's own address"
+    )]
+    InCluster {
+        #[source]
+        source: kube::config::InClusterError,
+    },
     #[error("--source {value:?}: want `kube` or `manifests:DIR`")]
     BadSource { value: String },
     #[error("the node name is required for --source kube: pass --node-name or set NODE_NAME")]

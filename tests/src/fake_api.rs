@@ -119,6 +119,13 @@ impl FakeApi {
     /// Start serving on 127.0.0.1 with an ephemeral port.
     pub async fn start() -> anyhow::Result<FakeApi> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        FakeApi::start_on(listener.into_std()?)
+    }
+
+    /// Start serving on a listener bound elsewhere (e.g. inside a network namespace).
+    pub fn start_on(listener: std::net::TcpListener) -> anyhow::Result<FakeApi> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let api = FakeApi {
             state: Arc::new(Mutex::new(ApiState {

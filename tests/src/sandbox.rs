@@ -117,6 +117,48 @@ pub fn add_netns(ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run `f` on a thread that has entered network namespace `ns` (sockets it opens stay in
+/// that namespace whichever thread uses them later).
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let fd = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {path}"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+/// A network namespace removed on drop (also when the test fails).
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Netns> {
+        let _ = sh(&["ip", "netns", "del", name]);
+        add_netns(name)?;
+        Ok(Netns(name.to_string()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = sh(&["ip", "netns", "del", &self.0]) {
+            let msg = format!("netns {} left behind: {e}", self.0);
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
 /// One end of a veth pair: its namespace, its name there and its addresses (`ADDR/LEN`).
 #[derive(Debug, Clone, Copy)]
 pub struct VethEnd<'a> {

@@ -26,9 +26,19 @@ pub struct RunArgs {
     /// Configuration file (YAML, kube-proxy field names).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// This node's name (kube-proxy's --hostname-override).
+    /// This node's name (kube-proxy's --hostname-override; else the config's
+    /// `hostnameOverride`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// kubeconfig file for the API server (overrides `clientConnection.kubeconfig`).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server's address (overrides the kubeconfig's), e.g. `https://10.0.0.1:6443`.
+    /// Without it or a kubeconfig, `KUBERNETES_SERVICE_HOST`/`PORT` is used, which must
+    /// then be the API server's own address: nothing routes the `kubernetes` Service IP
+    /// before Switchyard has programmed it.
+    #[arg(long)]
+    pub master: Option<String>,
     /// cgroup v2 directory the socket load balancer attaches to.
     #[arg(long)]
     pub cgroup_path: Option<PathBuf>,
@@ -87,6 +97,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (dataplane, reason) = select(args.backend, &ctx)?;
     tracing::info!(backend = dataplane.name(), %reason, "dataplane backend selected");
+    if let Some(w) = settings
+        .kube_proxy
+        .as_ref()
+        .and_then(|k| k.warning(dataplane.name()))
+    {
+        tracing::warn!(
+            fields = %w,
+            "KubeProxyConfiguration: these fields are set but not applied by Switchyard"
+        );
+    }
     metrics
         .backend_selected
         .get_or_create(&BackendLabel {
@@ -95,7 +115,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .set(1);
 
-    let node_name = match (&args.source, &args.node_name) {
+    let node_name = match (
+        &args.source,
+        args.node_name
+            .as_ref()
+            .or(settings.hostname_override.as_ref()),
+    ) {
         (_, Some(n)) => Some(n.clone()),
         (SourceSpec::Kube, None) => return Err(SourceError::NoNodeName.into()),
         (SourceSpec::Manifests(_), None) => None,
@@ -110,7 +135,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     match args.source.clone() {
         SourceSpec::Kube => {
-            let client = source::kube::client().await?;
+            let client = source::client::client(&source::client::ClientOptions {
+                kubeconfig: args.kubeconfig.clone().or(settings.kubeconfig.clone()),
+                master: args.master.clone(),
+                qps: settings.client_qps,
+                burst: settings.client_burst,
+            })
+            .await?;
             let (store, cancel, node) = (
                 Arc::clone(&store),
                 cancel.clone(),

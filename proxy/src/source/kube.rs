@@ -15,16 +15,7 @@ use serde::de::DeserializeOwned;
 use switchyard_model::{ModelError, convert};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::SourceError;
 use crate::store::{Converted, Kind, ObjectId, Store};
-
-/// Build a client from the in-cluster environment or the kubeconfig (`KUBECONFIG`).
-pub async fn client() -> Result<Client, SourceError> {
-    let config = kube::Config::infer()
-        .await
-        .map_err(|source| SourceError::KubeConfig { source })?;
-    Client::try_from(config).map_err(|source| SourceError::Kube { source })
-}
 
 fn id_of<K: Resource>(o: &K) -> ObjectId {
     ObjectId {

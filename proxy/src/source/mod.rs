@@ -1,5 +1,6 @@
 //! Where objects come from: the Kubernetes API (watch) or a directory of manifests.
 
+pub mod client;
 pub mod kube;
 pub mod manifests;
 

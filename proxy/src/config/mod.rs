@@ -13,6 +13,12 @@ use switchyard_model::{NodePortAddresses, ProxyConfig};
 use crate::dataplane::ebpf::maglev::is_prime;
 use crate::error::ConfigError;
 
+pub mod kubeproxy;
+
+/// Switchyard's own kind, for a file that also holds a `KubeProxyConfiguration`.
+pub const API_VERSION: &str = "switchyard.io/v1alpha1";
+pub const KIND: &str = "SwitchyardConfiguration";
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Config {
@@ -48,6 +54,63 @@ pub struct Config {
     /// ports (`net.ipv4.ip_local_reserved_ports`) so the node's own connections never use a
     /// port that NodePort traffic owns; empty leaves the sysctl alone.
     pub node_port_range: String,
+    /// How to reach the API server (kube-proxy's `clientConnection`).
+    pub client_connection: ClientConnection,
+    /// This node's name, when `--node-name`/`NODE_NAME` is not given.
+    pub hostname_override: String,
+    /// What a `KubeProxyConfiguration` document set that Switchyard does not apply.
+    #[serde(skip)]
+    pub kube_proxy: Option<KubeProxyNotes>,
+}
+
+/// `clientConnection`: the kubeconfig and the client's request rate (kube-proxy's defaults).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClientConnection {
+    /// Path of a kubeconfig file; empty = `--kubeconfig`, or the in-cluster config.
+    pub kubeconfig: String,
+    /// Requests per second to the API server (token bucket).
+    pub qps: f32,
+    /// Requests allowed above the rate in a burst.
+    pub burst: u32,
+}
+
+impl Default for ClientConnection {
+    fn default() -> Self {
+        ClientConnection {
+            kubeconfig: String::new(),
+            qps: 5.0,
+            burst: 10,
+        }
+    }
+}
+
+/// What the `KubeProxyConfiguration` document of the file did not carry over.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KubeProxyNotes {
+    /// Paths of fields set to something Switchyard does not do (sorted).
+    pub ignored: Vec<String>,
+    /// kube-proxy's `mode`, if set (the backend is chosen by `--backend`).
+    pub mode: Option<String>,
+}
+
+impl KubeProxyNotes {
+    /// The one warning line for the operator, given the backend actually in use; `None` when
+    /// everything set was applied.
+    pub fn warning(&self, backend: &str) -> Option<String> {
+        let names: Vec<String> = self
+            .ignored
+            .iter()
+            .filter_map(|f| {
+                if f != "mode" {
+                    return Some(f.clone());
+                }
+                let mode = self.mode.as_deref().unwrap_or_default();
+                (mode != backend).then(|| format!("mode ({mode}; the {backend} backend is in use)"))
+            })
+            .collect();
+        (!names.is_empty()).then(|| names.join(", "))
+    }
 }
 
 impl Default for Config {
@@ -71,6 +134,9 @@ impl Default for Config {
             lb_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16_381,
             node_port_range: "30000-32767".into(),
+            client_connection: ClientConnection::default(),
+            hostname_override: String::new(),
+            kube_proxy: None,
         }
     }
 }
@@ -159,6 +225,12 @@ pub struct Settings {
     pub lb_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
     pub dns: DnsSettings,
+    /// `clientConnection.kubeconfig` (`--kubeconfig` overrides it).
+    pub kubeconfig: Option<PathBuf>,
+    pub client_qps: f32,
+    pub client_burst: u32,
+    pub hostname_override: Option<String>,
+    pub kube_proxy: Option<KubeProxyNotes>,
 }
 
 /// The validated `dns` section.
@@ -192,6 +264,21 @@ pub enum ValueError {
     NotANumber { value: String },
     #[error("{value:?}: unknown unit {unit:?}")]
     UnknownUnit { value: String, unit: String },
+}
+
+/// Merge `top` into `base`: nested mappings merge, anything else replaces.
+fn overlay(
+    base: &mut serde_json::Map<String, serde_json::Value>,
+    top: serde_json::Map<String, serde_json::Value>,
+) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(serde_json::Value::Object(b)), serde_json::Value::Object(t)) => overlay(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 /// `LOW-HIGH` (or one port) as an inclusive range; empty is none.
@@ -304,19 +391,96 @@ impl Config {
         Config::parse(&text)
     }
 
+    /// One or more YAML documents: Switchyard's settings (flat, or with `apiVersion:
+    /// switchyard.io/v1alpha1` and `kind: SwitchyardConfiguration`) and at most one
+    /// kube-proxy `KubeProxyConfiguration`, whose applicable fields are taken first;
+    /// Switchyard's own document overrides them.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        // YAML -> JSON value first, then decode with the path of the failing field.
-        let value: serde_json::Value =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Yaml {
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(text).map_err(|e| ConfigError::Yaml {
                 source: Box::new(e),
             })?;
-        if value.is_null() {
-            return Ok(Config::default());
+        let mut kube_proxy: Option<kubeproxy::Translated> = None;
+        let mut mode = None;
+        let mut own: Option<serde_json::Map<String, serde_json::Value>> = None;
+        for (i, doc) in docs.into_iter().enumerate() {
+            let mut map = match doc {
+                serde_json::Value::Null => continue,
+                serde_json::Value::Object(m) => m,
+                other => {
+                    return Err(invalid(
+                        &format!("document {}", i + 1),
+                        format!("expected a mapping, found {other}"),
+                    ));
+                }
+            };
+            let api_version = map.remove("apiVersion");
+            let kind = map.remove("kind");
+            let text = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (api_version, kind) = (text(&api_version), text(&kind));
+            match (api_version.as_str(), kind.as_str()) {
+                ("", "") | (API_VERSION, KIND) => {
+                    if own.is_some() {
+                        return Err(invalid(
+                            &format!("document {}", i + 1),
+                            "a second Switchyard configuration document",
+                        ));
+                    }
+                    own = Some(map);
+                }
+                (kubeproxy::API_VERSION, kubeproxy::KIND) => {
+                    if kube_proxy.is_some() {
+                        return Err(invalid(
+                            &format!("document {}", i + 1),
+                            "a second KubeProxyConfiguration document",
+                        ));
+                    }
+                    mode = map
+                        .get("mode")
+                        .and_then(serde_json::Value::as_str)
+                        .filter(|m| !m.is_empty())
+                        .map(str::to_string);
+                    kube_proxy = Some(kubeproxy::translate(map)?);
+                }
+                (a, k) => {
+                    let field = if a == API_VERSION || a == kubeproxy::API_VERSION {
+                        "kind"
+                    } else {
+                        "apiVersion"
+                    };
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{a:?} {k:?} is not a known configuration (want {API_VERSION} {KIND}, or {} {})",
+                            kubeproxy::API_VERSION,
+                            kubeproxy::KIND
+                        ),
+                    ));
+                }
+            }
         }
-        serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
+        let mut merged = kube_proxy
+            .as_ref()
+            .map(|t| t.values.clone())
+            .unwrap_or_default();
+        if let Some(own) = own {
+            overlay(&mut merged, own);
+        }
+        let mut cfg: Config = serde_path_to_error::deserialize(serde_json::Value::Object(merged))
+            .map_err(|e| ConfigError::Invalid {
             field: e.path().to_string(),
             reason: e.inner().to_string(),
-        })
+        })?;
+        cfg.kube_proxy = kube_proxy.map(|t| KubeProxyNotes {
+            ignored: t.ignored,
+            mode,
+        });
+        Ok(cfg)
     }
 
     pub fn validate(self) -> Result<Settings, ConfigError> {
@@ -402,8 +566,28 @@ impl Config {
         }
         let node_port_range =
             parse_port_range(&self.node_port_range).map_err(|e| invalid("nodePortRange", e))?;
+        if self.client_connection.qps.is_nan() || self.client_connection.qps <= 0.0 {
+            return Err(invalid(
+                "clientConnection.qps",
+                format!("{} is not above 0", self.client_connection.qps),
+            ));
+        }
+        if self.client_connection.burst == 0 {
+            return Err(invalid("clientConnection.burst", "must be greater than 0"));
+        }
+        let kubeconfig = Some(self.client_connection.kubeconfig.trim())
+            .filter(|k| !k.is_empty())
+            .map(PathBuf::from);
+        let hostname_override = Some(self.hostname_override.trim())
+            .filter(|h| !h.is_empty())
+            .map(str::to_ascii_lowercase);
         let d = self.dns;
         Ok(Settings {
+            kubeconfig,
+            client_qps: self.client_connection.qps,
+            client_burst: self.client_connection.burst,
+            hostname_override,
+            kube_proxy: self.kube_proxy,
             cluster_cidrs,
             node_port_addresses,
             sync_period,
@@ -511,6 +695,55 @@ mod tests {
                 other => panic!("{yaml}: unexpected {other:?}"),
             }
             assert!(msg.contains(reason), "{msg} should contain {reason}");
+        }
+    }
+
+    #[test]
+    fn kube_proxy_file_and_own_document_merge() {
+        let kubeadm = include_str!("../../tests/kube-proxy-kubeadm.yaml");
+        let both = format!(
+            "{kubeadm}---\napiVersion: switchyard.io/v1alpha1\nkind: SwitchyardConfiguration\nsyncPeriod: 1m\ndns:\n  listen: ['127.0.0.1:5353']\n"
+        );
+        let s = Config::parse(&both).unwrap().validate().unwrap();
+        assert_eq!(
+            s.cluster_cidrs,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            s.kubeconfig.as_deref(),
+            Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        // kube-proxy's defaulting: an empty healthzBindAddress is the default, not "off".
+        assert_eq!(
+            s.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            s.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(s.sync_period, Duration::from_mins(1));
+        assert_eq!((s.client_qps, s.client_burst), (5.0, 10));
+        let notes = s.kube_proxy.unwrap();
+        assert_eq!(
+            notes.warning("ebpf").unwrap(),
+            "conntrack.maxPerCore, mode (iptables; the ebpf backend is in use)"
+        );
+        assert_eq!(notes.warning("iptables").unwrap(), "conntrack.maxPerCore");
+    }
+
+    #[test]
+    fn unknown_kinds_and_duplicates_are_errors() {
+        for (text, field) in [
+            ("apiVersion: v1\nkind: ConfigMap\n", "apiVersion"),
+            ("apiVersion: switchyard.io/v1alpha1\nkind: Proxy\n", "kind"),
+            ("syncPeriod: 1m\n---\nsyncPeriod: 2m\n", "document 2"),
+            ("- a\n- b\n", "document 1"),
+        ] {
+            match Config::parse(text) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
         }
     }
 }
