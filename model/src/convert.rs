@@ -515,7 +515,20 @@ pub fn node(node: &core::Node) -> Result<Node, ModelError> {
             }
         }
     }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == crate::types::TAINT_TO_BE_DELETED));
+    let leaving = if meta.deletion_timestamp.is_some() {
+        Some("metadata.deletionTimestamp is set".to_string())
+    } else if tainted {
+        Some(format!("tainted {}", crate::types::TAINT_TO_BE_DELETED))
+    } else {
+        None
+    };
     Ok(Node {
+        leaving,
         labels: meta
             .labels
             .clone()

@@ -200,9 +200,21 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
     /// `status.addresses` of type InternalIP and ExternalIP, in the node's order.
     pub addresses: Vec<IpAddr>,
+    /// Why the node is on its way out (KEP-3836): `metadata.deletionTimestamp` is set, or
+    /// the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint. `None`: it is not.
+    pub leaving: Option<String>,
 }
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
 impl Node {
+    /// Whether load balancers should keep sending new traffic here (kube-proxy's
+    /// `nodeEligible` in `/healthz`).
+    pub fn eligible(&self) -> bool {
+        self.leaving.is_none()
+    }
+
     pub fn zone(&self) -> Option<&str> {
         self.labels
             .get("topology.kubernetes.io/zone")

@@ -17,6 +17,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabel {
     pub backend: String,
     pub reason: String,
@@ -35,6 +40,8 @@ pub struct Metrics {
     pub dataplane_capacity_errors: Counter,
     pub stale_conntrack_deleted: Counter,
     pub tc_reattached: Counter,
+    pub healthz_total: Family<CodeLabel, Counter>,
+    pub livez_total: Family<CodeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -56,6 +63,18 @@ impl Metrics {
         let dataplane_capacity_errors = Counter::default();
         let stale_conntrack_deleted = Counter::default();
         let tc_reattached = Counter::default();
+        let healthz_total = Family::<CodeLabel, Counter>::default();
+        let livez_total = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            healthz_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            livez_total.clone(),
+        );
         registry.register(
             "switchyard_tc_programs_reattached",
             "Per-packet programs found detached from an interface by a full sync and attached again",
@@ -118,6 +137,8 @@ impl Metrics {
             dataplane_capacity_errors,
             stale_conntrack_deleted,
             tc_reattached,
+            healthz_total,
+            livez_total,
         }
     }
 

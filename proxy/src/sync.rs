@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Health;
 use crate::dataplane::Dataplane;
 use crate::store::{Store, SyncOutput};
 
@@ -30,6 +31,7 @@ pub struct SyncLoop {
     dataplane: Arc<Mutex<Box<dyn Dataplane>>>,
     timing: SyncTiming,
     hooks: Vec<SyncHook>,
+    health: Option<Arc<Health>>,
     /// The store generation the loop has handled (synced, or found nothing to do for).
     progress: watch::Sender<u64>,
 }
@@ -50,6 +52,7 @@ impl SyncLoop {
             dataplane: Arc::new(Mutex::new(dataplane)),
             timing,
             hooks: Vec::new(),
+            health: None,
             progress: watch::channel(0).0,
         }
     }
@@ -67,8 +70,24 @@ impl SyncLoop {
         self
     }
 
+    /// Report to `health` as kube-proxy's sync loop does: an update is queued by every change
+    /// and every periodic full sync that falls due, and cleared by a sync that lands.
+    #[must_use]
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    fn queued(&self) {
+        if let Some(h) = &self.health {
+            h.queued();
+        }
+    }
+
     pub async fn run(self, cancel: CancellationToken) {
         let mut changed = self.store.subscribe();
+        // Start-up is a pending update: a daemon that never gets its lists is not healthy.
+        self.queued();
         // Nothing is programmed before every kind's initial list is complete.
         loop {
             let generation = *changed.borrow_and_update();
@@ -102,6 +121,9 @@ impl SyncLoop {
                 self.progress.send_replace(generation);
                 match result {
                     Ok(()) => {
+                        if let Some(h) = &self.health {
+                            h.updated();
+                        }
                         need_full = false;
                         retry = self.timing.retry;
                         if full {
@@ -126,9 +148,11 @@ impl SyncLoop {
                 r = changed.changed() => {
                     if r.is_err() { return }
                     pending = true;
+                    self.queued();
                 }
                 () = sleep_until(next_full.into()) => {
                     need_full = true;
+                    self.queued();
                 }
             }
         }

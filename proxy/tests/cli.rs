@@ -182,7 +182,7 @@ fn run_with_manifests_and_no_backend_syncs_and_reports_health_and_metrics() {
         if let Some(r) = http_get(&addr, "/healthz")
             && r.starts_with("HTTP/1.1 200")
         {
-            assert!(r.contains("\"healthy\":true"), "{r}");
+            assert!(r.contains("\"nodeEligible\": true"), "{r}");
             break;
         }
         assert!(

@@ -198,7 +198,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("DNS: {e}"))
         });
     }
-    let h = Arc::clone(&health);
     let sync = SyncLoop::new(
         Arc::clone(&store),
         dataplane,
@@ -208,10 +207,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             retry: std::time::Duration::from_secs(1),
         },
     )
-    .with_hook(Box::new(move |_| h.synced()));
+    .with_health(Arc::clone(&health));
     tasks.spawn(sync.run(cancel.clone()).map(Ok));
 
-    let router = admin::router(Arc::clone(&health), Arc::clone(&metrics));
+    let router = admin::router(
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        Some(Arc::clone(&store)),
+    );
     let mut binds: Vec<SocketAddr> = Vec::new();
     binds.extend(settings.healthz_bind_address);
     binds.extend(settings.metrics_bind_address.filter(|m| !binds.contains(m)));
