@@ -156,6 +156,19 @@ impl Engine {
         self.node.as_ref()
     }
 
+    /// The addresses NodePorts (and health-check node ports) are served on; `None` when
+    /// `nodePortAddresses` allows every address.
+    pub fn node_port_listen(&self) -> Option<Vec<IpAddr>> {
+        if self.cfg.node_port_addresses.is_all() {
+            return None;
+        }
+        Some(crate::state::node_port_addresses(
+            self.node.as_ref(),
+            &self.host_addresses,
+            &self.cfg.node_port_addresses,
+        ))
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
 pub mod error;
+pub mod healthcheck;
 pub mod metrics;
 pub mod netlink;
 pub mod nl;

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub stale_conntrack_deleted: Counter,
     pub tc_reattached: Counter,
     pub healthz_total: Family<CodeLabel, Counter>,
+    pub health_check_bind_errors: Counter,
+    pub health_check_servers: Gauge,
     pub livez_total: Family<CodeLabel, Counter>,
 }
 
@@ -64,6 +66,18 @@ impl Metrics {
         let stale_conntrack_deleted = Counter::default();
         let tc_reattached = Counter::default();
         let healthz_total = Family::<CodeLabel, Counter>::default();
+        let health_check_bind_errors = Counter::default();
+        let health_check_servers = Gauge::default();
+        registry.register(
+            "switchyard_health_check_node_port_bind_errors",
+            "healthCheckNodePort servers that could not bind (retried; the log names the service)",
+            health_check_bind_errors.clone(),
+        );
+        registry.register(
+            "switchyard_health_check_node_port_servers",
+            "healthCheckNodePort servers (one per LoadBalancer service with externalTrafficPolicy: Local)",
+            health_check_servers.clone(),
+        );
         let livez_total = Family::<CodeLabel, Counter>::default();
         registry.register(
             "kubeproxy_proxy_healthz",
@@ -138,6 +152,8 @@ impl Metrics {
             stale_conntrack_deleted,
             tc_reattached,
             healthz_total,
+            health_check_bind_errors,
+            health_check_servers,
             livez_total,
         }
     }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
-use switchyard_tests::sandbox::{BackendSpec, Sandbox, require_root};
+use switchyard_tests::sandbox::{BackendSpec, Sandbox, in_netns, require_root};
 
 fn backends() -> Vec<BackendSpec> {
     vec![
@@ -992,6 +992,114 @@ fn dual_stack_service_serves_both_families(b: &Backend) {
     );
 }
 
+/// `GET /` on ADDR from the client namespace: (status, whole response), or the error kind.
+fn http_from_client(sb: &Sandbox, addr: &str) -> Result<(u16, String), std::io::ErrorKind> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    in_netns(&sb.client_ns(), move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .map_err(|e| e.kind())?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(s, "GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.kind())?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, out))
+    })
+    .unwrap()
+}
+
+/// kube-proxy's service health server: a LoadBalancer service with eTP=Local answers on its
+/// healthCheckNodePort, from outside the node, with the count of local ready endpoints; 503
+/// once the last local one is gone; nothing once the service is. Neither dataplane takes
+/// the port for itself, and the service's own traffic keeps flowing.
+fn health_check_node_port_follows_local_endpoints(b: &Backend) {
+    let lb = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: t}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.40\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32140\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30140}\n  - {name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: 30141}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 172.30.0.100}]\n";
+    let mut c = Cluster::start(b, 10, &format!("{lb}{}", slice("lb", &ALL3)));
+    let start = Instant::now();
+    let (code, resp) = loop {
+        match http_from_client(&c.sb, "172.30.0.10:32140") {
+            Ok(r) if r.0 == 200 => break r,
+            other => assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no 200 on the healthCheckNodePort: {other:?}\n{}",
+                c.sb.daemon_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, 200);
+    let lower = resp.to_ascii_lowercase();
+    assert!(lower.contains("content-type: application/json"), "{resp}");
+    assert!(lower.contains("x-content-type-options: nosniff"), "{resp}");
+    assert!(
+        lower.contains("x-load-balancing-endpoint-weight: 2"),
+        "{resp}"
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "t", "name": "lb"},
+                           "localEndpoints": 2, "serviceProxyHealthy": true})
+    );
+    // The load balancer's traffic still reaches the local endpoints.
+    let got = c.until(
+        "LB IP with eTP=Local",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_client(&["--tcp", "172.30.0.100:80", "--count", "10"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(
+        names(&got).keys().all(|k| k == "a1" || k == "a2"),
+        "{got:?}"
+    );
+
+    // The last local endpoint goes: 503 with a count of 0, so the load balancer drains us.
+    c.write(&format!(
+        "{lb}{}",
+        slice("lb", &[("10.244.2.11", "node-b")])
+    ));
+    let start = Instant::now();
+    loop {
+        match http_from_client(&c.sb, "172.30.0.10:32140") {
+            Ok((503, r)) => {
+                assert!(r.contains("\"localEndpoints\":0"), "{r}");
+                assert!(
+                    r.to_ascii_lowercase()
+                        .contains("x-load-balancing-endpoint-weight: 0"),
+                    "{r}"
+                );
+                break;
+            }
+            other => assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "still not 503: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The service is deleted: the server closes.
+    c.write("");
+    let start = Instant::now();
+    while http_from_client(&c.sb, "172.30.0.10:32140") != Err(std::io::ErrorKind::ConnectionRefused)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the healthCheckNodePort stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The same scenarios against every backend this kernel has.
 macro_rules! suite {
     ($($m:ident => $b:expr),* $(,)?) => {$(
@@ -1015,6 +1123,8 @@ macro_rules! suite {
             fn tcp_port_reuse() { super::tcp_client_reusing_its_port_after_close_gets_a_live_endpoint(&$b) }
             #[test]
             fn dual_stack() { super::dual_stack_service_serves_both_families(&$b) }
+            #[test]
+            fn health_check_node_port() { super::health_check_node_port_follows_local_endpoints(&$b) }
         }
     )*};
 }

@@ -207,7 +207,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             retry: std::time::Duration::from_secs(1),
         },
     )
-    .with_health(Arc::clone(&health));
+    .with_health(Arc::clone(&health))
+    .with_hook({
+        // healthCheckNodePort servers follow what was programmed.
+        let (tx, rx) = tokio::sync::watch::channel(crate::healthcheck::Wanted::default());
+        let servers =
+            crate::healthcheck::HealthCheckServers::new(Arc::clone(&health), Arc::clone(&metrics));
+        tasks.spawn(
+            servers
+                .run(rx, std::time::Duration::from_secs(5), cancel.clone())
+                .map(Ok),
+        );
+        let store = Arc::clone(&store);
+        Box::new(move |out| {
+            let addresses = store.read(switchyard_model::Engine::node_port_listen);
+            tx.send_replace(crate::healthcheck::wanted(&out.state, addresses));
+        })
+    });
     tasks.spawn(sync.run(cancel.clone()).map(Ok));
 
     let router = admin::router(
