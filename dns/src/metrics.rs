@@ -47,7 +47,7 @@ impl DnsMetrics {
         };
         let labels = QueryLabels {
             qtype,
-            rcode: hickory_proto::op::ResponseCode::from(0, rcode).to_string(),
+            rcode: rcode_name(rcode),
         };
         self.queries.get_or_create(&labels).inc_by(n);
     }
@@ -83,5 +83,18 @@ impl DnsMetrics {
             "Packets that were not DNS queries",
             self.malformed.clone(),
         );
+    }
+}
+
+/// The RFC mnemonic, as CoreDNS labels its series (`NOERROR`, `NXDOMAIN`, ...).
+pub fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
     }
 }

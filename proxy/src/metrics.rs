@@ -1,8 +1,11 @@
-//! Prometheus metrics, named like kube-proxy's where the meaning is the same.
+//! Prometheus metrics. Where a series means what kube-proxy's means, it has kube-proxy's
+//! exact name (`kubeproxy_` prefix), type, buckets and labels (pkg/proxy/metrics), so
+//! existing dashboards and alerts keep working; what is Switchyard's own is `switchyard_*`.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -27,23 +30,79 @@ pub struct BackendLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabel {
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IpFamilyLabel {
+    pub ip_family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+/// kube-proxy's `network_programming_duration_seconds` buckets.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..12).map(|i| 300.0 + 10.0 * f64::from(i)));
+    b
+}
+
+/// kube-proxy's sync-duration buckets: 1 ms doubling, 15 buckets.
+fn sync_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    // kube-proxy's series.
     pub sync_duration: Histogram,
+    pub sync_full_duration: Histogram,
+    pub sync_partial_duration: Histogram,
     pub network_programming: Histogram,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub last_queued_timestamp: Gauge<f64, AtomicU64>,
+    pub endpoint_changes: Counter,
+    pub endpoint_changes_pending: Gauge,
+    pub service_changes: Counter,
+    pub service_changes_pending: Gauge,
+    pub iptables_restore_failures: Counter,
+    pub iptables_partial_restore_failures: Counter,
+    pub iptables_rules: Family<TableLabel, Gauge>,
+    pub no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
+    pub healthz_total: Family<CodeLabel, Counter>,
+    pub livez_total: Family<CodeLabel, Counter>,
+    pub conntrack_deleted: Family<IpFamilyLabel, Counter>,
+    pub conntrack_duration: Histogram,
+    // Switchyard's own.
     pub sync_errors: Counter,
     pub service_ports: Gauge,
     pub source_errors: Family<KindLabel, Counter>,
     pub backend_selected: Family<BackendLabel, Gauge>,
+    pub tc_attach_mode: Family<ModeLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
-    pub stale_conntrack_deleted: Counter,
     pub tc_reattached: Counter,
-    pub healthz_total: Family<CodeLabel, Counter>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
     pub health_check_bind_errors: Counter,
     pub health_check_servers: Gauge,
-    pub livez_total: Family<CodeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,109 +112,203 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[allow(clippy::too_many_lines)]
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let sync_duration = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
-        let network_programming = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let last_sync_timestamp = Gauge::<f64, AtomicU64>::default();
-        let sync_errors = Counter::default();
-        let service_ports = Gauge::default();
-        let source_errors = Family::<KindLabel, Counter>::default();
-        let backend_selected = Family::<BackendLabel, Gauge>::default();
-        let dataplane_capacity_errors = Counter::default();
-        let stale_conntrack_deleted = Counter::default();
-        let tc_reattached = Counter::default();
-        let healthz_total = Family::<CodeLabel, Counter>::default();
-        let health_check_bind_errors = Counter::default();
-        let health_check_servers = Gauge::default();
-        registry.register(
-            "switchyard_health_check_node_port_bind_errors",
-            "healthCheckNodePort servers that could not bind (retried; the log names the service)",
-            health_check_bind_errors.clone(),
+        let mut r = Registry::default();
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            sync_duration: Histogram::new(sync_buckets()),
+            sync_full_duration: Histogram::new(sync_buckets()),
+            sync_partial_duration: Histogram::new(sync_buckets()),
+            network_programming: Histogram::new(programming_buckets()),
+            last_sync_timestamp: Gauge::default(),
+            last_queued_timestamp: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            endpoint_changes_pending: Gauge::default(),
+            service_changes: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            iptables_restore_failures: Counter::default(),
+            iptables_partial_restore_failures: Counter::default(),
+            iptables_rules: Family::default(),
+            no_local_endpoints: Family::default(),
+            healthz_total: Family::default(),
+            livez_total: Family::default(),
+            conntrack_deleted: Family::default(),
+            conntrack_duration: Histogram::new(sync_buckets()),
+            sync_errors: Counter::default(),
+            service_ports: Gauge::default(),
+            source_errors: Family::default(),
+            backend_selected: Family::default(),
+            tc_attach_mode: Family::default(),
+            dataplane_capacity_errors: Counter::default(),
+            tc_reattached: Counter::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            health_check_bind_errors: Counter::default(),
+            health_check_servers: Gauge::default(),
+        };
+        let kp = "kubeproxy_";
+        macro_rules! add {
+            ($name:expr, $help:expr, $field:expr) => {
+                r.register($name, $help, $field.clone())
+            };
+        }
+        add!(
+            format!("{kp}sync_proxy_rules_duration_seconds"),
+            "SyncProxyRules latency in seconds",
+            m.sync_duration
         );
-        registry.register(
-            "switchyard_health_check_node_port_servers",
-            "healthCheckNodePort servers (one per LoadBalancer service with externalTrafficPolicy: Local)",
-            health_check_servers.clone(),
+        add!(
+            format!("{kp}sync_full_proxy_rules_duration_seconds"),
+            "SyncProxyRules latency in seconds for full resyncs",
+            m.sync_full_duration
         );
-        let livez_total = Family::<CodeLabel, Counter>::default();
-        registry.register(
-            "kubeproxy_proxy_healthz",
+        add!(
+            format!("{kp}sync_partial_proxy_rules_duration_seconds"),
+            "SyncProxyRules latency in seconds for partial resyncs",
+            m.sync_partial_duration
+        );
+        add!(
+            format!("{kp}network_programming_duration_seconds"),
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_last_timestamp_seconds"),
+            "The last time proxy rules were successfully synced",
+            m.last_sync_timestamp
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_last_queued_timestamp_seconds"),
+            "The last time a sync of proxy rules was queued",
+            m.last_queued_timestamp
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_endpoint_changes"),
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_endpoint_changes_pending"),
+            "Pending proxy rules Endpoint changes",
+            m.endpoint_changes_pending
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_service_changes"),
+            "Cumulative proxy rules Service changes",
+            m.service_changes
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_service_changes_pending"),
+            "Pending proxy rules Service changes",
+            m.service_changes_pending
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_iptables_restore_failures"),
+            "Cumulative proxy iptables restore failures",
+            m.iptables_restore_failures
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_iptables_partial_restore_failures"),
+            "Cumulative proxy iptables partial restore failures",
+            m.iptables_partial_restore_failures
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_iptables_total"),
+            "Total number of iptables rules owned by kube-proxy",
+            m.iptables_rules
+        );
+        add!(
+            format!("{kp}sync_proxy_rules_no_local_endpoints_total"),
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints
+        );
+        add!(
+            format!("{kp}proxy_healthz"),
             "Cumulative proxy healthz HTTP status",
-            healthz_total.clone(),
+            m.healthz_total
         );
-        registry.register(
-            "kubeproxy_proxy_livez",
+        add!(
+            format!("{kp}proxy_livez"),
             "Cumulative proxy livez HTTP status",
-            livez_total.clone(),
+            m.livez_total
         );
-        registry.register(
-            "switchyard_tc_programs_reattached",
-            "Per-packet programs found detached from an interface by a full sync and attached again",
-            tc_reattached.clone(),
+        add!(
+            format!("{kp}conntrack_reconciler_deleted_entries"),
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            m.conntrack_deleted
         );
-        registry.register(
-            "switchyard_stale_conntrack_entries_deleted",
-            "UDP flows whose NAT pointed at an endpoint that is gone (or at no endpoint), deleted so the next datagram is balanced again",
-            stale_conntrack_deleted.clone(),
+        add!(
+            format!("{kp}conntrack_reconciler_sync_duration_seconds"),
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            m.conntrack_duration
         );
-        registry.register(
-            "switchyard_dataplane_capacity_errors",
-            "Service ports not programmed because a map was full (the log names them)",
-            dataplane_capacity_errors.clone(),
-        );
-        registry.register(
-            "sync_proxy_rules_duration_seconds",
-            "Time to apply one sync to the dataplane",
-            sync_duration.clone(),
-        );
-        registry.register(
-            "network_programming_duration_seconds",
-            "Time from an object change arriving to it being programmed",
-            network_programming.clone(),
-        );
-        registry.register(
-            "sync_proxy_rules_last_timestamp_seconds",
-            "Unix time of the last successful sync",
-            last_sync_timestamp.clone(),
-        );
-        registry.register(
+        add!(
             "switchyard_sync_errors",
-            "Syncs the dataplane refused",
-            sync_errors.clone(),
+            "Syncs the dataplane refused (retried as full syncs)",
+            m.sync_errors
         );
-        registry.register(
+        add!(
             "switchyard_service_ports",
             "Service ports (per family) in the desired state",
-            service_ports.clone(),
+            m.service_ports
         );
-        registry.register(
+        add!(
             "switchyard_source_errors",
             "Invalid objects ignored (their last good version is kept)",
-            source_errors.clone(),
+            m.source_errors
         );
-        registry.register(
+        add!(
             "switchyard_backend",
             "The dataplane backend in use (1) and why it was chosen",
-            backend_selected.clone(),
+            m.backend_selected
         );
-        Metrics {
-            registry: Mutex::new(registry),
-            sync_duration,
-            network_programming,
-            last_sync_timestamp,
-            sync_errors,
-            service_ports,
-            source_errors,
-            backend_selected,
-            dataplane_capacity_errors,
-            stale_conntrack_deleted,
-            tc_reattached,
-            healthz_total,
-            health_check_bind_errors,
-            health_check_servers,
-            livez_total,
+        add!(
+            "switchyard_tc_attach_mode",
+            "How the eBPF backend attaches its per-packet programs (1 for the mode in use)",
+            m.tc_attach_mode
+        );
+        add!(
+            "switchyard_dataplane_capacity_errors",
+            "Service ports not programmed because a map was full (the log names them)",
+            m.dataplane_capacity_errors
+        );
+        add!(
+            "switchyard_tc_programs_reattached",
+            "Per-packet programs found detached from an interface by a full sync and attached again",
+            m.tc_reattached
+        );
+        add!(
+            "switchyard_bpf_map_entries",
+            "Entries in use in the eBPF backend's maps",
+            m.map_entries
+        );
+        add!(
+            "switchyard_bpf_map_max_entries",
+            "Capacity of the eBPF backend's maps",
+            m.map_capacity
+        );
+        add!(
+            "switchyard_health_check_node_port_bind_errors",
+            "healthCheckNodePort servers that could not bind (retried; the log names the service)",
+            m.health_check_bind_errors
+        );
+        add!(
+            "switchyard_health_check_node_port_servers",
+            "healthCheckNodePort servers (one per LoadBalancer service with externalTrafficPolicy: Local)",
+            m.health_check_servers
+        );
+        // Zero series from the start, so rates and alerts over them work before the first
+        // deletion.
+        for ip_family in ["IPv4", "IPv6"] {
+            let _ = m.conntrack_deleted.get_or_create(&IpFamilyLabel {
+                ip_family: ip_family.into(),
+            });
         }
+        *m.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = r;
+        m
     }
 
     /// Register metrics defined elsewhere (DNS) into the same registry.
@@ -167,10 +320,26 @@ impl Metrics {
         f(&mut reg);
     }
 
+    /// Add a collector read at every scrape (the eBPF per-service counters).
+    pub fn register_collector(&self, c: Box<dyn Collector>) {
+        self.register_with(|r| r.register_collector(c));
+    }
+
     pub fn source_error(&self, kind: &str) {
         self.source_errors
             .get_or_create(&KindLabel { kind: kind.into() })
             .inc();
+    }
+
+    /// Stale flows deleted by the conntrack cleanup (kube-proxy's reconciler).
+    pub fn conntrack_deleted(&self, ipv6: bool, n: u64) {
+        if n > 0 {
+            self.conntrack_deleted
+                .get_or_create(&IpFamilyLabel {
+                    ip_family: if ipv6 { "IPv6" } else { "IPv4" }.into(),
+                })
+                .inc_by(n);
+        }
     }
 
     /// The OpenMetrics text exposition.

@@ -75,6 +75,10 @@ struct Inner {
     dns_pending_since: Option<Instant>,
     links: Arc<Vec<String>>,
     links_changed: bool,
+    /// Services with a Service / EndpointSlice change not yet synced (kube-proxy's
+    /// `*_changes_pending`).
+    pending_services: BTreeSet<ServiceKey>,
+    pending_endpoints: BTreeSet<ServiceKey>,
 }
 
 impl Inner {
@@ -100,6 +104,8 @@ impl Store {
                 dns_pending_since: None,
                 links: Arc::new(Vec::new()),
                 links_changed: false,
+                pending_services: BTreeSet::new(),
+                pending_endpoints: BTreeSet::new(),
             }),
             generation: watch::channel(0).0,
             metrics,
@@ -111,6 +117,35 @@ impl Store {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Count object changes as kube-proxy does: every Service and EndpointSlice event, and
+    /// the distinct services they leave pending until the next sync.
+    fn count_changes(
+        &self,
+        inner: &mut Inner,
+        services: impl IntoIterator<Item = ServiceKey>,
+        endpoints: impl IntoIterator<Item = ServiceKey>,
+    ) {
+        for k in services {
+            self.metrics.service_changes.inc();
+            inner.pending_services.insert(k);
+        }
+        for k in endpoints {
+            self.metrics.endpoint_changes.inc();
+            inner.pending_endpoints.insert(k);
+        }
+        self.pending_gauges(inner);
+    }
+
+    fn pending_gauges(&self, inner: &Inner) {
+        let n = |s: &BTreeSet<ServiceKey>| i64::try_from(s.len()).unwrap_or(i64::MAX);
+        self.metrics
+            .service_changes_pending
+            .set(n(&inner.pending_services));
+        self.metrics
+            .endpoint_changes_pending
+            .set(n(&inner.pending_endpoints));
     }
 
     fn bump(&self, inner: &mut Inner) {
@@ -157,8 +192,14 @@ impl Store {
                 self.report(kind, id, &e);
                 return;
             }
-            Ok(Converted::Service(s)) => inner.engine.upsert_service(s),
-            Ok(Converted::Slice(s)) => inner.engine.upsert_slice(s),
+            Ok(Converted::Service(s)) => {
+                self.count_changes(&mut inner, [s.key.clone()], []);
+                inner.engine.upsert_service(s);
+            }
+            Ok(Converted::Slice(s)) => {
+                self.count_changes(&mut inner, [], [s.service_key()]);
+                inner.engine.upsert_slice(s);
+            }
             Ok(Converted::Node(n)) => inner.engine.set_node(Some(n)),
             Ok(Converted::Ignored) => match kind {
                 // A slice that became irrelevant (e.g. lost its service label) is gone for us.
@@ -171,6 +212,19 @@ impl Store {
 
     pub fn delete(&self, kind: Kind, id: &ObjectId) {
         let mut inner = self.lock();
+        match kind {
+            Kind::Service => {
+                self.count_changes(&mut inner, [ServiceKey::new(&id.namespace, &id.name)], []);
+            }
+            Kind::EndpointSlice => {
+                let key = inner
+                    .engine
+                    .slice(&id.namespace, &id.name)
+                    .map(|s| s.service_key());
+                self.count_changes(&mut inner, [], key);
+            }
+            Kind::Node => {}
+        }
         match kind {
             Kind::Service => inner
                 .engine
@@ -201,6 +255,9 @@ impl Store {
             }
         }
         let mut inner = self.lock();
+        let svc_keys: Vec<ServiceKey> = services.iter().map(|s| s.key.clone()).collect();
+        let ep_keys: Vec<ServiceKey> = slices.iter().map(EndpointSlice::service_key).collect();
+        self.count_changes(&mut inner, svc_keys, ep_keys);
         match kind {
             Kind::Service => {
                 for id in &failed {
@@ -237,6 +294,9 @@ impl Store {
         node: Option<Node>,
     ) {
         let mut inner = self.lock();
+        let svc_keys: Vec<ServiceKey> = services.iter().map(|s| s.key.clone()).collect();
+        let ep_keys: Vec<ServiceKey> = slices.iter().map(EndpointSlice::service_key).collect();
+        self.count_changes(&mut inner, svc_keys, ep_keys);
         inner.engine.replace_all(services, slices);
         inner.engine.set_node(node);
         inner.listed.extend(Kind::ALL);
@@ -262,6 +322,9 @@ impl Store {
         }
         let changes = inner.engine.sync();
         let pending_since = inner.pending_since.take();
+        inner.pending_services.clear();
+        inner.pending_endpoints.clear();
+        self.pending_gauges(&inner);
         let links_changed = std::mem::take(&mut inner.links_changed);
         Some(SyncOutput {
             changes,

@@ -12,7 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::dataplane::Dataplane;
+use crate::metrics::TrafficPolicyLabel;
 use crate::store::{Store, SyncOutput};
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
 
 /// Called after every successful sync with the new state (status reporting).
 pub type SyncHook = Box<dyn Fn(&SyncOutput) + Send + Sync>;
@@ -82,6 +90,7 @@ impl SyncLoop {
         if let Some(h) = &self.health {
             h.queued();
         }
+        self.store.metrics().last_queued_timestamp.set(unix_now());
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -204,17 +213,32 @@ impl SyncLoop {
             Ok(Ok(())) => {
                 let took = started.elapsed();
                 metrics.sync_duration.observe(took.as_secs_f64());
+                if full {
+                    metrics.sync_full_duration.observe(took.as_secs_f64());
+                } else {
+                    metrics.sync_partial_duration.observe(took.as_secs_f64());
+                }
+                let (mut internal, mut external) = (0, 0);
+                for p in out.state.values() {
+                    if p.local_backends.is_empty() {
+                        internal += i64::from(p.internal_traffic_local);
+                        external += i64::from(p.external_traffic_local);
+                    }
+                }
+                for (policy, n) in [("internal", internal), ("external", external)] {
+                    metrics
+                        .no_local_endpoints
+                        .get_or_create(&TrafficPolicyLabel {
+                            traffic_policy: policy.into(),
+                        })
+                        .set(n);
+                }
                 if let Some(since) = out.pending_since {
                     metrics
                         .network_programming
                         .observe(since.elapsed().as_secs_f64());
                 }
-                metrics.last_sync_timestamp.set(
-                    SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or_default(),
-                );
+                metrics.last_sync_timestamp.set(unix_now());
                 metrics
                     .service_ports
                     .set(i64::try_from(out.state.len()).unwrap_or(i64::MAX));

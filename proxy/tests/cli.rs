@@ -204,18 +204,21 @@ fn run_with_manifests_and_no_backend_syncs_and_reports_health_and_metrics() {
             .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
     };
     assert!(
-        value("sync_proxy_rules_duration_seconds_count") >= 1.0,
+        value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0,
         "{m}"
     );
-    assert!(value("sync_proxy_rules_duration_seconds_sum") > 0.0, "{m}");
     assert!(
-        value("network_programming_duration_seconds_count") >= 1.0,
+        value("kubeproxy_sync_proxy_rules_duration_seconds_sum") > 0.0,
+        "{m}"
+    );
+    assert!(
+        value("kubeproxy_network_programming_duration_seconds_count") >= 1.0,
         "{m}"
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let last = value("sync_proxy_rules_last_timestamp_seconds");
+    let last = value("kubeproxy_sync_proxy_rules_last_timestamp_seconds");
     assert!((now - last).abs() < 120.0, "last sync at {last}, now {now}");
 }

@@ -648,6 +648,6 @@ fn a_failed_conntrack_delete_is_reported_and_retried() {
     assert!(
         metrics
             .encode()
-            .contains("switchyard_stale_conntrack_entries_deleted_total 1")
+            .contains("kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 1")
     );
 }

@@ -409,15 +409,21 @@ impl Sandbox {
     }
 
     /// The daemon's config for this sandbox.
-    /// `extra` may set `syncPeriod` itself.
+    /// `extra` may set `syncPeriod`, `healthzBindAddress` and `metricsBindAddress` itself
+    /// (by default the admin endpoints are off).
     pub fn config_yaml(&self, extra: &str) -> String {
-        let sync_period = if extra.lines().any(|l| l.starts_with("syncPeriod:")) {
-            ""
-        } else {
-            "syncPeriod: 10s\n"
+        let default = |key: &str, value: &str| {
+            if extra.lines().any(|l| l.starts_with(&format!("{key}:"))) {
+                String::new()
+            } else {
+                format!("{key}: {value}\n")
+            }
         };
         format!(
-            "clusterCIDR: 10.244.0.0/16\n{sync_period}minSyncPeriod: 50ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\nbpfPinDir: {}\n{extra}",
+            "clusterCIDR: 10.244.0.0/16\n{}minSyncPeriod: 50ms\n{}{}bpfPinDir: {}\n{extra}",
+            default("syncPeriod", "10s"),
+            default("healthzBindAddress", "''"),
+            default("metricsBindAddress", "''"),
             self.pin_dir.display()
         )
     }

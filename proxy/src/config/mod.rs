@@ -54,6 +54,9 @@ pub struct Config {
     /// ports (`net.ipv4.ip_local_reserved_ports`) so the node's own connections never use a
     /// port that NodePort traffic owns; empty leaves the sysctl alone.
     pub node_port_range: String,
+    /// Export the eBPF backend's per-service-port packet/byte/connection counters on
+    /// `/metrics` (one series per programmed service port and counter).
+    pub service_counters: bool,
     /// How to reach the API server (kube-proxy's `clientConnection`).
     pub client_connection: ClientConnection,
     /// This node's name, when `--node-name`/`NODE_NAME` is not given.
@@ -134,6 +137,7 @@ impl Default for Config {
             lb_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16_381,
             node_port_range: "30000-32767".into(),
+            service_counters: false,
             client_connection: ClientConnection::default(),
             hostname_override: String::new(),
             kube_proxy: None,
@@ -225,6 +229,7 @@ pub struct Settings {
     pub lb_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
     pub dns: DnsSettings,
+    pub service_counters: bool,
     /// `clientConnection.kubeconfig` (`--kubeconfig` overrides it).
     pub kubeconfig: Option<PathBuf>,
     pub client_qps: f32,
@@ -583,6 +588,7 @@ impl Config {
             .map(str::to_ascii_lowercase);
         let d = self.dns;
         Ok(Settings {
+            service_counters: self.service_counters,
             kubeconfig,
             client_qps: self.client_connection.qps,
             client_burst: self.client_connection.burst,

@@ -169,6 +169,11 @@ impl StaleUdp {
         }
     }
 
+    /// The registry this cleaner reports to (its backend reports there too).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn clear(&mut self, services: &UdpServices) -> Result<usize, ConntrackError> {
         if services.is_empty() {
             return Ok(0);
@@ -178,30 +183,37 @@ impl StaleUdp {
             (None, Some(open)) => open().map_err(|source| ConntrackError::Open { source })?,
             (None, None) => return Ok(0),
         };
+        let started = std::time::Instant::now();
         let result = clear_stale(table.as_mut(), services);
+        self.metrics
+            .conntrack_duration
+            .observe(started.elapsed().as_secs_f64());
         // A socket that failed may be out of step: reopen it next time (fakes are kept).
         if result.is_ok() || self.open.is_none() {
             self.table = Some(table);
         }
-        let n = result?;
+        let [v4, v6] = result?;
+        let n = v4 + v6;
         if n > 0 {
             tracing::info!(entries = n, "deleted stale UDP conntrack entries");
-            self.metrics.stale_conntrack_deleted.inc_by(n as u64);
+            self.metrics.conntrack_deleted(false, v4 as u64);
+            self.metrics.conntrack_deleted(true, v6 as u64);
         }
         Ok(n)
     }
 }
 
-/// Delete the stale UDP entries of both families; returns how many were deleted.
+/// Delete the stale UDP entries of both families; returns how many were deleted in each
+/// (IPv4, IPv6).
 pub fn clear_stale(
     ct: &mut dyn ConntrackTable,
     services: &UdpServices,
-) -> Result<usize, ConntrackError> {
+) -> Result<[usize; 2], ConntrackError> {
+    let mut deleted = [0, 0];
     if services.is_empty() {
-        return Ok(0);
+        return Ok(deleted);
     }
-    let mut deleted = 0;
-    for family in [AF_INET, AF_INET6] {
+    for (i, family) in [AF_INET, AF_INET6].into_iter().enumerate() {
         let entries = ct
             .list(family)
             .map_err(|source| ConntrackError::List { source })?;
@@ -212,7 +224,7 @@ pub fn clear_stale(
             })?;
             if gone {
                 tracing::debug!(orig = ?e.orig, reply = ?e.reply, "deleted stale UDP conntrack entry");
-                deleted += 1;
+                deleted[i] += 1;
             }
         }
     }

@@ -256,6 +256,7 @@ impl BackendContext {
             reserve_ports: s.node_port_range,
             cgroup_path,
             interfaces: s.interfaces.clone(),
+            service_counters: s.service_counters,
             capacity: ebpf::writer::Capacity {
                 services: s.max_services,
                 backends: s.max_backends,

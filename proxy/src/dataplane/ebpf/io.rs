@@ -305,6 +305,28 @@ impl AyaMaps {
     }
 }
 
+/// The counters of the given service ids only, summed over CPUs (what a scrape needs).
+pub fn read_counters_of(
+    dir: &std::path::Path,
+    ids: impl Iterator<Item = u32>,
+) -> Result<std::collections::BTreeMap<u32, switchyard_ebpf_common::Counters>, MapError> {
+    use switchyard_ebpf_common::maps as m;
+    let arr: aya::maps::PerCpuArray<aya::maps::MapData, switchyard_ebpf_common::Counters> =
+        pinned(dir, m::COUNTERS, aya::maps::Map::PerCpuArray)?;
+    let mut out = std::collections::BTreeMap::new();
+    for i in ids {
+        let vals = arr.get(&i, 0).map_err(err(m::COUNTERS, "read"))?;
+        let mut sum = switchyard_ebpf_common::Counters::default();
+        for v in vals.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.connections += v.connections;
+        }
+        out.insert(i, sum);
+    }
+    Ok(out)
+}
+
 /// Per-service counters summed over CPUs, by service id.
 pub fn read_counters(
     dir: &std::path::Path,

@@ -13,6 +13,7 @@ pub mod io;
 pub mod maglev;
 pub mod ports;
 pub mod render;
+pub mod stats;
 pub mod writer;
 
 use std::collections::BTreeSet;
@@ -46,6 +47,8 @@ pub struct EbpfConfig {
     pub cgroup_path: PathBuf,
     /// Interface name patterns (`*` wildcard) for the tc program; empty = all but loopback.
     pub interfaces: Vec<String>,
+    /// Export per-service-port counters on `/metrics`.
+    pub service_counters: bool,
     pub capacity: Capacity,
     pub render: RenderConfig,
     pub globals: Globals,
@@ -57,6 +60,7 @@ pub struct EbpfDataplane {
     cfg: EbpfConfig,
     attached: BTreeSet<String>,
     metrics: Arc<Metrics>,
+    counters: Option<stats::ServiceCounters>,
 }
 
 impl std::fmt::Debug for EbpfDataplane {
@@ -122,12 +126,22 @@ impl EbpfDataplane {
             cfg.capacity.clone(),
             cfg.globals.clone(),
         );
+        let counters = cfg.service_counters.then(|| {
+            let c = stats::ServiceCounters::new(cfg.pin_dir.clone());
+            metrics.register_collector(Box::new(c.clone()));
+            c
+        });
+        metrics
+            .tc_attach_mode
+            .get_or_create(&crate::metrics::ModeLabel { mode: "tcx".into() })
+            .set(1);
         let mut dp = EbpfDataplane {
             ebpf,
             writer,
             cfg,
             attached: BTreeSet::new(),
             metrics,
+            counters,
         };
         dp.attach_cgroup()?;
         dp.load_tc()?;
@@ -154,11 +168,19 @@ impl EbpfDataplane {
     /// meanwhile).
     fn clear_stale_udp(&mut self) -> Result<(), DataplaneError> {
         let endpoints = ct::udp_endpoints(self.writer.ports());
-        let flows = ct::sweep_map::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)?
-            + ct::sweep_map::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints)?;
-        if flows > 0 {
-            tracing::info!(flows, "deleted stale UDP flows from the tc flow maps");
-            self.metrics.stale_conntrack_deleted.inc_by(flows);
+        let started = std::time::Instant::now();
+        let v4 = ct::sweep_map::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)?;
+        let v6 = ct::sweep_map::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints)?;
+        self.metrics
+            .conntrack_duration
+            .observe(started.elapsed().as_secs_f64());
+        if v4 + v6 > 0 {
+            tracing::info!(
+                flows = v4 + v6,
+                "deleted stale UDP flows from the tc flow maps"
+            );
+            self.metrics.conntrack_deleted(false, v4);
+            self.metrics.conntrack_deleted(true, v6);
         }
         Ok(())
     }
@@ -167,6 +189,20 @@ impl EbpfDataplane {
         for e in &r.capacity_errors {
             self.metrics.dataplane_capacity_errors.inc();
             tracing::error!(service_port = %e.service_port, reason = %e.reason, "service not programmed");
+        }
+        for (map, used, max) in self.writer.fill() {
+            let label = crate::metrics::MapLabel { map: map.into() };
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.metrics.map_entries.get_or_create(&label).set(n(used));
+            self.metrics.map_capacity.get_or_create(&label).set(n(max));
+        }
+        if let Some(c) = &self.counters {
+            c.set_ports(
+                self.writer
+                    .ports()
+                    .map(|(k, p)| (p.service_id, stats::ServicePortLabels::of(k)))
+                    .collect(),
+            );
         }
     }
 }

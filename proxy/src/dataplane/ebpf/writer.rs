@@ -610,6 +610,18 @@ impl<M: MapIo> Writer<M> {
         self.ports.get(key)
     }
 
+    /// (map, entries in use, capacity): service ports programmed, and backend slots live.
+    pub fn fill(&self) -> [(&'static str, u64, u64); 2] {
+        [
+            (
+                "services",
+                self.ports.len() as u64,
+                u64::from(self.cap.services),
+            ),
+            ("slots", self.live_slots, u64::from(self.cap.slots)),
+        ]
+    }
+
     pub fn ports(&self) -> impl Iterator<Item = (&ServicePortKey, &PortRender)> {
         self.ports.iter()
     }

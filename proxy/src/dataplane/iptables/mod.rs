@@ -20,6 +20,7 @@ use crate::config::IptablesMode;
 use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
+use crate::metrics::TableLabel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Flavor {
@@ -276,6 +277,24 @@ impl IptablesFamily {
         nat
     }
 
+    /// How many rules this family owns per table (kube-proxy's `iptables_total`).
+    fn rule_counts(&self) -> (usize, usize) {
+        let (services, nodeports, filter) = render::dispatch_chains(&self.cfg, &self.ports);
+        let nat = render::fixed_nat(&self.cfg)
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            + services.len()
+            + nodeports.len()
+            + self
+                .ports
+                .values()
+                .flat_map(|p| p.chains.values())
+                .map(Vec::len)
+                .sum::<usize>();
+        (nat, filter.len())
+    }
+
     fn filter_chains(&self) -> BTreeMap<String, Vec<Rule>> {
         let (_, _, filter) = render::dispatch_chains(&self.cfg, &self.ports);
         BTreeMap::from([(FILTER.to_string(), filter)])
@@ -455,6 +474,32 @@ impl IptablesBackend {
     pub fn families(&self) -> impl Iterator<Item = &IptablesFamily> + '_ {
         self.families.iter()
     }
+
+    /// A refused restore is counted as kube-proxy counts it; a landed one updates the
+    /// rule counts.
+    fn account(&self, partial: bool, result: &Result<(), DataplaneError>) {
+        let m = self.conntrack.metrics();
+        if result.is_err() {
+            m.iptables_restore_failures.inc();
+            if partial {
+                m.iptables_partial_restore_failures.inc();
+            }
+            return;
+        }
+        let (mut nat, mut filter) = (0, 0);
+        for f in &self.families {
+            let (n, fl) = f.rule_counts();
+            nat += n;
+            filter += fl;
+        }
+        for (table, n) in [("nat", nat), ("filter", filter)] {
+            m.iptables_rules
+                .get_or_create(&TableLabel {
+                    table: table.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 impl Dataplane for IptablesBackend {
@@ -463,9 +508,12 @@ impl Dataplane for IptablesBackend {
     }
 
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
-        for f in &mut self.families {
-            f.apply(self.runner.as_mut(), changes)?;
-        }
+        let result = self
+            .families
+            .iter_mut()
+            .try_for_each(|f| f.apply(self.runner.as_mut(), changes));
+        self.account(true, &result);
+        result?;
         if touches_udp(changes) {
             let mut udp = UdpServices::from_state(state);
             for r in &changes.removed {
@@ -477,9 +525,12 @@ impl Dataplane for IptablesBackend {
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
-        for f in &mut self.families {
-            f.full_sync(self.runner.as_mut(), state)?;
-        }
+        let result = self
+            .families
+            .iter_mut()
+            .try_for_each(|f| f.full_sync(self.runner.as_mut(), state));
+        self.account(false, &result);
+        result?;
         self.conntrack.clear(&UdpServices::from_state(state))?;
         Ok(())
     }
