@@ -113,6 +113,8 @@ pub enum DataplaneError {
         "backend ipvs is not available: the kernel has IPVS, but this build only plans and encodes IPVS operations; use --backend ebpf or iptables"
     )]
     IpvsNotWritten,
+    #[error("removing kube-proxy's state: {what}")]
+    KubeProxyCleanup { what: String },
     #[error(
         "backend auto: neither eBPF ({}) nor iptables ({}) can run here",
         chain(.ebpf.as_ref()),

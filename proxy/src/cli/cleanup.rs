@@ -14,11 +14,21 @@ pub struct CleanupArgs {
     /// Configuration file (for the pin directory and chain names).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Remove kube-proxy's state instead (its KUBE-* iptables chains, its nftables
+    /// tables, IPVS services, kube-ipvs0 and KUBE-* ipsets): run once when migrating a node.
+    #[arg(long)]
+    pub kube_proxy: bool,
 }
 
 /// Remove what backends programmed, without starting them: pinned maps and links (which
 /// detaches every program) for eBPF.
 pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
+    if args.kube_proxy {
+        for line in crate::dataplane::kube_proxy::cleanup()? {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let cfg = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

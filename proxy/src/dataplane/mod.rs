@@ -4,6 +4,7 @@
 pub mod ebpf;
 pub mod iptables;
 pub mod ipvs;
+pub mod kube_proxy;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
