@@ -208,6 +208,12 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
         .and_then(|lb| lb.ingress.as_ref())
     {
         for (i, ing) in ingress.iter().enumerate() {
+            // `ipMode: Proxy` (KEP-1860): the load balancer proxies, so traffic to its IP must
+            // go to it, not be short-circuited to the endpoints here. Only VIP mode (the
+            // default) is programmed, as kube-proxy does.
+            if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
+                continue;
+            }
             // Hostname-only ingress entries are for DNS-based load balancers; nothing to program.
             if let Some(ip) = &ing.ip {
                 let addr = parse_ip(

@@ -464,6 +464,93 @@ fn traffic_distribution_without_hints_uses_endpoint_topology() {
     assert!(plan(&yaml).contains("internal   -> 10.244.1.5:8080\n"));
 }
 
+/// KEP-1860: a `Proxy`-mode ingress IP belongs to a proxying load balancer; traffic to it
+/// must reach the load balancer, so it is not a frontend here. VIP (the default, or said
+/// explicitly) is.
+#[test]
+fn load_balancer_ip_mode_proxy_is_not_programmed() {
+    let lb = |ingress: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: default}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  ports: [{{name: https, port: 443, nodePort: 30443}}]\nstatus:\n  loadBalancer:\n    ingress: {ingress}\n{}",
+            slice("lb-1", "lb", "https", 8443, "- addresses: [10.244.1.5]\n")
+        )
+    };
+    let cases = [
+        ("[{ip: 198.51.100.1}]", vec!["198.51.100.1"]),
+        ("[{ip: 198.51.100.1, ipMode: VIP}]", vec!["198.51.100.1"]),
+        ("[{ip: 198.51.100.1, ipMode: Proxy}]", vec![]),
+        (
+            "[{ip: 198.51.100.1, ipMode: Proxy}, {ip: 198.51.100.2, ipMode: VIP}]",
+            vec!["198.51.100.2"],
+        ),
+    ];
+    for (ingress, want) in cases {
+        let p = plan(&lb(ingress));
+        let got: Vec<&str> = p
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("LoadBalancer"))
+            .map(|l| l.trim().trim_end_matches(":443"))
+            .collect();
+        assert_eq!(got, want, "{ingress}:\n{p}");
+    }
+}
+
+#[test]
+fn traffic_distribution_table() {
+    // (trafficDistribution, this node's zone, expected internal backends)
+    let eps = "\
+- addresses: [10.244.1.5]
+  nodeName: node-a
+  zone: zone-a
+- addresses: [10.244.1.6]
+  nodeName: node-x
+  zone: zone-a
+- addresses: [10.244.2.7]
+  nodeName: node-b
+  zone: zone-b
+";
+    let all = "10.244.1.5:8080, 10.244.1.6:8080, 10.244.2.7:8080";
+    let cases = [
+        ("", all),
+        ("PreferClose", "10.244.1.5:8080, 10.244.1.6:8080"),
+        ("PreferSameZone", "10.244.1.5:8080, 10.244.1.6:8080"),
+        ("PreferSameNode", "10.244.1.5:8080"),
+        // A value this version does not know is ignored, as kube-proxy ignores it.
+        ("PreferSomewhereNice", all),
+    ];
+    for (td, want) in cases {
+        let svc = if td.is_empty() {
+            WEB.to_string()
+        } else {
+            WEB.replace(
+                "type: ClusterIP",
+                &format!("type: ClusterIP\n  trafficDistribution: {td}"),
+            )
+        };
+        let yaml = format!("{svc}{}", slice("web-1", "web", "http", 8080, eps));
+        let p = plan(&yaml);
+        assert!(p.contains(&format!("internal   -> {want}\n")), "{td}:\n{p}");
+    }
+    // PreferSameNode with no endpoint on this node: the same zone's, then everyone's.
+    let far = "\
+- addresses: [10.244.1.6]
+  nodeName: node-x
+  zone: zone-a
+- addresses: [10.244.2.7]
+  nodeName: node-b
+  zone: zone-b
+";
+    let svc = WEB.replace(
+        "type: ClusterIP",
+        "type: ClusterIP\n  trafficDistribution: PreferSameNode",
+    );
+    let p = plan(&format!(
+        "{svc}{}",
+        slice("web-1", "web", "http", 8080, far)
+    ));
+    assert!(p.contains("internal   -> 10.244.1.6:8080\n"), "{p}");
+}
+
 #[test]
 fn session_affinity_default_custom_and_off() {
     let yaml = format!(

@@ -88,8 +88,12 @@ impl Cluster {
     }
 
     fn write(&mut self, manifests: &str) {
+        self.write_with_node(NODE, manifests);
+    }
+
+    fn write_with_node(&mut self, node: &str, manifests: &str) {
         let tmp = self.dir.join(".cluster.yaml.tmp");
-        std::fs::write(&tmp, format!("{NODE}{manifests}")).unwrap();
+        std::fs::write(&tmp, format!("{node}{manifests}")).unwrap();
         std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
     }
 
@@ -1100,6 +1104,157 @@ fn health_check_node_port_follows_local_endpoints(b: &Backend) {
     }
 }
 
+/// KEP-1860: traffic from this node to a load balancer IP in `Proxy` mode goes to the load
+/// balancer (here a server in the client namespace that owns the address), while the same
+/// service's `VIP`-mode IP is short-circuited to its endpoints, from pods (tc path / PREROUTING)
+/// and from node sockets (socket LB / OUTPUT) alike.
+fn load_balancer_ip_mode_proxy_reaches_the_load_balancer(b: &Backend) {
+    let lb = "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb, namespace: t}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.42\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30142}\n  - {name: udp, port: 53, targetPort: 9125, protocol: UDP, nodePort: 30143}\nstatus:\n  loadBalancer:\n    ingress: [{ip: 172.30.0.100, ipMode: VIP}, {ip: 172.30.0.101, ipMode: Proxy}]\n";
+    let mut c = Cluster::start(b, 11, &format!("{lb}{}", slice("lb", &ALL3)));
+    // The "cloud load balancer": owns 172.30.0.101 outside the node.
+    let client = c.sb.client_ns();
+    switchyard_tests::sandbox::sh(&[
+        "ip",
+        "-n",
+        &client,
+        "addr",
+        "add",
+        "172.30.0.101/32",
+        "dev",
+        "lo",
+    ])
+    .unwrap();
+    let mut lb_server = std::process::Command::new("ip")
+        .args(["netns", "exec", &client])
+        .arg(switchyard_tests::sandbox::bin("sy-backend"))
+        .args([
+            "--name",
+            "cloud-lb",
+            "--bind",
+            "172.30.0.101",
+            "--tcp",
+            "80",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut lb_server);
+    let backends_only = |l: &[String]| {
+        all_ok(l)
+            && names(l)
+                .keys()
+                .all(|k| ["a1", "a2", "b1"].contains(&k.as_str()))
+    };
+    let from_pod = c.until(
+        "VIP-mode IP from a pod",
+        Duration::from_secs(20),
+        |sb| {
+            sb.probe_from_backend("b1", &["--tcp", "172.30.0.100:80", "--count", "10"])
+                .unwrap()
+        },
+        backends_only,
+    );
+    assert!(backends_only(&from_pod));
+    let got = c.until(
+        "Proxy-mode IP from a pod",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_backend("b1", &["--tcp", "172.30.0.101:80", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(
+        got.iter().all(|l| l.starts_with("ok cloud-lb ")),
+        "a Proxy-mode IP must reach the load balancer: {got:?}"
+    );
+    let got = c.until(
+        "Proxy-mode IP from the node",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "172.30.0.101:80", "--count", "5"])
+                .unwrap()
+        },
+        all_ok,
+    );
+    assert!(got.iter().all(|l| l.starts_with("ok cloud-lb ")), "{got:?}");
+    let got = c.until(
+        "VIP-mode IP from the node",
+        Duration::from_secs(10),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "172.30.0.100:80", "--count", "10"])
+                .unwrap()
+        },
+        backends_only,
+    );
+    assert!(backends_only(&got));
+}
+
+/// trafficDistribution (KEP-3015): PreferSameNode keeps this node's clients on this node's
+/// endpoints; PreferSameZone (and its old name PreferClose) on this zone's; without a local
+/// or same-zone endpoint, everyone's.
+fn traffic_distribution_keeps_traffic_close(b: &Backend) {
+    let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
+    let svc = |td: &str| {
+        service(
+            "td",
+            "10.96.0.43",
+            &format!("  trafficDistribution: {td}\n"),
+        )
+    };
+    // a1 on this node; a2 elsewhere in this zone; b1 in another zone.
+    let eps = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: td-1, namespace: t, labels: {kubernetes.io/service-name: td}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}, {name: udp, port: 9125, protocol: UDP}]\nendpoints:\n- {addresses: [10.244.1.11], nodeName: node-a, zone: zone-a}\n- {addresses: [10.244.1.12], nodeName: node-x, zone: zone-a}\n- {addresses: [10.244.2.11], nodeName: node-b, zone: zone-b}\n";
+    let mut c = Cluster::start(b, 12, "");
+    for (td, want) in [
+        ("PreferSameNode", vec!["a1"]),
+        ("PreferSameZone", vec!["a1", "a2"]),
+        ("PreferClose", vec!["a1", "a2"]),
+    ] {
+        c.write_with_node(node, &format!("{}{eps}", svc(td)));
+        let want_set: std::collections::BTreeSet<String> =
+            want.iter().map(|s| (*s).to_string()).collect();
+        c.until(
+            td,
+            Duration::from_secs(15),
+            |sb| {
+                sb.probe_from_cgroup(&["--tcp", "10.96.0.43:80", "--count", "30"])
+                    .unwrap()
+            },
+            |l| {
+                all_ok(l)
+                    && names(l)
+                        .keys()
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        == want_set
+            },
+        );
+    }
+    // No endpoint on this node any more: PreferSameNode falls back to the zone.
+    let eps_far = eps.replace(
+        "- {addresses: [10.244.1.11], nodeName: node-a, zone: zone-a}\n",
+        "",
+    );
+    c.write_with_node(node, &format!("{}{eps_far}", svc("PreferSameNode")));
+    c.until(
+        "PreferSameNode without a local endpoint",
+        Duration::from_secs(15),
+        |sb| {
+            sb.probe_from_cgroup(&["--tcp", "10.96.0.43:80", "--count", "20"])
+                .unwrap()
+        },
+        |l| all_ok(l) && names(l).keys().all(|k| k == "a2"),
+    );
+}
+
 /// The same scenarios against every backend this kernel has.
 macro_rules! suite {
     ($($m:ident => $b:expr),* $(,)?) => {$(
@@ -1125,6 +1280,10 @@ macro_rules! suite {
             fn dual_stack() { super::dual_stack_service_serves_both_families(&$b) }
             #[test]
             fn health_check_node_port() { super::health_check_node_port_follows_local_endpoints(&$b) }
+            #[test]
+            fn lb_ip_mode_proxy() { super::load_balancer_ip_mode_proxy_reaches_the_load_balancer(&$b) }
+            #[test]
+            fn traffic_distribution() { super::traffic_distribution_keeps_traffic_close(&$b) }
         }
     )*};
 }
