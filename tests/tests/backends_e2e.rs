@@ -1104,6 +1104,16 @@ fn health_check_node_port_follows_local_endpoints(b: &Backend) {
     }
 }
 
+/// Kills a helper process even when the test fails.
+struct Kill<'a>(&'a mut std::process::Child);
+
+impl Drop for Kill<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// KEP-1860: traffic from this node to a load balancer IP in `Proxy` mode goes to the load
 /// balancer (here a server in the client namespace that owns the address), while the same
 /// service's `VIP`-mode IP is short-circuited to its endpoints, from pods (tc path / PREROUTING)
@@ -1139,13 +1149,6 @@ fn load_balancer_ip_mode_proxy_reaches_the_load_balancer(b: &Backend) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _guard = Kill(&mut lb_server);
     let backends_only = |l: &[String]| {
         all_ok(l)
