@@ -105,7 +105,9 @@ fn start(dir: &Path, dp: Box<dyn Dataplane>) -> Running {
 
 /// (status, headers and body)
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, "connection refused".into());
+    };
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -223,4 +225,52 @@ fn a_node_on_its_way_out_fails_healthz_but_not_livez() {
     assert_eq!(body_json(&resp)["nodeEligible"], false, "{resp}");
     assert_eq!(get(r.addr, "/livez").0, 200);
     drop(r);
+}
+
+/// A healthCheckNodePort that something else holds: logged, counted, retried, and served
+/// once the port is free; the daemon never stops for it.
+#[test]
+fn a_health_check_port_that_will_not_bind_is_retried_until_it_does() {
+    use switchyard::healthcheck::{HealthCheckServers, Wanted};
+    use switchyard_model::types::ServiceKey;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new(TIMEOUT);
+    let mut wanted = Wanted {
+        addresses: Some(vec![addr.ip()]),
+        ..Wanted::default()
+    };
+    wanted
+        .services
+        .insert(addr.port(), (ServiceKey::new("t", "lb"), 2));
+    let (tx, rx) = tokio::sync::watch::channel(wanted.clone());
+    let cancel = CancellationToken::new();
+    let servers = HealthCheckServers::new(health, Arc::clone(&metrics));
+    rt.spawn(servers.run(rx, Duration::from_millis(100), cancel.clone()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !metrics
+        .encode()
+        .contains("switchyard_health_check_node_port_bind_errors_total 1")
+    {
+        assert!(Instant::now() < deadline, "{}", metrics.encode());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(holder);
+    let resp = wait_for(addr, "/", 200, Duration::from_secs(5));
+    assert!(resp.contains("\"localEndpoints\":2"), "{resp}");
+    // The service goes: the server closes.
+    tx.send_replace(Wanted::default());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(Instant::now() < deadline, "still open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cancel.cancel();
+    rt.shutdown_timeout(Duration::from_secs(2));
 }
