@@ -22,34 +22,74 @@ pub use metrics::DnsMetrics;
 pub use snapshot::{PodsMode, ServiceRecords, Snapshot, ZoneBuilder, ZoneConfig};
 
 /// Serve every address until cancelled: UDP on the fast path (a worker thread per CPU),
-/// TCP through hickory-server.
+/// TCP through hickory-server. A bind failure is returned at once.
 pub async fn serve(
     handler: Handler,
     listen: &[SocketAddr],
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    let mut threads = Vec::new();
-    let mut server = Server::new(handler.clone());
+    let mut bound = Vec::new();
     for addr in listen {
-        threads.extend(crate::fast::serve_udp(
-            &handler,
-            *addr,
+        bound.push(Listener::bind(&handler, *addr, &cancel).await?);
+    }
+    cancel.cancelled().await;
+    for b in bound {
+        b.stop().await;
+    }
+    Ok(())
+}
+
+/// One address served, UDP and TCP, until `stop` (or the token given to `bind`).
+pub struct Listener {
+    server: Server<handler::Handler>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener").finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// Bind `addr` (UDP and TCP) and start answering; fails with the bind error.
+    pub async fn bind(
+        handler: &Handler,
+        addr: SocketAddr,
+        parent: &CancellationToken,
+    ) -> std::io::Result<Listener> {
+        let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        let cancel = parent.child_token();
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let threads = match crate::fast::serve_udp(
+            handler,
+            addr,
             workers,
             &tokio::runtime::Handle::current(),
             &cancel,
-        )?);
-        server.register_listener(
-            tokio::net::TcpListener::bind(addr).await?,
-            Duration::from_secs(5),
-            64,
-        );
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                cancel.cancel();
+                return Err(e);
+            }
+        };
+        let mut server = Server::new(handler.clone());
+        server.register_listener(tcp, Duration::from_secs(5), 64);
         tracing::info!(%addr, "DNS listening (UDP and TCP)");
+        Ok(Listener {
+            server,
+            threads,
+            cancel,
+        })
     }
-    cancel.cancelled().await;
-    let _ = server.shutdown_gracefully().await;
-    for t in threads {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let _ = self.server.shutdown_gracefully().await;
+        for t in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::dns_listen::DnsStatus;
 use crate::metrics::{CodeLabel, Metrics};
 use crate::store::Store;
 
@@ -75,6 +76,7 @@ struct AppState {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     store: Option<Arc<Store>>,
+    dns: Option<Arc<DnsStatus>>,
 }
 
 /// Go's `time.Time` text (`2006-01-02 15:04:05.999999999 -0700 MST`), as kube-proxy prints
@@ -156,8 +158,15 @@ fn answer(s: &AppState, with_node: bool) -> Response {
     // sync every period, and clients compare the two).
     let last = if ok { Some(now) } else { last };
     let last = last.map(go_time).unwrap_or_default();
+    // kube-proxy's three fields, then (ours) each DNS listen address's state: DNS never
+    // decides the code, but an operator sees why it is not answering.
+    let dns = s
+        .dns
+        .as_ref()
+        .map(|d| format!(", \"dns\": {}", serde_json::json!(d.detail())))
+        .unwrap_or_default();
     let body = format!(
-        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}}}",
+        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}{dns}}}",
         serde_json::Value::String(last),
         serde_json::Value::String(go_time(now)),
     );
@@ -182,8 +191,14 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The admin routes. `store` gives the Node for `nodeEligible` (none: always eligible).
-pub fn router(health: Arc<Health>, metrics_reg: Arc<Metrics>, store: Option<Arc<Store>>) -> Router {
+/// The admin routes. `store` gives the Node for `nodeEligible` (none: always eligible);
+/// `dns` the listen addresses' state for the `/healthz` detail.
+pub fn router(
+    health: Arc<Health>,
+    metrics_reg: Arc<Metrics>,
+    store: Option<Arc<Store>>,
+    dns: Option<Arc<DnsStatus>>,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
@@ -192,6 +207,7 @@ pub fn router(health: Arc<Health>, metrics_reg: Arc<Metrics>, store: Option<Arc<
             health,
             metrics: metrics_reg,
             store,
+            dns,
         })
 }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod dns;
+pub mod dns_listen;
 pub mod error;
 pub mod healthcheck;
 pub mod metrics;

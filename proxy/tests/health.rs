@@ -86,7 +86,7 @@ fn start(dir: &Path, dp: Box<dyn Dataplane>) -> Running {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = admin::router(health, Arc::clone(&metrics), Some(store));
+        let router = admin::router(health, Arc::clone(&metrics), Some(store), None);
         let c = cancel.clone();
         tokio::spawn(async move {
             axum::serve(listener, router)

@@ -41,6 +41,18 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         cleanup_pins(&cfg.bpf_pin_dir)?;
         println!("ebpf: removed pins under {}", cfg.bpf_pin_dir.display());
     }
+    if all {
+        let addrs: Vec<std::net::IpAddr> = cfg
+            .dns
+            .listen
+            .iter()
+            .filter_map(|l| l.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
+        for line in crate::dns_listen::unprovision(&addrs) {
+            println!("{line}");
+        }
+    }
     if all
         || args.backend == Some(BackendChoice::Iptables)
         || args.backend == Some(BackendChoice::Ipvs)

@@ -181,7 +181,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             dns_listen.push(*a);
         }
     }
-    if !dns_listen.is_empty() && settings.dns.enabled {
+    let dns_status = (!dns_listen.is_empty() && settings.dns.enabled)
+        .then(|| crate::dns_listen::DnsStatus::new(&metrics));
+    if let Some(status) = &dns_status {
         let (handler, follower) = crate::dns::build(
             &settings.dns,
             args.cluster_domain.as_deref(),
@@ -190,13 +192,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             &metrics,
         );
         tasks.spawn(follower.run(cancel.clone()).map(Ok));
-        let cancel = cancel.clone();
-        // Bind now so a port clash fails the start, not later.
-        tasks.spawn(async move {
-            switchyard_dns::serve(handler, &dns_listen, cancel)
-                .await
-                .map_err(|e| anyhow::anyhow!("DNS: {e}"))
-        });
+        // Each address on its own: provisioned, bound, retried; never fatal.
+        for addr in &dns_listen {
+            tasks.spawn(
+                crate::dns_listen::serve(
+                    handler.clone(),
+                    *addr,
+                    Arc::clone(status),
+                    cancel.clone(),
+                )
+                .map(Ok),
+            );
+        }
     }
     let sync = SyncLoop::new(
         Arc::clone(&store),
@@ -230,6 +237,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::clone(&health),
         Arc::clone(&metrics),
         Some(Arc::clone(&store)),
+        dns_status,
     );
     let mut binds: Vec<SocketAddr> = Vec::new();
     binds.extend(settings.healthz_bind_address);

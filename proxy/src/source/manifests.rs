@@ -105,8 +105,18 @@ pub async fn run(
     // otherwise be lost until the next one.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
-            let _ = tx.send(());
+        // Our own reads raise open/read/close events: reacting to them would reload forever.
+        // A change is a create, remove, rename or write (or a close after writing).
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        if let Ok(ev) = ev {
+            let change = match ev.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            };
+            if change {
+                let _ = tx.send(());
+            }
         }
     })
     .map_err(|source| SourceError::Watch {

@@ -113,7 +113,8 @@ impl EbpfDataplane {
     }
 
     fn wanted(&self, name: &str) -> bool {
-        if name == "lo" {
+        // Loopback, and the dummy link that only holds the DNS listen address.
+        if name == "lo" || name == crate::dns_listen::LINK {
             return false;
         }
         self.cfg.interfaces.is_empty() || self.cfg.interfaces.iter().any(|p| glob(p, name))

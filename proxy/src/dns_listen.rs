@@ -1,0 +1,185 @@
+//! The DNS listen addresses, kept serving whatever else happens: each address is provisioned
+//! on the node when it is not there (NodeLocal DNSCache's link-local `169.254.20.10` on a
+//! dummy link of ours, `switchyard-dns`, or on `lo` with host scope where the kernel has no
+//! dummy links), then bound (UDP and TCP). A failure is logged with the address and cause,
+//! counted, shown in `/healthz` and retried with backoff; it never stops the proxy, and the
+//! proxy never stops DNS.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use switchyard_dns::{Handler, Listener};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// The dummy link DNS addresses are provisioned on.
+pub const LINK: &str = "switchyard-dns";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabel {
+    pub address: String,
+}
+
+/// Every listen address: serving, or the last error.
+#[derive(Debug, Default)]
+pub struct DnsStatus {
+    addrs: Mutex<BTreeMap<SocketAddr, Result<String, String>>>,
+    listening: Family<AddressLabel, Gauge>,
+    errors: Family<AddressLabel, Counter>,
+}
+
+impl DnsStatus {
+    pub fn new(metrics: &Metrics) -> Arc<DnsStatus> {
+        let s = Arc::new(DnsStatus::default());
+        metrics.register_with(|r| {
+            r.register(
+                "switchyard_dns_listening",
+                "DNS listen addresses serving (1) or not (0, the log and /healthz say why)",
+                s.listening.clone(),
+            );
+            r.register(
+                "switchyard_dns_listen_errors",
+                "Failed attempts to provision or bind a DNS listen address (retried)",
+                s.errors.clone(),
+            );
+        });
+        s
+    }
+
+    fn set(&self, addr: SocketAddr, r: Result<String, String>) {
+        let label = AddressLabel {
+            address: addr.to_string(),
+        };
+        self.listening
+            .get_or_create(&label)
+            .set(i64::from(r.is_ok()));
+        if r.is_err() {
+            self.errors.get_or_create(&label).inc();
+        }
+        self.addrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(addr, r);
+    }
+
+    /// `address -> "serving (...)" | "error: ..."`, for `/healthz`.
+    pub fn detail(&self) -> BTreeMap<String, String> {
+        self.addrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(a, r)| {
+                (
+                    a.to_string(),
+                    match r {
+                        Ok(how) => format!("serving{how}"),
+                        Err(e) => format!("error: {e}"),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    match Command::new("ip").args(args).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(format!("running ip: {e}")),
+    }
+}
+
+/// Whether `addr` is an address of this node (binding to it works).
+fn is_local(addr: IpAddr) -> bool {
+    match std::net::UdpSocket::bind(SocketAddr::new(addr, 0)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(nix::libc::EADDRNOTAVAIL),
+    }
+}
+
+/// Put `addr` on the node if it is not there; returns where it was put (empty when it was
+/// already local).
+pub fn provision(addr: IpAddr) -> Result<String, String> {
+    if addr.is_unspecified() || addr.is_loopback() || is_local(addr) {
+        return Ok(String::new());
+    }
+    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+    let cidr = format!("{addr}/{prefix}");
+    let dummy =
+        ip(&["link", "show", LINK]).is_ok() || ip(&["link", "add", LINK, "type", "dummy"]).is_ok();
+    if dummy {
+        ip(&["link", "set", LINK, "up"])?;
+        ip(&["addr", "replace", &cidr, "dev", LINK])
+            .map_err(|e| format!("adding {cidr} to {LINK}: {e}"))?;
+        return Ok(format!(" (added to {LINK})"));
+    }
+    // No dummy links in this kernel: loopback, host scope (never a source address for
+    // traffic leaving the node).
+    ip(&["addr", "replace", &cidr, "dev", "lo", "scope", "host"])
+        .map_err(|e| format!("adding {cidr} to lo: {e}"))?;
+    Ok(" (added to lo, scope host: no dummy links in this kernel)".into())
+}
+
+/// Remove what `provision` added for `addrs` (`switchyard cleanup`).
+pub fn unprovision(addrs: &[IpAddr]) -> Vec<String> {
+    let mut done = Vec::new();
+    if ip(&["link", "show", LINK]).is_ok() && ip(&["link", "del", LINK]).is_ok() {
+        done.push(format!("dns: deleted link {LINK}"));
+    }
+    for a in addrs
+        .iter()
+        .filter(|a| !a.is_unspecified() && !a.is_loopback())
+    {
+        let prefix = if a.is_ipv4() { 32 } else { 128 };
+        let cidr = format!("{a}/{prefix}");
+        if ip(&["addr", "del", &cidr, "dev", "lo", "scope", "host"]).is_ok() {
+            done.push(format!("dns: removed {cidr} from lo"));
+        }
+    }
+    done
+}
+
+/// Keep `addr` served until cancelled: provision, bind, and on failure retry with backoff
+/// (1 s doubling to 30 s).
+pub async fn serve(
+    handler: Handler,
+    addr: SocketAddr,
+    status: Arc<DnsStatus>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt = match provision(addr.ip()) {
+            Ok(how) => Listener::bind(&handler, addr, &cancel)
+                .await
+                .map(|l| (l, how))
+                .map_err(|e| format!("binding {addr}: {e}")),
+            Err(e) => Err(format!("provisioning {}: {e}", addr.ip())),
+        };
+        match attempt {
+            Ok((listener, how)) => {
+                status.set(addr, Ok(how));
+                cancel.cancelled().await;
+                listener.stop().await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, retry_in = ?backoff, "DNS cannot serve this address; retrying");
+                status.set(addr, Err(e));
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
