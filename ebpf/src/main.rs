@@ -28,10 +28,10 @@ use aya_ebpf::programs::{SockAddrContext, TcContext};
 use switchyard_ebpf_common::{
     AFFINITY_CLIENT_ADDR4, AFFINITY_CLIENT_ADDR6, AFFINITY_CLIENT_NETNS, AffinityKey,
     AffinityValue, BackendValue, CT_CLOSING, CT_REVERSE, CT_SNAT, Cidr4, Cidr6, Config, Config6,
-    Counters, Ct4Key, Ct4Value, Ct6Key, Ct6Value, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES,
-    Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY,
-    SET_DROP, SET_MAGLEV, SET_REJECT, SetValue, SlotKey, SockRev4Key, SockRev4Value, SockRev6Key,
-    SockRev6Value, SourceRange4, SourceRange6,
+    Counters, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DNS_HEARTBEAT_NS, DnsRedirect, FE_NODEPORT,
+    FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key, FrontendValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SET_AFFINITY, SET_DNS_LOCAL, SET_DROP, SET_MAGLEV, SET_REJECT, SetValue,
+    SlotKey, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value, SourceRange4, SourceRange6,
 };
 
 mod l4;

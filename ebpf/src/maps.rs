@@ -44,3 +44,5 @@ pub(crate) static CONFIG6: Array<Config6> = Array::pinned(1, 0);
 pub(crate) static SRC_RANGES6: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(65_536, NO_PREALLOC);
 #[map(name = "SY_LOCAL_CIDRS6")]
 pub(crate) static LOCAL_CIDRS6: LpmTrie<Cidr6, u8> = LpmTrie::pinned(256, NO_PREALLOC);
+#[map(name = "SY_DNS_REDIRECT")]
+pub(crate) static DNS_REDIRECT: Array<DnsRedirect> = Array::pinned(1, 0);

@@ -16,6 +16,32 @@ fn refuse(set_flags: u32) -> i32 {
     0
 }
 
+/// The cluster DNS Service, while the node-local resolver's heartbeat is fresh: its
+/// address instead of an endpoint (Cilium's Local Redirect Policy for node-local DNS).
+#[inline(always)]
+fn dns_local(set: &SetValue, set_id: u32, proto: u8, verdict: Verdict) -> Verdict {
+    if set.flags & SET_DNS_LOCAL == 0 {
+        return verdict;
+    }
+    let Some(r) = DNS_REDIRECT.get(0) else {
+        return verdict;
+    };
+    if r.enabled == 0 || now_ns().wrapping_sub(r.heartbeat_ns) > DNS_HEARTBEAT_NS {
+        return verdict;
+    }
+    Verdict::Backend(
+        0,
+        BackendValue {
+            addr: [r.addr4, 0, 0, 0],
+            port: r.port,
+            proto,
+            family: 4,
+            set_id,
+            flags: 0,
+        },
+    )
+}
+
 #[inline(always)]
 fn sock4_lookup(
     ctx: &SockAddrContext,
@@ -35,7 +61,7 @@ fn sock4_lookup(
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let v = select_backend(set_id, &set, netns, AFFINITY_CLIENT_NETNS, cookie as u32);
-    Some((set, v))
+    Some((set, dns_local(&set, set_id, proto, v)))
 }
 
 /// connect4 / sendmsg4: frontend -> backend.

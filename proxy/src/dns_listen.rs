@@ -70,6 +70,14 @@ impl DnsStatus {
             .insert(addr, r);
     }
 
+    pub fn serving(&self, addr: SocketAddr) -> bool {
+        self.addrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&addr)
+            .is_some_and(Result::is_ok)
+    }
+
     /// `address -> "serving (...)" | "error: ..."`, for `/healthz`.
     pub fn detail(&self) -> BTreeMap<String, String> {
         self.addrs
@@ -182,4 +190,50 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Keep cluster DNS interception in step with the resolver: on (to `target`) while it serves
+/// `target` and the store has its first complete lists, off otherwise. The heartbeat every
+/// `HEARTBEAT` lets the kernel turn it off by itself within a second if this process dies;
+/// a clean stop turns it off at once.
+pub async fn intercept(
+    mut redirector: Box<dyn crate::dataplane::DnsRedirector>,
+    target: std::net::SocketAddrV4,
+    status: Arc<DnsStatus>,
+    store: Arc<crate::store::Store>,
+    cancel: CancellationToken,
+) {
+    let gauge = Gauge::<i64>::default();
+    store.metrics().register_with(|r| {
+        r.register(
+            "switchyard_dns_interception",
+            "Cluster DNS Service queries go to the node-local resolver (1) or to the Service's endpoints (0)",
+            gauge.clone(),
+        );
+    });
+    let mut tick = tokio::time::interval(crate::dataplane::HEARTBEAT);
+    let mut last: Option<bool> = None;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let on = status.serving(SocketAddr::V4(target)) && store.initialized();
+        if let Err(e) = redirector.set(on.then_some(target)) {
+            tracing::error!(error = %crate::error::chain(&e), "writing the DNS interception heartbeat");
+            continue;
+        }
+        gauge.set(i64::from(on));
+        if last != Some(on) {
+            tracing::info!(
+                resolver = %target,
+                "cluster DNS interception {}",
+                if on { "on" } else { "off: queries go to the Service's endpoints" }
+            );
+            last = Some(on);
+        }
+    }
+    // Hand DNS back to the endpoints before the listener goes.
+    let _ = redirector.set(None);
+    gauge.set(0);
 }

@@ -134,6 +134,31 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
 }
 
+/// `/etc/netns/<ns>` (where `ip netns exec` finds the namespace's resolv.conf), removed on
+/// drop.
+#[derive(Debug)]
+pub struct EtcNetns(pub PathBuf);
+
+impl EtcNetns {
+    /// Give namespace `ns` this resolv.conf.
+    pub fn resolv_conf(ns: &str, text: &str) -> anyhow::Result<EtcNetns> {
+        let e = EtcNetns(PathBuf::from(format!("/etc/netns/{ns}")));
+        std::fs::create_dir_all(&e.0)?;
+        std::fs::write(e.0.join("resolv.conf"), text)?;
+        Ok(e)
+    }
+}
+
+impl Drop for EtcNetns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            // Only if empty: other namespaces may have their own files there.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// A network namespace removed on drop (also when the test fails).
 #[derive(Debug)]
 pub struct Netns(pub String);
@@ -481,6 +506,14 @@ impl Sandbox {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill the daemon outright (SIGKILL): no clean-up code of its own runs.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
             let _ = c.wait();
         }

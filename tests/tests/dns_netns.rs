@@ -5,28 +5,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use switchyard_tests::sandbox::{Sandbox, require_root, sh};
-
-/// Removes /etc/netns/<ns> (where `ip netns exec` finds the namespace's resolv.conf).
-struct EtcNetns(PathBuf);
-impl Drop for EtcNetns {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        if let Some(parent) = self.0.parent() {
-            // Only if empty: other namespaces may have their own files there.
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-}
+use switchyard_tests::sandbox::{EtcNetns, Sandbox, require_root, sh};
 
 #[test]
 fn pod_resolv_conf_resolves_short_service_names() {
     require_root();
     let mut sb = Sandbox::create("syd1", &[]).unwrap();
-    let etc = EtcNetns(PathBuf::from(format!("/etc/netns/{}", sb.client_ns())));
-    std::fs::create_dir_all(&etc.0).unwrap();
-    std::fs::write(
-        etc.0.join("resolv.conf"),
+    let etc = EtcNetns::resolv_conf(
+        &sb.client_ns(),
         "search shop.svc.cluster.local svc.cluster.local cluster.local\nnameserver 172.30.0.10\noptions ndots:5 timeout:1 attempts:2\n",
     )
     .unwrap();

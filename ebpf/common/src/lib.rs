@@ -30,9 +30,10 @@ pub mod maps {
     pub const CONFIG6: &str = "SY_CONFIG6";
     pub const LOCAL_CIDRS6: &str = "SY_LOCAL_CIDRS6";
     pub const SOURCE_RANGES6: &str = "SY_SRC_RANGES6";
+    pub const DNS_REDIRECT: &str = "SY_DNS_REDIRECT";
 
     /// Every map, for cleanup and inspection.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         FRONTENDS4,
         FRONTENDS6,
         SETS,
@@ -50,6 +51,7 @@ pub mod maps {
         CONFIG6,
         LOCAL_CIDRS6,
         SOURCE_RANGES6,
+        DNS_REDIRECT,
     ];
 }
 
@@ -66,6 +68,9 @@ pub const SET_DROP: u32 = 1 << 1;
 pub const SET_AFFINITY: u32 = 1 << 2;
 /// Slots hold a Maglev lookup table: pick by flow hash instead of at random.
 pub const SET_MAGLEV: u32 = 1 << 3;
+/// The cluster DNS Service's port 53: the socket LB sends it to the node-local resolver
+/// (`DnsRedirect`) while that resolver's heartbeat is fresh, else to the endpoints.
+pub const SET_DNS_LOCAL: u32 = 1 << 4;
 
 /// Only sources in the set's loadBalancerSourceRanges may use this frontend.
 pub const FE_SOURCE_RANGES: u32 = 1 << 0;
@@ -292,6 +297,25 @@ pub struct Counters {
 }
 const _: () = assert!(size_of::<Counters>() == 24);
 
+/// Where intercepted cluster DNS goes, index 0 of `SY_DNS_REDIRECT`, written by the
+/// resolver's heartbeat. Interception is off when `enabled` is 0 or the heartbeat is older
+/// than `DNS_HEARTBEAT_NS`: a resolver that stops (or is killed) hands DNS back to the
+/// Service's endpoints within that time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DnsRedirect {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last heartbeat.
+    pub heartbeat_ns: u64,
+    /// The resolver's IPv4 address and port (network order).
+    pub addr4: u32,
+    pub port: u16,
+    pub enabled: u8,
+    pub pad: u8,
+}
+const _: () = assert!(size_of::<DnsRedirect>() == 16);
+
+pub const DNS_HEARTBEAT_NS: u64 = 1_000_000_000;
+
 /// Global settings, index 0 of the config array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -397,4 +421,5 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Cidr4 {}
+    unsafe impl aya::Pod for super::DnsRedirect {}
 }

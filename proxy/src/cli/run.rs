@@ -183,6 +183,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let dns_status = (!dns_listen.is_empty() && settings.dns.enabled)
         .then(|| crate::dns_listen::DnsStatus::new(&metrics));
+    let redirector = settings
+        .dns
+        .intercept
+        .as_ref()
+        .filter(|_| dns_status.is_some())
+        .and_then(|(svc, target)| {
+            let r = dataplane.dns_redirector();
+            if r.is_none() {
+                tracing::warn!(
+                    service = %format!("{}/{}", svc.namespace, svc.name),
+                    backend = dataplane.name(),
+                    "cluster DNS interception is not available with this backend; pods reach the node-local resolver only at {target}"
+                );
+            }
+            r.map(|r| (r, *target))
+        });
     if let Some(status) = &dns_status {
         let (handler, follower) = crate::dns::build(
             &settings.dns,
@@ -192,6 +208,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             &metrics,
         );
         tasks.spawn(follower.run(cancel.clone()).map(Ok));
+        if let Some((r, target)) = redirector {
+            tasks.spawn(
+                crate::dns_listen::intercept(
+                    r,
+                    target,
+                    Arc::clone(status),
+                    Arc::clone(&store),
+                    cancel.clone(),
+                )
+                .map(Ok),
+            );
+        }
         // Each address on its own: provisioned, bound, retried; never fatal.
         for addr in &dns_listen {
             tasks.spawn(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use switchyard_model::{NodePortAddresses, ProxyConfig};
+use switchyard_model::{NodePortAddresses, ProxyConfig, ServiceKey};
 
 use crate::dataplane::ebpf::maglev::is_prime;
 use crate::error::ConfigError;
@@ -190,6 +190,13 @@ pub struct DnsConfig {
     pub cache_max_ttl: u32,
     /// Longest time a forwarded NXDOMAIN/NODATA is cached (seconds).
     pub cache_negative_ttl: u32,
+    /// Send pods' and the node's queries to the cluster DNS Service to this resolver
+    /// (socket LB; NOTRACK rules with iptables), with no resolv.conf change.
+    #[serde(rename = "interceptClusterDNS")]
+    pub intercept_cluster_dns: bool,
+    /// The cluster DNS Service (`NAMESPACE/NAME`).
+    #[serde(rename = "clusterDNSService")]
+    pub cluster_dns_service: String,
 }
 
 impl Default for DnsConfig {
@@ -204,6 +211,8 @@ impl Default for DnsConfig {
             cache_size: 10_000,
             cache_max_ttl: 300,
             cache_negative_ttl: 30,
+            intercept_cluster_dns: true,
+            cluster_dns_service: "kube-system/kube-dns".into(),
         }
     }
 }
@@ -252,6 +261,15 @@ pub struct DnsSettings {
     pub cache_size: usize,
     pub cache_max_ttl: u32,
     pub cache_negative_ttl: u32,
+    /// The Service to intercept and the listen address to send it to; `None` when
+    /// interception is off or no listen address can take it.
+    pub intercept: Option<(ServiceKey, std::net::SocketAddrV4)>,
+}
+
+impl DnsSettings {
+    pub fn intercept_service(&self) -> Option<&ServiceKey> {
+        self.intercept.as_ref().map(|(k, _)| k)
+    }
 }
 
 /// Why a value of the config file does not parse.
@@ -587,6 +605,27 @@ impl Config {
             .filter(|h| !h.is_empty())
             .map(str::to_ascii_lowercase);
         let d = self.dns;
+        let intercept = if d.enabled && d.intercept_cluster_dns {
+            let (ns, name) = d
+                .cluster_dns_service
+                .split_once('/')
+                .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "dns.clusterDNSService",
+                        format!("{:?} is not NAMESPACE/NAME", d.cluster_dns_service),
+                    )
+                })?;
+            // Pods reach the resolver at a node address: loopback and "any" cannot take it.
+            listen.iter().find_map(|a| match a {
+                SocketAddr::V4(v4) if !v4.ip().is_loopback() && !v4.ip().is_unspecified() => {
+                    Some((ServiceKey::new(ns, name), *v4))
+                }
+                _ => None,
+            })
+        } else {
+            None
+        };
         Ok(Settings {
             service_counters: self.service_counters,
             kubeconfig,
@@ -621,6 +660,7 @@ impl Config {
                 cache_size: d.cache_size as usize,
                 cache_max_ttl: d.cache_max_ttl,
                 cache_negative_ttl: d.cache_negative_ttl,
+                intercept,
             },
         })
     }

@@ -30,7 +30,22 @@ pub trait Dataplane: Send {
     fn sync_links(&mut self, _links: &[String], _verify: bool) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// A handle that sends the cluster DNS Service to the node-local resolver while it is
+    /// alive (`dns.interceptClusterDNS`); `None` when this backend cannot intercept.
+    fn dns_redirector(&self) -> Option<Box<dyn DnsRedirector>> {
+        None
+    }
 }
+
+/// Turns cluster DNS interception on (to the resolver at `target`) or off. The eBPF backend
+/// writes a heartbeat the kernel checks, so interception also ends within a second of the
+/// daemon dying; call it every `HEARTBEAT`.
+pub trait DnsRedirector: Send {
+    fn set(&mut self, target: Option<std::net::SocketAddrV4>) -> Result<(), DataplaneError>;
+}
+
+/// How often the resolver's liveness is written (the kernel's limit is 1 s).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Programs nothing: for DNS-only nodes and for dry runs.
 #[derive(Debug, Default)]
@@ -266,6 +281,7 @@ impl BackendContext {
             render: ebpf::render::RenderConfig {
                 maglev_default: s.lb_algorithm == LbAlgorithm::Maglev,
                 maglev_table_size: table,
+                dns_intercept: s.dns.intercept_service().cloned(),
             },
             globals: ebpf::writer::Globals {
                 masquerade_all: s.masquerade_all,

@@ -305,6 +305,23 @@ impl AyaMaps {
     }
 }
 
+/// The node-local resolver's heartbeat map.
+pub type DnsRedirectArray =
+    aya::maps::Array<aya::maps::MapData, switchyard_ebpf_common::DnsRedirect>;
+
+pub fn open_dns_redirect(dir: &std::path::Path) -> Result<DnsRedirectArray, MapError> {
+    use switchyard_ebpf_common::maps as m;
+    pinned(dir, m::DNS_REDIRECT, aya::maps::Map::Array)
+}
+
+pub fn write_dns_redirect(
+    map: &mut DnsRedirectArray,
+    v: switchyard_ebpf_common::DnsRedirect,
+) -> Result<(), MapError> {
+    use switchyard_ebpf_common::maps as m;
+    map.set(0, v, 0).map_err(err(m::DNS_REDIRECT, "write"))
+}
+
 /// The counters of the given service ids only, summed over CPUs (what a scrape needs).
 pub fn read_counters_of(
     dir: &std::path::Path,

@@ -237,4 +237,56 @@ impl Dataplane for EbpfDataplane {
     fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
         self.sync_tc_links(links, verify)
     }
+
+    fn dns_redirector(&self) -> Option<Box<dyn super::DnsRedirector>> {
+        match DnsRedirectMap::open(&self.cfg.pin_dir) {
+            Ok(m) => Some(Box::new(m)),
+            Err(e) => {
+                tracing::error!(error = %crate::error::chain(&e), "cluster DNS interception unavailable");
+                None
+            }
+        }
+    }
+}
+
+/// The resolver's heartbeat in `SY_DNS_REDIRECT` (its own pinned map: the sync loop's
+/// writer never touches it).
+pub struct DnsRedirectMap {
+    map: io::DnsRedirectArray,
+}
+
+impl std::fmt::Debug for DnsRedirectMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsRedirectMap").finish_non_exhaustive()
+    }
+}
+
+impl DnsRedirectMap {
+    pub fn open(pin_dir: &Path) -> Result<DnsRedirectMap, DataplaneError> {
+        Ok(DnsRedirectMap {
+            map: io::open_dns_redirect(pin_dir)?,
+        })
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or_default() * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+impl super::DnsRedirector for DnsRedirectMap {
+    fn set(&mut self, target: Option<std::net::SocketAddrV4>) -> Result<(), DataplaneError> {
+        let v = switchyard_ebpf_common::DnsRedirect {
+            heartbeat_ns: monotonic_ns(),
+            addr4: target.map_or(0, |t| u32::from_ne_bytes(t.ip().octets())),
+            port: target.map_or(0, |t| t.port().to_be()),
+            enabled: u8::from(target.is_some()),
+            pad: 0,
+        };
+        Ok(io::write_dns_redirect(&mut self.map, v)?)
+    }
 }

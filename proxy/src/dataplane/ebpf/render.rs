@@ -7,9 +7,10 @@ use std::net::IpAddr;
 
 use switchyard_ebpf_common::{
     BE_LOCAL, BackendValue, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key,
-    FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY, SET_DROP, SET_MAGLEV, SET_REJECT,
+    FrontendValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SET_AFFINITY, SET_DNS_LOCAL, SET_DROP,
+    SET_MAGLEV, SET_REJECT,
 };
-use switchyard_model::{Backend, FrontendKind, Route, ServicePortKey, ServicePortState};
+use switchyard_model::{Backend, FrontendKind, Protocol, Route, ServicePortKey, ServicePortState};
 
 use super::maglev;
 
@@ -22,6 +23,9 @@ pub struct RenderConfig {
     pub maglev_default: bool,
     /// Prime.
     pub maglev_table_size: u32,
+    /// The cluster DNS Service whose port 53 (IPv4) the socket LB sends to the node-local
+    /// resolver while it is alive.
+    pub dns_intercept: Option<switchyard_model::ServiceKey>,
 }
 
 impl Default for RenderConfig {
@@ -29,6 +33,7 @@ impl Default for RenderConfig {
         RenderConfig {
             maglev_default: false,
             maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+            dns_intercept: None,
         }
     }
 }
@@ -375,6 +380,14 @@ pub fn render_port(
         }
         if s.affinity_timeout_seconds.is_some() {
             flags |= SET_AFFINITY;
+        }
+        if view == View::Internal
+            && s.port == 53
+            && s.key.family == switchyard_model::IpFamily::IPv4
+            && matches!(s.key.protocol, Protocol::Udp | Protocol::Tcp)
+            && cfg.dns_intercept.as_ref() == Some(&s.key.service)
+        {
+            flags |= SET_DNS_LOCAL;
         }
         let slots = if maglev && !backends.is_empty() {
             flags |= SET_MAGLEV;
