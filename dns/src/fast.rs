@@ -129,6 +129,15 @@ impl Worker {
                 // A forwarded name in the cache is answered here, without a task hop.
                 if let Some(m) = self.handler.forwarder.cached_response(&req) {
                     self.handler.metrics.cache_hits.inc();
+                    if self.handler.forwarder.claim_prefetch(&req) {
+                        let h = self.handler.clone();
+                        let r = req.clone();
+                        self.rt.spawn(async move {
+                            if h.forwarder.refresh(&r).await {
+                                h.metrics.prefetches.inc();
+                            }
+                        });
+                    }
                     let rcode = m.metadata.response_code.low();
                     if let Some(out) = encode(&req, m) {
                         let _ = self.sock.send_to(&out, peer);

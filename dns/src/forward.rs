@@ -1,6 +1,9 @@
 //! Forwarding for names outside the cluster zone: UDP to the upstreams in order, TCP when the
 //! answer is truncated, and a bounded cache with its own TTL caps for positive and negative
-//! answers.
+//! answers, plus what CoreDNS's `cache` does beyond that: RFC 8767 serve-stale (an expired
+//! answer is kept for `stale_ttl` and served, with a 30 s TTL, when every upstream fails, so
+//! the last good answer wins over a later failure), prefetch of popular names shortly before
+//! they expire, and SERVFAIL cached for a few seconds so a dead upstream is not hammered.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -22,7 +25,16 @@ pub struct ForwardConfig {
     pub max_ttl: u32,
     /// Cap on the TTL an NXDOMAIN/NODATA answer is cached for.
     pub negative_ttl: u32,
+    /// How long after expiry an answer may still be served when the upstreams fail (s).
+    pub stale_ttl: u32,
+    /// How long a SERVFAIL (every upstream failed, nothing stale) is answered from the cache.
+    pub servfail_ttl: u32,
+    /// Refresh an entry asked for at least twice when less than 10 % of its TTL is left.
+    pub prefetch: bool,
 }
+
+/// The TTL of a stale answer (RFC 8767 recommends 30 s).
+pub const STALE_ANSWER_TTL: u32 = 30;
 
 impl Default for ForwardConfig {
     fn default() -> Self {
@@ -32,6 +44,9 @@ impl Default for ForwardConfig {
             cache_size: 10_000,
             max_ttl: 300,
             negative_ttl: 30,
+            stale_ttl: 3600,
+            servfail_ttl: 5,
+            prefetch: true,
         }
     }
 }
@@ -55,6 +70,20 @@ struct Entry {
     msg: Message,
     stored: Instant,
     ttl: u32,
+    /// Answers served from this entry since it was stored.
+    hits: u32,
+    /// A refresh is under way.
+    prefetching: bool,
+}
+
+impl Entry {
+    fn age(&self) -> u32 {
+        u32::try_from(self.stored.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    fn servfail(&self) -> bool {
+        self.msg.metadata.response_code == ResponseCode::ServFail
+    }
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +103,8 @@ pub struct Forwarder {
 pub enum Source {
     Cache,
     Upstream,
+    /// Every upstream failed; an expired answer was served (RFC 8767).
+    Stale,
     Failed,
 }
 
@@ -107,20 +138,34 @@ impl Forwarder {
         &self.cfg.upstreams
     }
 
-    /// The cached answer for `req`, if any (no upstream traffic).
+    /// The fresh cached answer for `req`, if any (no upstream traffic).
     pub fn cached_response(&self, req: &Message) -> Option<Message> {
         let q = req.queries.first()?;
-        self.cached(&(key_of(q.name()), u16::from(q.query_type())), req)
+        self.cached(&(key_of(q.name()), u16::from(q.query_type())), req, false)
     }
 
-    fn cached(&self, key: &(String, u16), req: &Message) -> Option<Message> {
-        let mut c = self
-            .cache
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let e = c.map.get(key)?;
-        let age = u32::try_from(e.stored.elapsed().as_secs()).unwrap_or(u32::MAX);
-        if age >= e.ttl {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The answer of `key` for `req`: fresh only, or (with `stale`) an expired one within the
+    /// stale window, with the stale TTL.
+    fn cached(&self, key: &(String, u16), req: &Message, stale: bool) -> Option<Message> {
+        let mut c = self.lock();
+        let e = c.map.get_mut(key)?;
+        let age = e.age();
+        let fresh = age < e.ttl;
+        if !fresh && (!stale || e.servfail()) {
+            if age >= e.ttl.saturating_add(self.cfg.stale_ttl) || e.servfail() {
+                c.map.remove(key);
+            }
+            return None;
+        }
+        if fresh {
+            e.hits = e.hits.saturating_add(1);
+        } else if age >= e.ttl.saturating_add(self.cfg.stale_ttl) {
             c.map.remove(key);
             return None;
         }
@@ -134,20 +179,69 @@ impl Forwarder {
             .chain(m.authorities.iter_mut())
             .chain(m.additionals.iter_mut())
         {
-            r.ttl = r.ttl.saturating_sub(age).min(e.ttl - age);
+            r.ttl = if fresh {
+                r.ttl.saturating_sub(age).min(e.ttl - age)
+            } else {
+                STALE_ANSWER_TTL
+            };
         }
         m.queries.clone_from(&req.queries);
         Some(m)
+    }
+
+    /// Whether `req`'s cache entry should be refreshed now (asked for at least twice, under
+    /// 10 % of its TTL left, no refresh running); claims the refresh when it says yes.
+    pub fn claim_prefetch(&self, req: &Message) -> bool {
+        if !self.cfg.prefetch {
+            return false;
+        }
+        let Some(q) = req.queries.first() else {
+            return false;
+        };
+        let key = (key_of(q.name()), u16::from(q.query_type()));
+        let mut c = self.lock();
+        let Some(e) = c.map.get_mut(&key) else {
+            return false;
+        };
+        let age_ms = u64::try_from(e.stored.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = u64::from(e.ttl) * 1000;
+        let due = e.hits >= 2
+            && !e.prefetching
+            && !e.servfail()
+            && e.ttl >= 2
+            && age_ms < ttl_ms
+            && (ttl_ms - age_ms) * 10 <= ttl_ms;
+        if due {
+            e.prefetching = true;
+        }
+        due
+    }
+
+    /// Ask the upstreams again for `req` and keep the answer (a prefetch); returns whether
+    /// a new answer was stored.
+    pub async fn refresh(&self, req: &Message) -> bool {
+        let Some(q) = req.queries.first() else {
+            return false;
+        };
+        let key = (key_of(q.name()), u16::from(q.query_type()));
+        let got = self.upstream(req).await;
+        if let Some(m) = &got {
+            self.store(key.clone(), m);
+        } else if let Some(e) = self.lock().map.get_mut(&key) {
+            e.prefetching = false;
+        }
+        got.is_some()
     }
 
     fn store(&self, key: (String, u16), msg: &Message) {
         let Some(ttl) = cache_ttl(msg, &self.cfg).filter(|t| *t > 0) else {
             return;
         };
-        let mut c = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.insert(key, msg.clone(), ttl);
+    }
+
+    fn insert(&self, key: (String, u16), msg: Message, ttl: u32) {
+        let mut c = self.lock();
         while c.map.len() >= self.cfg.cache_size {
             match c.order.pop_front() {
                 Some(old) => {
@@ -160,9 +254,11 @@ impl Forwarder {
             .insert(
                 key.clone(),
                 Entry {
-                    msg: msg.clone(),
+                    msg,
                     stored: Instant::now(),
                     ttl,
+                    hits: 0,
+                    prefetching: false,
                 },
             )
             .is_none()
@@ -204,25 +300,13 @@ impl Forwarder {
         Message::from_vec(&buf).map_err(std::io::Error::other)
     }
 
-    /// Answer `req` from the cache or the upstreams.
-    pub async fn forward(&self, req: &Message) -> (Message, Source) {
-        let Some(q) = req.queries.first() else {
-            return (response_to(req, ResponseCode::FormErr), Source::Failed);
-        };
-        let key = (key_of(q.name()), u16::from(q.query_type()));
-        if let Some(m) = self.cached(&key, req) {
-            return (m, Source::Cache);
-        }
-        if q.query_type() == RecordType::AXFR || q.query_type() == RecordType::IXFR {
-            return (response_to(req, ResponseCode::Refused), Source::Failed);
-        }
+    /// The first good answer of the upstreams, in order (SERVFAIL and timeouts are failures).
+    async fn upstream(&self, req: &Message) -> Option<Message> {
         let mut up_req = req.clone();
         let id: u16 = rand::random();
         up_req.metadata.id = id;
         up_req.metadata.recursion_desired = true;
-        let Ok(wire) = up_req.to_vec() else {
-            return (response_to(req, ResponseCode::FormErr), Source::Failed);
-        };
+        let wire = up_req.to_vec().ok()?;
         for up in &self.cfg.upstreams {
             let mut got = tokio::time::timeout(self.cfg.timeout, self.udp(*up, &wire, id)).await;
             if let Ok(Ok(m)) = &got
@@ -231,26 +315,200 @@ impl Forwarder {
                 got = tokio::time::timeout(self.cfg.timeout, self.tcp(*up, &wire)).await;
             }
             match got {
-                Ok(Ok(m)) if m.metadata.response_code != ResponseCode::ServFail => {
-                    self.store(key, &m);
-                    let mut out = response_to(req, m.metadata.response_code);
-                    out.answers = m.answers;
-                    out.authorities = m.authorities;
-                    out.additionals = m.additionals;
-                    return (out, Source::Upstream);
-                }
+                Ok(Ok(m)) if m.metadata.response_code != ResponseCode::ServFail => return Some(m),
                 Ok(Ok(_)) => tracing::debug!(upstream = %up, "upstream SERVFAIL"),
                 Ok(Err(e)) => tracing::debug!(upstream = %up, error = %e, "upstream failed"),
                 Err(_) => tracing::debug!(upstream = %up, "upstream timed out"),
             }
         }
-        (response_to(req, ResponseCode::ServFail), Source::Failed)
+        None
+    }
+
+    /// Answer `req` from the cache or the upstreams; when they all fail, from an expired
+    /// answer if there is one, else SERVFAIL (cached for `servfail_ttl`).
+    pub async fn forward(&self, req: &Message) -> (Message, Source) {
+        let Some(q) = req.queries.first() else {
+            return (response_to(req, ResponseCode::FormErr), Source::Failed);
+        };
+        let key = (key_of(q.name()), u16::from(q.query_type()));
+        if let Some(m) = self.cached(&key, req, false) {
+            return (m, Source::Cache);
+        }
+        if q.query_type() == RecordType::AXFR || q.query_type() == RecordType::IXFR {
+            return (response_to(req, ResponseCode::Refused), Source::Failed);
+        }
+        if let Some(m) = self.upstream(req).await {
+            self.store(key, &m);
+            let mut out = response_to(req, m.metadata.response_code);
+            out.answers = m.answers;
+            out.authorities = m.authorities;
+            out.additionals = m.additionals;
+            return (out, Source::Upstream);
+        }
+        if let Some(m) = self.cached(&key, req, true) {
+            return (m, Source::Stale);
+        }
+        let fail = response_to(req, ResponseCode::ServFail);
+        if self.cfg.servfail_ttl > 0 && !self.lock().map.contains_key(&key) {
+            self.insert(key, fail.clone(), self.cfg.servfail_ttl);
+        }
+        (fail, Source::Failed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use hickory_proto::op::{MessageType, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, Record};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An upstream answering `A 192.0.2.7` with `ttl`, counting queries; silent while `down`.
+    async fn upstream(ttl: u32) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicBool>) {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let (c, d) = (Arc::clone(&count), Arc::clone(&down));
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                c.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let req = Message::from_vec(&buf[..n]).unwrap();
+                let mut m =
+                    Message::new(req.metadata.id, MessageType::Response, req.metadata.op_code);
+                m.queries.clone_from(&req.queries);
+                m.answers.push(Record::from_rdata(
+                    req.queries[0].name().clone(),
+                    ttl,
+                    RData::A(A([192, 0, 2, 7].into())),
+                ));
+                let _ = sock.send_to(&m.to_vec().unwrap(), peer).await;
+            }
+        });
+        (addr, count, down)
+    }
+
+    fn query(name: &str) -> Message {
+        let mut m = Message::new(1, MessageType::Query, hickory_proto::op::OpCode::Query);
+        m.queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m
+    }
+
+    fn forwarder(up: SocketAddr, stale_ttl: u32) -> Forwarder {
+        Forwarder::new(ForwardConfig {
+            upstreams: vec![up],
+            timeout: Duration::from_millis(200),
+            stale_ttl,
+            ..ForwardConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn an_expired_answer_is_served_stale_when_the_upstream_fails() {
+        let (up, _, down) = upstream(1).await;
+        let f = forwarder(up, 3600);
+        let (m, src) = f.forward(&query("example.com.")).await;
+        assert_eq!((src, m.answers.len()), (Source::Upstream, 1));
+        down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (m, src) = f.forward(&query("example.com.")).await;
+        assert_eq!(src, Source::Stale);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers[0].ttl, STALE_ANSWER_TTL);
+        assert_eq!(m.answers[0].data, RData::A(A([192, 0, 2, 7].into())));
+        // Without serve-stale the same is a failure.
+        let (up, _, down) = upstream(1).await;
+        let f = forwarder(up, 0);
+        f.forward(&query("example.com.")).await;
+        down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (m, src) = f.forward(&query("example.com.")).await;
+        assert_eq!(
+            (src, m.metadata.response_code),
+            (Source::Failed, ResponseCode::ServFail)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_servfail_is_answered_from_the_cache_for_a_few_seconds() {
+        let (up, count, down) = upstream(60).await;
+        down.store(true, Ordering::SeqCst);
+        let f = forwarder(up, 3600);
+        let (m, src) = f.forward(&query("dead.example.")).await;
+        assert_eq!(
+            (src, m.metadata.response_code),
+            (Source::Failed, ResponseCode::ServFail)
+        );
+        let asked = count.load(Ordering::SeqCst);
+        let (m, src) = f.forward(&query("dead.example.")).await;
+        assert_eq!(
+            (src, m.metadata.response_code),
+            (Source::Cache, ResponseCode::ServFail)
+        );
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            asked,
+            "the dead upstream was asked again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_popular_entry_is_refreshed_before_it_expires() {
+        let (up, count, _) = upstream(3).await;
+        let f = Arc::new(forwarder(up, 3600));
+        let q = query("popular.example.");
+        f.forward(&q).await;
+        f.forward(&q).await;
+        f.forward(&q).await;
+        assert!(!f.claim_prefetch(&q), "not due yet");
+        tokio::time::sleep(Duration::from_millis(2750)).await;
+        let (_, src) = f.forward(&q).await;
+        assert_eq!(src, Source::Cache);
+        assert!(f.claim_prefetch(&q), "due with under 10 % of the TTL left");
+        assert!(!f.claim_prefetch(&q), "claimed once");
+        let before = count.load(Ordering::SeqCst);
+        assert!(f.refresh(&q).await);
+        assert_eq!(count.load(Ordering::SeqCst), before + 1);
+        // Fresh again: still answered from the cache after the old expiry.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (m, src) = f.forward(&q).await;
+        assert_eq!(src, Source::Cache);
+        assert!(m.answers[0].ttl >= 2, "{m:?}");
+    }
+
+    /// Through the handler both transports use: the stale answer is counted.
+    #[tokio::test]
+    async fn the_handler_counts_stale_answers() {
+        use crate::handler::Handler;
+        use crate::metrics::DnsMetrics;
+        use crate::snapshot::{PodsMode, Snapshot, ZoneConfig};
+        let (up, _, down) = upstream(1).await;
+        let h = Handler {
+            snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::empty(
+                ZoneConfig {
+                    zone: "cluster.local".into(),
+                    ttl: 5,
+                    pods: PodsMode::Disabled,
+                },
+            ))),
+            forwarder: Arc::new(forwarder(up, 3600)),
+            metrics: DnsMetrics::default(),
+        };
+        h.answer(&query("example.org.")).await;
+        down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let m = h.answer(&query("example.org.")).await;
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(h.metrics.stale_answers.get(), 1);
+    }
 
     #[test]
     fn resolv_conf_minus_our_own_addresses() {

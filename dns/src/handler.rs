@@ -23,6 +23,26 @@ pub struct Handler {
 }
 
 impl Handler {
+    /// After a cache hit: refresh the entry in the background if it is popular and about to
+    /// expire, so the next asker still gets a cached answer.
+    pub fn prefetch(&self, req: &Message) {
+        if !self.forwarder.claim_prefetch(req) {
+            return;
+        }
+        let (fwd, metrics, req) = (
+            Arc::clone(&self.forwarder),
+            self.metrics.clone(),
+            req.clone(),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if fwd.refresh(&req).await {
+                    metrics.prefetches.inc();
+                }
+            });
+        }
+    }
+
     /// Answer one query message (also used directly by tests).
     pub async fn answer(&self, req: &Message) -> Message {
         let snap = self.snapshot.load();
@@ -32,9 +52,18 @@ impl Handler {
                 drop(snap);
                 let (m, src) = self.forwarder.forward(req).await;
                 match src {
-                    Source::Cache => self.metrics.cache_hits.inc(),
-                    Source::Upstream | Source::Failed => self.metrics.cache_misses.inc(),
-                };
+                    Source::Cache => {
+                        self.metrics.cache_hits.inc();
+                        self.prefetch(req);
+                    }
+                    Source::Stale => {
+                        self.metrics.cache_misses.inc();
+                        self.metrics.stale_answers.inc();
+                    }
+                    Source::Upstream | Source::Failed => {
+                        self.metrics.cache_misses.inc();
+                    }
+                }
                 m
             }
         }

@@ -21,6 +21,10 @@ pub struct DnsMetrics {
     /// From an object change arriving to DNS answering it.
     pub programming: Histogram,
     pub malformed: Counter,
+    /// Expired answers served because every upstream failed (RFC 8767).
+    pub stale_answers: Counter,
+    /// Cache entries refreshed before they expired.
+    pub prefetches: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -32,6 +36,8 @@ impl Default for DnsMetrics {
             latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             programming: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             malformed: Counter::default(),
+            stale_answers: Counter::default(),
+            prefetches: Counter::default(),
         }
     }
 }
@@ -53,6 +59,16 @@ impl DnsMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "switchyard_dns_stale_answers",
+            "Expired answers served because every upstream failed (RFC 8767 serve-stale)",
+            self.stale_answers.clone(),
+        );
+        r.register(
+            "switchyard_dns_prefetches",
+            "Popular cache entries refreshed before they expired",
+            self.prefetches.clone(),
+        );
         r.register(
             "switchyard_dns_queries",
             "DNS queries by type and response code",

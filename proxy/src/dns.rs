@@ -62,6 +62,9 @@ pub fn build(
         cache_size: dns.cache_size,
         max_ttl: dns.cache_max_ttl,
         negative_ttl: dns.cache_negative_ttl,
+        stale_ttl: dns.serve_stale,
+        servfail_ttl: 5,
+        prefetch: dns.prefetch,
     });
     tracing::info!(zone = %zone.zone, upstreams = ?forwarder.upstreams(), "cluster DNS configured");
     let dns_metrics = DnsMetrics::default();

@@ -190,6 +190,11 @@ pub struct DnsConfig {
     pub cache_max_ttl: u32,
     /// Longest time a forwarded NXDOMAIN/NODATA is cached (seconds).
     pub cache_negative_ttl: u32,
+    /// Serve an expired forwarded answer for up to this long (s) when every upstream fails
+    /// (RFC 8767); 0 turns it off.
+    pub serve_stale: u32,
+    /// Refresh popular forwarded answers shortly before they expire.
+    pub prefetch: bool,
     /// Send pods' and the node's queries to the cluster DNS Service to this resolver
     /// (socket LB; NOTRACK rules with iptables), with no resolv.conf change.
     #[serde(rename = "interceptClusterDNS")]
@@ -211,6 +216,8 @@ impl Default for DnsConfig {
             cache_size: 10_000,
             cache_max_ttl: 300,
             cache_negative_ttl: 30,
+            serve_stale: 3600,
+            prefetch: true,
             intercept_cluster_dns: true,
             cluster_dns_service: "kube-system/kube-dns".into(),
         }
@@ -261,6 +268,8 @@ pub struct DnsSettings {
     pub cache_size: usize,
     pub cache_max_ttl: u32,
     pub cache_negative_ttl: u32,
+    pub serve_stale: u32,
+    pub prefetch: bool,
     /// The Service to intercept and the listen address to send it to; `None` when
     /// interception is off or no listen address can take it.
     pub intercept: Option<(ServiceKey, std::net::SocketAddrV4)>,
@@ -660,6 +669,8 @@ impl Config {
                 cache_size: d.cache_size as usize,
                 cache_max_ttl: d.cache_max_ttl,
                 cache_negative_ttl: d.cache_negative_ttl,
+                serve_stale: d.serve_stale,
+                prefetch: d.prefetch,
                 intercept,
             },
         })
