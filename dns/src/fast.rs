@@ -12,6 +12,7 @@ use hickory_proto::op::{Message, MessageType};
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
+use crate::metrics::{Counted, Plugin};
 use crate::resolve::{Outcome, resolve};
 use crate::snapshot::Snapshot;
 
@@ -57,21 +58,29 @@ struct Worker {
     cache: HashMap<Vec<u8>, (Vec<u8>, u16)>,
     /// The snapshot the cache was filled from (compared by pointer).
     cache_for: Option<Arc<Snapshot>>,
-    counts: HashMap<(u16, u8), u64>,
+    counts: HashMap<Counted, u64>,
+    hist: HashMap<u16, prometheus_client::metrics::histogram::Histogram>,
     last_flush: Instant,
     n: u64,
 }
 
 impl Worker {
     fn flush(&mut self) {
-        for ((qtype, rcode), n) in self.counts.drain() {
-            self.handler.metrics.count_queries(qtype, rcode, n);
+        for (c, n) in self.counts.drain() {
+            self.handler.metrics.count(c, n);
         }
         self.last_flush = Instant::now();
     }
 
-    fn count(&mut self, qtype: u16, rcode: u8) {
-        *self.counts.entry((qtype, rcode)).or_default() += 1;
+    fn count(&mut self, qtype: u16, rcode: u8, peer: SocketAddr, plugin: Plugin) {
+        let c = Counted {
+            qtype,
+            rcode,
+            ipv6: peer.ip().to_canonical().is_ipv6(),
+            tcp: false,
+            plugin,
+        };
+        *self.counts.entry(c).or_default() += 1;
     }
 
     fn handle(&mut self, raw: &[u8], peer: SocketAddr) {
@@ -97,8 +106,8 @@ impl Worker {
                 out[1] = raw[1];
                 let _ = self.sock.send_to(&out, peer);
                 let rcode = out[3] & 0x0f;
-                self.count(qtype, rcode);
-                self.sample(start);
+                self.count(qtype, rcode, peer, Plugin::Kubernetes);
+                self.sample(qtype, start);
                 return;
             }
         }
@@ -122,13 +131,13 @@ impl Worker {
                         self.cache.insert(raw[2..].to_vec(), (out, qtype));
                     }
                 }
-                self.count(qtype, rcode);
-                self.sample(start);
+                self.count(qtype, rcode, peer, Plugin::Kubernetes);
+                self.sample(qtype, start);
             }
             Outcome::Forward => {
                 // A forwarded name in the cache is answered here, without a task hop.
                 if let Some(m) = self.handler.forwarder.cached_response(&req) {
-                    self.handler.metrics.cache_hits.inc();
+                    self.handler.metrics.cache_hit(crate::handler::denial(&m));
                     if self.handler.forwarder.claim_prefetch(&req) {
                         let h = self.handler.clone();
                         let r = req.clone();
@@ -142,8 +151,8 @@ impl Worker {
                     if let Some(out) = encode(&req, m) {
                         let _ = self.sock.send_to(&out, peer);
                     }
-                    self.count(qtype, rcode);
-                    self.sample(start);
+                    self.count(qtype, rcode, peer, Plugin::Cache);
+                    self.sample(qtype, start);
                     return;
                 }
                 let handler = self.handler.clone();
@@ -151,10 +160,20 @@ impl Worker {
                     return;
                 };
                 self.rt.spawn(async move {
-                    let resp = handler.answer(&req).await;
+                    let (resp, plugin) = handler.answer_with(&req).await;
+                    handler.metrics.count(
+                        Counted {
+                            qtype,
+                            rcode: resp.metadata.response_code.low(),
+                            ipv6: peer.ip().to_canonical().is_ipv6(),
+                            tcp: false,
+                            plugin,
+                        },
+                        1,
+                    );
                     handler
                         .metrics
-                        .count_queries(qtype, resp.metadata.response_code.low(), 1);
+                        .observe(qtype, start.elapsed().as_secs_f64());
                     if let Some(out) = encode(&req, resp) {
                         let _ = sock.send_to(&out, peer);
                     }
@@ -163,14 +182,15 @@ impl Worker {
         }
     }
 
-    /// Latency is sampled (1 in 32) so the histogram does not cost every query.
-    fn sample(&mut self, start: Instant) {
-        if self.n.is_multiple_of(32) {
-            self.handler
-                .metrics
-                .latency
-                .observe(start.elapsed().as_secs_f64());
-        }
+    /// Every query's latency, through a histogram handle kept per query type (no label
+    /// lookup on the hot path).
+    fn sample(&mut self, qtype: u16, start: Instant) {
+        let secs = start.elapsed().as_secs_f64();
+        let metrics = &self.handler.metrics;
+        self.hist
+            .entry(qtype)
+            .or_insert_with(|| metrics.latency_for(qtype))
+            .observe(secs);
         if self.last_flush.elapsed() > Duration::from_secs(1) {
             self.flush();
         }
@@ -212,6 +232,7 @@ pub fn serve_udp(
             cache: HashMap::new(),
             cache_for: None,
             counts: HashMap::new(),
+            hist: HashMap::new(),
             last_flush: Instant::now(),
             n: 0,
         };

@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 
 use crate::forward::{Forwarder, Source};
-use crate::metrics::DnsMetrics;
+use crate::metrics::{DnsMetrics, Plugin};
 use crate::resolve::{Outcome, resolve};
 use crate::snapshot::Snapshot;
 
@@ -45,27 +45,42 @@ impl Handler {
 
     /// Answer one query message (also used directly by tests).
     pub async fn answer(&self, req: &Message) -> Message {
+        self.answer_with(req).await.0
+    }
+
+    /// Answer one query message, and say who wrote the answer.
+    pub async fn answer_with(&self, req: &Message) -> (Message, Plugin) {
         let snap = self.snapshot.load();
         match resolve(&snap, req) {
-            Outcome::Answer(m) => *m,
+            Outcome::Answer(m) => (*m, Plugin::Kubernetes),
             Outcome::Forward => {
                 drop(snap);
                 let (m, src) = self.forwarder.forward(req).await;
-                match src {
+                let plugin = match src {
                     Source::Cache => {
-                        self.metrics.cache_hits.inc();
+                        self.metrics.cache_hit(denial(&m));
                         self.prefetch(req);
+                        Plugin::Cache
                     }
                     Source::Stale => {
-                        self.metrics.cache_misses.inc();
+                        self.metrics.cache_miss();
                         self.metrics.stale_answers.inc();
+                        Plugin::Cache
                     }
                     Source::Upstream | Source::Failed => {
-                        self.metrics.cache_misses.inc();
+                        self.metrics.cache_miss();
+                        Plugin::Forward
                     }
-                }
-                m
+                };
+                (m, plugin)
             }
         }
     }
+}
+
+/// NXDOMAIN or NODATA: CoreDNS's `denial` cache entries.
+pub fn denial(m: &Message) -> bool {
+    use hickory_proto::op::ResponseCode;
+    m.metadata.response_code == ResponseCode::NXDomain
+        || (m.metadata.response_code == ResponseCode::NoError && m.answers.is_empty())
 }

@@ -61,6 +61,11 @@ impl Listener {
     ) -> std::io::Result<Listener> {
         let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         let cancel = parent.child_token();
+        // Series of this listener carry its address (CoreDNS's `server` label).
+        let handler = &Handler {
+            metrics: handler.metrics.for_server(addr),
+            ..handler.clone()
+        };
         let tcp = tokio::net::TcpListener::bind(addr).await?;
         let threads = match crate::fast::serve_udp(
             handler,

@@ -8,6 +8,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 
 use crate::handler::Handler;
+use crate::metrics::{Counted, Plugin};
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
@@ -17,8 +18,8 @@ impl RequestHandler for Handler {
         mut response_handle: R,
     ) -> ResponseInfo {
         let start = Instant::now();
-        let resp = match Message::from_vec(request.as_slice()) {
-            Ok(req) => self.answer(&req).await,
+        let (resp, plugin) = match Message::from_vec(request.as_slice()) {
+            Ok(req) => self.answer_with(&req).await,
             Err(_) => {
                 self.metrics.malformed.inc();
                 let mut m = Message::error_msg(
@@ -27,7 +28,7 @@ impl RequestHandler for Handler {
                     ResponseCode::FormErr,
                 );
                 m.metadata.message_type = hickory_proto::op::MessageType::Response;
-                m
+                (m, Plugin::None)
             }
         };
         let qtype = request
@@ -35,8 +36,16 @@ impl RequestHandler for Handler {
             .queries()
             .first()
             .map_or(0, |q| u16::from(q.query_type()));
-        self.metrics
-            .count_queries(qtype, resp.metadata.response_code.low(), 1);
+        self.metrics.count(
+            Counted {
+                qtype,
+                rcode: resp.metadata.response_code.low(),
+                ipv6: request.src().ip().to_canonical().is_ipv6(),
+                tcp: true,
+                plugin,
+            },
+            1,
+        );
         let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(e) = &resp.edns {
             builder.edns(e);
@@ -60,7 +69,7 @@ impl RequestHandler for Handler {
                 })
             }
         };
-        self.metrics.latency.observe(start.elapsed().as_secs_f64());
+        self.metrics.observe(qtype, start.elapsed().as_secs_f64());
         info
     }
 }

@@ -34,6 +34,8 @@ pub struct DnsStatus {
     addrs: Mutex<BTreeMap<SocketAddr, Result<String, String>>>,
     listening: Family<AddressLabel, Gauge>,
     errors: Family<AddressLabel, Counter>,
+    /// Cluster DNS interception on (1) or off (0).
+    pub interception: Gauge,
 }
 
 impl DnsStatus {
@@ -49,6 +51,11 @@ impl DnsStatus {
                 "switchyard_dns_listen_errors",
                 "Failed attempts to provision or bind a DNS listen address (retried)",
                 s.errors.clone(),
+            );
+            r.register(
+                "switchyard_dns_interception",
+                "Cluster DNS Service queries go to the node-local resolver (1) or to the Service's endpoints (0)",
+                s.interception.clone(),
             );
         });
         s
@@ -203,14 +210,7 @@ pub async fn intercept(
     store: Arc<crate::store::Store>,
     cancel: CancellationToken,
 ) {
-    let gauge = Gauge::<i64>::default();
-    store.metrics().register_with(|r| {
-        r.register(
-            "switchyard_dns_interception",
-            "Cluster DNS Service queries go to the node-local resolver (1) or to the Service's endpoints (0)",
-            gauge.clone(),
-        );
-    });
+    let gauge = status.interception.clone();
     let mut tick = tokio::time::interval(crate::dataplane::HEARTBEAT);
     let mut last: Option<bool> = None;
     loop {

@@ -128,7 +128,7 @@ fn pods_dns_goes_to_the_node_local_resolver_and_back_to_the_endpoints_when_it_di
         let got = in_pod(&sb, &pod, "getent hosts web");
         (!got.contains("10.96.0.60")).then(|| format!("{got}\n{}", sb.daemon_log()))
     });
-    let answered = metric(&sb, "switchyard_dns_queries_total");
+    let answered = metric(&sb, "coredns_dns_requests_total");
     assert!(answered >= 1.0, "the resolver's counter did not move");
     let got = to_endpoints(&sb, &pod);
     assert!(

@@ -94,10 +94,36 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
         "counter",
         &[],
     ),
-    ("switchyard_dns_queries", "counter", &["qtype", "rcode"]),
-    ("switchyard_dns_cache_hits", "counter", &[]),
-    ("switchyard_dns_cache_misses", "counter", &[]),
-    ("switchyard_dns_request_duration_seconds", "histogram", &[]),
+    // CoreDNS's series, with CoreDNS's labels.
+    (
+        "coredns_dns_requests",
+        "counter",
+        &["server", "zone", "view", "proto", "family", "type"],
+    ),
+    (
+        "coredns_dns_responses",
+        "counter",
+        &["server", "zone", "view", "rcode", "plugin"],
+    ),
+    (
+        "coredns_dns_request_duration_seconds",
+        "histogram",
+        &["server", "zone", "view", "type"],
+    ),
+    ("coredns_cache_served_stale", "counter", &[]),
+    ("coredns_cache_prefetch", "counter", &[]),
+    (
+        "coredns_cache_hits",
+        "counter",
+        &["server", "type", "zones", "view"],
+    ),
+    (
+        "coredns_cache_misses",
+        "counter",
+        &["server", "zones", "view"],
+    ),
+    ("switchyard_dns_listening", "gauge", &["address"]),
+    ("switchyard_dns_interception", "gauge", &[]),
 ];
 
 const EBPF_ONLY: &[(&str, &str, &[&str])] = &[
@@ -308,7 +334,7 @@ fn scrape(backend: &str, tag: &str, extra: &str) -> Scrape {
             .unwrap_or_default()
             .to_string();
         assert!(body.contains("# EOF"), "{resp}");
-        if body.contains("switchyard_dns_queries_total{") {
+        if body.contains("coredns_dns_requests_total{") {
             break body;
         }
         assert!(
@@ -343,8 +369,10 @@ fn check(s: &Scrape, expected: &[(&str, &str, &[&str])]) {
     // Nothing unprefixed, nothing of kube-proxy's names with another meaning.
     for name in s.types.keys() {
         assert!(
-            name.starts_with("kubeproxy_") || name.starts_with("switchyard_"),
-            "{name} has neither prefix"
+            name.starts_with("kubeproxy_")
+                || name.starts_with("coredns_")
+                || name.starts_with("switchyard_"),
+            "{name} has none of the prefixes"
         );
     }
 }
@@ -366,7 +394,10 @@ fn dashboard_metrics() -> BTreeSet<String> {
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
             for tok in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
-                if tok.starts_with("kubeproxy_") || tok.starts_with("switchyard_") {
+                if tok.starts_with("kubeproxy_")
+                    || tok.starts_with("coredns_")
+                    || tok.starts_with("switchyard_")
+                {
                     names.insert(tok.to_string());
                 }
             }
