@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
@@ -123,17 +123,23 @@ impl Worker {
         };
         let qtype = req.queries.first().map_or(0, |q| u16::from(q.query_type()));
         match resolve(&snap, &req) {
-            Outcome::Answer(m) => {
+            Outcome::Answer(m)
+                if m.metadata.response_code != ResponseCode::NXDomain
+                    || !self.handler.wants_autopath(&req, peer.ip()) =>
+            {
                 let rcode = m.metadata.response_code.low();
+                // NXDOMAINs depend on the client when autopath is on: not kept.
+                let keep = rcode != 3 || self.handler.pods.is_none();
                 if let Some(out) = encode(&req, *m) {
                     let _ = self.sock.send_to(&out, peer);
-                    if self.cache.len() < CACHE_LIMIT {
+                    if keep && self.cache.len() < CACHE_LIMIT {
                         self.cache.insert(raw[2..].to_vec(), (out, qtype));
                     }
                 }
                 self.count(qtype, rcode, peer, Plugin::Kubernetes);
                 self.sample(qtype, start);
             }
+            Outcome::Answer(_) => self.spawn_answer(req, qtype, peer, start),
             Outcome::Forward => {
                 // A forwarded name in the cache is answered here, without a task hop.
                 if let Some(m) = self.handler.forwarder.cached_response(&req) {
@@ -155,31 +161,36 @@ impl Worker {
                     self.sample(qtype, start);
                     return;
                 }
-                let handler = self.handler.clone();
-                let Ok(sock) = self.sock.try_clone() else {
-                    return;
-                };
-                self.rt.spawn(async move {
-                    let (resp, plugin) = handler.answer_with(&req).await;
-                    handler.metrics.count(
-                        Counted {
-                            qtype,
-                            rcode: resp.metadata.response_code.low(),
-                            ipv6: peer.ip().to_canonical().is_ipv6(),
-                            tcp: false,
-                            plugin,
-                        },
-                        1,
-                    );
-                    handler
-                        .metrics
-                        .observe(qtype, start.elapsed().as_secs_f64());
-                    if let Some(out) = encode(&req, resp) {
-                        let _ = sock.send_to(&out, peer);
-                    }
-                });
+                self.spawn_answer(req, qtype, peer, start);
             }
         }
+    }
+
+    /// Answer on the runtime (upstream traffic, or a search path walked server-side).
+    fn spawn_answer(&self, req: Message, qtype: u16, peer: SocketAddr, start: Instant) {
+        let handler = self.handler.clone();
+        let Ok(sock) = self.sock.try_clone() else {
+            return;
+        };
+        self.rt.spawn(async move {
+            let (resp, plugin) = handler.answer_from(&req, peer.ip()).await;
+            handler.metrics.count(
+                Counted {
+                    qtype,
+                    rcode: resp.metadata.response_code.low(),
+                    ipv6: peer.ip().to_canonical().is_ipv6(),
+                    tcp: false,
+                    plugin,
+                },
+                1,
+            );
+            handler
+                .metrics
+                .observe(qtype, start.elapsed().as_secs_f64());
+            if let Some(out) = encode(&req, resp) {
+                let _ = sock.send_to(&out, peer);
+            }
+        });
     }
 
     /// Every query's latency, through a histogram handle kept per query type (no label

@@ -501,6 +501,7 @@ mod tests {
             ))),
             forwarder: Arc::new(forwarder(up, 3600)),
             metrics: DnsMetrics::default(),
+            pods: None,
         };
         h.answer(&query("example.org.")).await;
         down.store(true, Ordering::SeqCst);

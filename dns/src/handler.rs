@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use hickory_proto::op::Message;
+use std::net::IpAddr;
 
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Message, ResponseCode};
+
+use crate::autopath::{self, PodDirectory};
 use crate::forward::{Forwarder, Source};
 use crate::metrics::{DnsMetrics, Plugin};
 use crate::resolve::{Outcome, resolve};
@@ -20,9 +23,54 @@ pub struct Handler {
     pub snapshot: SharedSnapshot,
     pub forwarder: Arc<Forwarder>,
     pub metrics: DnsMetrics,
+    /// This node's pods by address: server-side search paths for them (`None`: off).
+    pub pods: Option<Arc<PodDirectory>>,
 }
 
 impl Handler {
+    /// The namespace of the pod at `client` when `req` is the first step of its search path
+    /// and autopath is on.
+    fn autopath_namespace(&self, req: &Message, client: IpAddr) -> Option<(String, Vec<String>)> {
+        let pods = self.pods.as_ref()?;
+        let ns = pods.namespace_of(client)?;
+        let q = autopath::qname(req)?;
+        let snap = self.snapshot.load();
+        let rest = autopath::rest_of_path(&q, &ns, &snap.cfg.zone, &pods.search())?;
+        Some((ns, rest))
+    }
+
+    /// Whether an NXDOMAIN for `req` from `client` must go through `answer_from` (the UDP
+    /// fast path answers everything else itself).
+    pub fn wants_autopath(&self, req: &Message, client: IpAddr) -> bool {
+        self.autopath_namespace(req, client).is_some()
+    }
+
+    /// Answer a query from `client`: as `answer_with`, and when it is an NXDOMAIN for the
+    /// first step of a local pod's search path, the rest of the path walked server-side.
+    pub async fn answer_from(&self, req: &Message, client: IpAddr) -> (Message, Plugin) {
+        let (m, plugin) = self.answer_with(req).await;
+        if m.metadata.response_code != ResponseCode::NXDomain {
+            return (m, plugin);
+        }
+        let Some((_, rest)) = self.autopath_namespace(req, client) else {
+            return (m, plugin);
+        };
+        let ttl = self.snapshot.load().cfg.ttl;
+        for name in rest {
+            let Some(sub) = autopath::step(req, &name) else {
+                break;
+            };
+            let (a, p) = self.answer_with(&sub).await;
+            if autopath::found(&a)
+                && let Some(out) = autopath::splice(req, &name, a, ttl)
+            {
+                self.metrics.autopath.inc();
+                return (out, p);
+            }
+        }
+        (m, plugin)
+    }
+
     /// After a cache hit: refresh the entry in the background if it is popular and about to
     /// expire, so the next asker still gets a cached answer.
     pub fn prefetch(&self, req: &Message) {

@@ -2,6 +2,7 @@
 //! immutable snapshot of the model, swapped atomically after every sync, and forwards every
 //! other name upstream with a bounded cache.
 
+pub mod autopath;
 pub mod fast;
 pub mod forward;
 pub mod handler;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use hickory_server::server::Server;
 use tokio_util::sync::CancellationToken;
 
+pub use autopath::PodDirectory;
 pub use forward::{ForwardConfig, Forwarder};
 pub use handler::{Handler, SharedSnapshot};
 pub use metrics::DnsMetrics;

@@ -59,6 +59,8 @@ pub struct DnsMetrics {
     pub stale_answers: Counter,
     /// Cache entries refreshed before they expired.
     pub prefetches: Counter,
+    /// Queries answered by walking a pod's search path server-side.
+    pub autopath: Counter,
     /// From an object change arriving to DNS answering it.
     pub programming: Histogram,
     pub malformed: Counter,
@@ -80,6 +82,7 @@ impl Default for DnsMetrics {
             cache_misses: Family::default(),
             stale_answers: Counter::default(),
             prefetches: Counter::default(),
+            autopath: Counter::default(),
             programming: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             malformed: Counter::default(),
         }
@@ -219,6 +222,11 @@ impl DnsMetrics {
             "coredns_cache_prefetch",
             "The number of times the cache has prefetched a cached item.",
             self.prefetches.clone(),
+        );
+        r.register(
+            "coredns_autopath_success",
+            "Counter of requests that did autopath.",
+            self.autopath.clone(),
         );
         r.register(
             "switchyard_dns_programming_duration_seconds",

@@ -19,7 +19,7 @@ impl RequestHandler for Handler {
     ) -> ResponseInfo {
         let start = Instant::now();
         let (resp, plugin) = match Message::from_vec(request.as_slice()) {
-            Ok(req) => self.answer_with(&req).await,
+            Ok(req) => self.answer_from(&req, request.src().ip()).await,
             Err(_) => {
                 self.metrics.malformed.inc();
                 let mut m = Message::error_msg(

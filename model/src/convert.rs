@@ -492,6 +492,42 @@ pub fn endpoint_slice(
 }
 
 /// Convert a core/v1 Node.
+/// Convert a Pod: its namespace and addresses (for DNS's server-side search paths).
+pub fn pod(pod: &core::Pod) -> Result<crate::types::Pod, ModelError> {
+    const KIND: &str = "Pod";
+    let meta = &pod.metadata;
+    let obj = object_name(meta);
+    let name = meta.name.clone().ok_or_else(|| ModelError::MissingField {
+        kind: KIND,
+        object: obj.clone(),
+        field: "metadata.name".into(),
+    })?;
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    let listed = status.and_then(|s| s.pod_ips.as_ref());
+    for (i, p) in listed.into_iter().flatten().enumerate() {
+        let a = parse_ip(KIND, &obj, format!("status.podIPs[{i}].ip"), &p.ip)?;
+        if !ips.contains(&a) {
+            ips.push(a);
+        }
+    }
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .filter(|s| !s.is_empty())
+    {
+        ips.push(parse_ip(KIND, &obj, "status.podIP".into(), ip)?);
+    }
+    let spec = pod.spec.as_ref();
+    Ok(crate::types::Pod {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name,
+        node_name: spec.and_then(|s| s.node_name.clone()),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    })
+}
+
 pub fn node(node: &core::Node) -> Result<Node, ModelError> {
     const KIND: &str = "Node";
     let meta = &node.metadata;

@@ -20,6 +20,6 @@ pub use state::{
     ServicePortState,
 };
 pub use types::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey,
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, Node, Pod, Protocol, Service, ServiceKey,
     ServicePort, ServiceType,
 };

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::convert;
 use crate::error::ModelError;
-use crate::types::{EndpointSlice, Node, Service};
+use crate::types::{EndpointSlice, Node, Pod, Service};
 
 /// One object read from a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+    Pod(Box<Pod>),
 }
 
 /// Everything one or more manifests hold, in the model's types.
@@ -23,6 +24,7 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
 }
 
 impl Objects {
@@ -40,6 +42,7 @@ impl Objects {
             Object::Service(s) => self.services.push(*s),
             Object::EndpointSlice(s) => self.slices.push(*s),
             Object::Node(n) => self.nodes.push(*n),
+            Object::Pod(p) => self.pods.push(*p),
         }
     }
 
@@ -47,6 +50,7 @@ impl Objects {
         self.services.extend(other.services);
         self.slices.extend(other.slices);
         self.nodes.extend(other.nodes);
+        self.pods.extend(other.pods);
     }
 }
 
@@ -115,6 +119,11 @@ fn object(
             out.nodes
                 .push(convert::node(&n).map_err(|e| wrap(source_name, document, e))?);
         }
+        ("v1", "Pod") => {
+            let p: core::Pod = decode(source_name, document, value)?;
+            out.pods
+                .push(convert::pod(&p).map_err(|e| wrap(source_name, document, e))?);
+        }
         ("v1", "List") => {
             let items = value
                 .get("items")
@@ -125,7 +134,7 @@ fn object(
                 object(source_name, document, item, out)?;
             }
         }
-        (_, "Service" | "Node" | "EndpointSlice") => {
+        (_, "Service" | "Node" | "EndpointSlice" | "Pod") => {
             return Err(doc_err(format!(
                 "field apiVersion: {api_version:?} is not served for kind {kind} (want {})",
                 if kind == "EndpointSlice" {

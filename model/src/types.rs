@@ -205,6 +205,19 @@ pub struct Node {
     pub leaving: Option<String>,
 }
 
+/// A pod on this node, as DNS needs it: which namespace a client address belongs to
+/// (server-side search paths).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub node_name: Option<String>,
+    /// `status.podIPs` (or `status.podIP`).
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: its address is the node's, shared by every host-network pod.
+    pub host_network: bool,
+}
+
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 

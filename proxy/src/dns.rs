@@ -73,6 +73,12 @@ pub fn build(
         snapshot: Arc::clone(&snapshot),
         forwarder: Arc::new(forwarder),
         metrics: dns_metrics.clone(),
+        pods: dns.autopath.then(|| {
+            let pods = store.pod_directory();
+            let rc = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            pods.set_search(switchyard_dns::autopath::search_domains(&rc));
+            pods
+        }),
     };
     let follower = ZoneFollower {
         store: Arc::clone(store),

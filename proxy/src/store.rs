@@ -6,16 +6,18 @@
 //! Bad objects are reported and skipped; whatever good version of that object was held before
 //! stays in force.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use switchyard_model::{
-    ChangeSet, DesiredState, EndpointSlice, Engine, ModelError, Node, ProxyConfig, Service,
+    ChangeSet, DesiredState, EndpointSlice, Engine, ModelError, Node, Pod, ProxyConfig, Service,
     ServiceKey,
 };
 use tokio::sync::watch;
+
+use switchyard_dns::PodDirectory;
 
 use crate::metrics::Metrics;
 
@@ -24,6 +26,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// This node's pods, for DNS only (not part of `ALL`: the proxy never waits for them).
+    Pod,
 }
 
 impl Kind {
@@ -34,6 +38,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Pod => "Pod",
         }
     }
 }
@@ -51,6 +56,7 @@ pub enum Converted {
     Service(Service),
     Slice(EndpointSlice),
     Node(Node),
+    Pod(Pod),
     /// Valid, but nothing for the proxy (e.g. an FQDN EndpointSlice, another node).
     Ignored,
 }
@@ -92,6 +98,9 @@ pub struct Store {
     inner: Mutex<Inner>,
     generation: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// This node's pods (DNS only; apart from the proxy's state and its generation).
+    pods: Mutex<BTreeMap<ObjectId, Pod>>,
+    pod_directory: Arc<PodDirectory>,
 }
 
 impl Store {
@@ -109,6 +118,8 @@ impl Store {
             }),
             generation: watch::channel(0).0,
             metrics,
+            pods: Mutex::new(BTreeMap::new()),
+            pod_directory: PodDirectory::new(),
         })
     }
 
@@ -185,6 +196,18 @@ impl Store {
 
     /// One object added or changed.
     pub fn apply(&self, kind: Kind, id: &ObjectId, obj: Result<Converted, ModelError>) {
+        if kind == Kind::Pod {
+            match obj {
+                Ok(Converted::Pod(p)) => self.pods_changed(|pods| {
+                    pods.insert(id.clone(), p);
+                }),
+                Ok(_) => self.pods_changed(|pods| {
+                    pods.remove(id);
+                }),
+                Err(e) => self.report(kind, id, &e),
+            }
+            return;
+        }
         let mut inner = self.lock();
         match obj {
             Err(e) => {
@@ -201,16 +224,23 @@ impl Store {
                 inner.engine.upsert_slice(s);
             }
             Ok(Converted::Node(n)) => inner.engine.set_node(Some(n)),
+            Ok(Converted::Pod(_)) => {}
             Ok(Converted::Ignored) => match kind {
                 // A slice that became irrelevant (e.g. lost its service label) is gone for us.
                 Kind::EndpointSlice => inner.engine.delete_slice(&id.namespace, &id.name),
-                Kind::Service | Kind::Node => {}
+                Kind::Service | Kind::Node | Kind::Pod => {}
             },
         }
         self.bump(&mut inner);
     }
 
     pub fn delete(&self, kind: Kind, id: &ObjectId) {
+        if kind == Kind::Pod {
+            self.pods_changed(|pods| {
+                pods.remove(id);
+            });
+            return;
+        }
         let mut inner = self.lock();
         match kind {
             Kind::Service => {
@@ -223,7 +253,7 @@ impl Store {
                     .map(|s| s.service_key());
                 self.count_changes(&mut inner, [], key);
             }
-            Kind::Node => {}
+            Kind::Node | Kind::Pod => {}
         }
         match kind {
             Kind::Service => inner
@@ -231,6 +261,7 @@ impl Store {
                 .delete_service(&ServiceKey::new(&id.namespace, &id.name)),
             Kind::EndpointSlice => inner.engine.delete_slice(&id.namespace, &id.name),
             Kind::Node => inner.engine.set_node(None),
+            Kind::Pod => {}
         }
         self.bump(&mut inner);
     }
@@ -238,6 +269,20 @@ impl Store {
     /// The complete list of one kind (initial list or relist). Objects that fail conversion
     /// keep the version held before, if any.
     pub fn replace(&self, kind: Kind, objs: Vec<(ObjectId, Result<Converted, ModelError>)>) {
+        if kind == Kind::Pod {
+            let mut fresh = BTreeMap::new();
+            for (id, o) in objs {
+                match o {
+                    Ok(Converted::Pod(p)) => {
+                        fresh.insert(id, p);
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.report(kind, &id, &e),
+                }
+            }
+            self.pods_changed(|pods| *pods = fresh);
+            return;
+        }
         let mut services = Vec::new();
         let mut slices = Vec::new();
         let mut node = None;
@@ -247,7 +292,7 @@ impl Store {
                 Ok(Converted::Service(s)) => services.push(s),
                 Ok(Converted::Slice(s)) => slices.push(s),
                 Ok(Converted::Node(n)) => node = Some(n),
-                Ok(Converted::Ignored) => {}
+                Ok(Converted::Pod(_) | Converted::Ignored) => {}
                 Err(e) => {
                     self.report(kind, &id, &e);
                     failed.push(id);
@@ -281,6 +326,7 @@ impl Store {
                     inner.engine.set_node(node);
                 }
             }
+            Kind::Pod => {}
         }
         inner.listed.insert(kind);
         self.bump(&mut inner);
@@ -301,6 +347,45 @@ impl Store {
         inner.engine.set_node(node);
         inner.listed.extend(Kind::ALL);
         self.bump(&mut inner);
+    }
+
+    /// This node's pods by address, for DNS (server-side search paths).
+    pub fn pod_directory(&self) -> Arc<PodDirectory> {
+        Arc::clone(&self.pod_directory)
+    }
+
+    /// Replace the pods a manifest directory holds: the ones on this node (or on no node),
+    /// not host-network ones (their address is the node's).
+    pub fn replace_pods(&self, pods: Vec<Pod>) {
+        let node = self.lock().engine.config().node_name.clone();
+        let fresh = pods
+            .into_iter()
+            .filter(|p| node.is_empty() || p.node_name.as_deref().is_none_or(|n| n == node))
+            .map(|p| {
+                (
+                    ObjectId {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                    },
+                    p,
+                )
+            })
+            .collect();
+        self.pods_changed(|pods| *pods = fresh);
+    }
+
+    fn pods_changed(&self, f: impl FnOnce(&mut BTreeMap<ObjectId, Pod>)) {
+        let mut pods = self
+            .pods
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut pods);
+        let dir = pods
+            .values()
+            .filter(|p| !p.host_network)
+            .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.namespace.clone())))
+            .collect();
+        self.pod_directory.set(dir);
     }
 
     /// The node's links and addresses now (from rtnetlink, or a test).

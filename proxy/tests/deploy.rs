@@ -36,6 +36,18 @@ fn the_daemonset_config_parses_and_the_api_server_address_is_a_value() {
         assert_eq!(r["key"], key);
         assert!(find(&d, "ConfigMap", "switchyard-apiserver")["data"][key].is_string());
     }
+    // List/watch only, and pods only because autopath needs this node's.
+    let role = find(&d, "ClusterRole", "switchyard");
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]), "{rule}");
+    }
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"] == serde_json::json!(["pods"]))
+    );
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
 }

@@ -22,6 +22,7 @@ pub enum Resource {
     Service,
     EndpointSlice,
     Node,
+    Pod,
 }
 
 impl Resource {
@@ -30,13 +31,14 @@ impl Resource {
             Resource::Service => "Service",
             Resource::EndpointSlice => "EndpointSlice",
             Resource::Node => "Node",
+            Resource::Pod => "Pod",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Resource::EndpointSlice => "discovery.k8s.io/v1",
-            Resource::Service | Resource::Node => "v1",
+            Resource::Service | Resource::Node | Resource::Pod => "v1",
         }
     }
 
@@ -45,6 +47,7 @@ impl Resource {
             "/api/v1/services" => Some(Resource::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Resource::EndpointSlice),
             "/api/v1/nodes" => Some(Resource::Node),
+            "/api/v1/pods" => Some(Resource::Pod),
             _ => None,
         }
     }
@@ -104,6 +107,13 @@ fn field_selector_matches(sel: Option<&str>, o: &Value) -> bool {
     sel.split(',').all(|req| match req.split_once('=') {
         Some(("metadata.name", v)) => meta_str(o, "name") == v.trim_start_matches('='),
         Some(("metadata.namespace", v)) => meta_str(o, "namespace") == v.trim_start_matches('='),
+        Some(("spec.nodeName", v)) => {
+            o.get("spec")
+                .and_then(|s| s.get("nodeName"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                == v.trim_start_matches('=')
+        }
         _ => true,
     })
 }

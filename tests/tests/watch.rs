@@ -126,6 +126,7 @@ async fn start(seed: impl FnOnce(&FakeApi)) -> Harness {
     tokio::spawn(source::kube::run(
         api.client().unwrap(),
         "node-a".into(),
+        true,
         Arc::clone(&store),
         cancel.clone(),
     ));
@@ -253,5 +254,43 @@ async fn invalid_update_keeps_the_last_good_version() {
     assert!(
         metrics.contains("switchyard_source_errors_total{kind=\"Service\"} 1"),
         "{metrics}"
+    );
+}
+
+/// This node's pods are watched (field selector `spec.nodeName`) for DNS's server-side search
+/// paths: another node's pods and host-network pods stay out; deletions take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_this_nodes_pods_reach_the_pod_directory() {
+    let pod = |name: &str, node: &str, ip: &str, host: bool| {
+        json!({"metadata": {"name": name, "namespace": "shop"},
+               "spec": {"nodeName": node, "hostNetwork": host, "containers": []},
+               "status": {"podIP": ip, "podIPs": [{"ip": ip}]}})
+    };
+    let h = start(|api| {
+        seed(api);
+        api.apply(Resource::Pod, pod("web-1", "node-a", "10.244.1.5", false));
+        api.apply(Resource::Pod, pod("web-2", "node-b", "10.244.2.5", false));
+        api.apply(Resource::Pod, pod("agent", "node-a", "172.30.0.10", true));
+    })
+    .await;
+    let dir = h.store.pod_directory();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.namespace_of("10.244.1.5".parse().unwrap()).is_none() {
+        assert!(Instant::now() < deadline, "node-a's pod never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dir.len(), 1, "another node's or a host-network pod got in");
+    h.api.delete(Resource::Pod, "shop", "web-1");
+    while dir.namespace_of("10.244.1.5".parse().unwrap()).is_some() {
+        assert!(Instant::now() < deadline, "the deleted pod stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        h.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("/api/v1/pods") && r.contains("spec.nodeName%3Dnode-a")),
+        "{:?}",
+        h.api.requests()
     );
 }

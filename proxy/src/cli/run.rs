@@ -147,8 +147,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 cancel.clone(),
                 node_name.clone().unwrap_or_default(),
             );
+            let pods = settings.dns.enabled && settings.dns.autopath;
             tasks.spawn(async move {
-                source::kube::run(client, node, store, cancel).await;
+                source::kube::run(client, node, pods, store, cancel).await;
                 Ok(())
             });
         }

@@ -195,6 +195,9 @@ pub struct DnsConfig {
     pub serve_stale: u32,
     /// Refresh popular forwarded answers shortly before they expire.
     pub prefetch: bool,
+    /// Walk the search path of this node's pods server-side (CoreDNS's `autopath`): the
+    /// daemon then watches this node's pods (RBAC `pods: list, watch`).
+    pub autopath: bool,
     /// Send pods' and the node's queries to the cluster DNS Service to this resolver
     /// (socket LB; NOTRACK rules with iptables), with no resolv.conf change.
     #[serde(rename = "interceptClusterDNS")]
@@ -218,6 +221,7 @@ impl Default for DnsConfig {
             cache_negative_ttl: 30,
             serve_stale: 3600,
             prefetch: true,
+            autopath: true,
             intercept_cluster_dns: true,
             cluster_dns_service: "kube-system/kube-dns".into(),
         }
@@ -270,6 +274,7 @@ pub struct DnsSettings {
     pub cache_negative_ttl: u32,
     pub serve_stale: u32,
     pub prefetch: bool,
+    pub autopath: bool,
     /// The Service to intercept and the listen address to send it to; `None` when
     /// interception is off or no listen address can take it.
     pub intercept: Option<(ServiceKey, std::net::SocketAddrV4)>,
@@ -671,6 +676,7 @@ impl Config {
                 cache_negative_ttl: d.cache_negative_ttl,
                 serve_stale: d.serve_stale,
                 prefetch: d.prefetch,
+                autopath: d.autopath,
                 intercept,
             },
         })

@@ -36,6 +36,10 @@ fn conv_node(n: &core::Node) -> Result<Converted, ModelError> {
     convert::node(n).map(Converted::Node)
 }
 
+fn conv_pod(p: &core::Pod) -> Result<Converted, ModelError> {
+    convert::pod(p).map(Converted::Pod)
+}
+
 async fn watch_kind<K>(
     api: Api<K>,
     cfg: watcher::Config,
@@ -73,8 +77,25 @@ async fn watch_kind<K>(
     }
 }
 
-/// Watch all three kinds until cancelled.
-pub async fn run(client: Client, node_name: String, store: Arc<Store>, cancel: CancellationToken) {
+/// Watch all three kinds until cancelled; with `pods`, also this node's pods (for DNS's
+/// server-side search paths: a field selector on `spec.nodeName`, never the whole cluster).
+pub async fn run(
+    client: Client,
+    node_name: String,
+    pods: bool,
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) {
+    let pod_watch = pods.then(|| {
+        tokio::spawn(watch_kind(
+            Api::<core::Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+            Kind::Pod,
+            conv_pod,
+            Arc::clone(&store),
+            cancel.clone(),
+        ))
+    });
     let svc = tokio::spawn(watch_kind(
         Api::<core::Service>::all(client.clone()),
         watcher::Config::default(),
@@ -100,4 +121,7 @@ pub async fn run(client: Client, node_name: String, store: Arc<Store>, cancel: C
         cancel,
     ));
     let _ = tokio::join!(svc, eps, node);
+    if let Some(p) = pod_watch {
+        let _ = p.await;
+    }
 }

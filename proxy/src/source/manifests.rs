@@ -99,6 +99,7 @@ pub async fn run(
             md.dir.display()
         );
         store.replace_all(objs.services, objs.slices, node);
+        store.replace_pods(objs.pods);
         Ok(())
     };
     // Watch before the first load: an edit made between the load and the watch would
