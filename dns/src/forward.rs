@@ -92,10 +92,25 @@ struct Cache {
     order: VecDeque<(String, u16)>,
 }
 
+/// One upstream resolver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Always TCP (the cluster DNS Service's endpoints, as NodeLocal DNSCache reaches them).
+    pub tcp: bool,
+}
+
 #[derive(Debug)]
 pub struct Forwarder {
     cfg: ForwardConfig,
     cache: Mutex<Cache>,
+    /// The configured addresses (UDP, TCP on truncation) and the Service endpoints (TCP).
+    upstreams: arc_swap::ArcSwap<Vec<Upstream>>,
+    /// Upstreams found to send our queries back to us: never used.
+    looping: Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Names of loop probes in flight (a query for one of them reaching us means a loop).
+    probes: Mutex<std::collections::HashSet<String>>,
+    probe_seen: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether the answer came from the cache.
@@ -128,14 +143,137 @@ fn cache_ttl(msg: &Message, cfg: &ForwardConfig) -> Option<u32> {
 
 impl Forwarder {
     pub fn new(cfg: ForwardConfig) -> Forwarder {
+        let ups = cfg
+            .upstreams
+            .iter()
+            .map(|a| Upstream {
+                addr: *a,
+                tcp: false,
+            })
+            .collect();
         Forwarder {
             cfg,
             cache: Mutex::new(Cache::default()),
+            upstreams: arc_swap::ArcSwap::from_pointee(ups),
+            looping: Mutex::default(),
+            probes: Mutex::default(),
+            probe_seen: Mutex::default(),
         }
     }
 
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.cfg.upstreams
+    /// The upstreams in use (loops removed).
+    pub fn upstreams(&self) -> Vec<Upstream> {
+        let looping = self
+            .looping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.upstreams
+            .load()
+            .iter()
+            .filter(|u| !looping.contains(&u.addr))
+            .copied()
+            .collect()
+    }
+
+    /// The configured upstreams followed by `service` (endpoints of a Service, over TCP).
+    pub fn set_service_upstreams(&self, service: &[SocketAddr]) {
+        let mut ups: Vec<Upstream> = self
+            .cfg
+            .upstreams
+            .iter()
+            .map(|a| Upstream {
+                addr: *a,
+                tcp: false,
+            })
+            .collect();
+        ups.extend(service.iter().map(|a| Upstream {
+            addr: *a,
+            tcp: true,
+        }));
+        if **self.upstreams.load() != ups {
+            tracing::info!(upstreams = ?ups, "DNS upstreams");
+            self.upstreams.store(std::sync::Arc::new(ups));
+            // Failures were the old upstreams': ask the new ones at once.
+            let mut c = self.lock();
+            c.map.retain(|_, e| !e.servfail());
+        }
+    }
+
+    /// Called for every query that reaches the forwarding path: one of our own loop probes
+    /// coming back means an upstream forwards to us.
+    pub fn note_incoming(&self, req: &Message) {
+        let mut probes = self
+            .probes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if probes.is_empty() {
+            return;
+        }
+        if let Some(q) = req.queries.first() {
+            let name = key_of(q.name());
+            if probes.remove(&name) {
+                self.probe_seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name);
+            }
+        }
+    }
+
+    /// CoreDNS's `loop`: send each upstream a query for a random name no one else asks; if
+    /// it comes back to us, that upstream forwards to us and is dropped (a loop would turn
+    /// every outside lookup into a storm). `handled` waits until our listener has had the
+    /// chance to see it. Returns the upstreams dropped.
+    pub async fn detect_loops(&self) -> Vec<SocketAddr> {
+        let mut dropped = Vec::new();
+        for up in self.upstreams() {
+            let name = format!(
+                "{}.{}.loop-probe.switchyard.invalid",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            );
+            self.probes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.clone());
+            let mut q = Message::new(
+                rand::random(),
+                hickory_proto::op::MessageType::Query,
+                hickory_proto::op::OpCode::Query,
+            );
+            q.metadata.recursion_desired = true;
+            let Ok(qname) = std::str::FromStr::from_str(&format!("{name}.")) else {
+                continue;
+            };
+            q.queries
+                .push(hickory_proto::op::Query::query(qname, RecordType::HINFO));
+            let id = q.metadata.id;
+            if let Ok(wire) = q.to_vec() {
+                let _ = if up.tcp {
+                    tokio::time::timeout(self.cfg.timeout, self.tcp(up.addr, &wire)).await
+                } else {
+                    tokio::time::timeout(self.cfg.timeout, self.udp(up.addr, &wire, id)).await
+                };
+            }
+            self.probes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&name);
+            let looped = self
+                .probe_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&name);
+            if looped {
+                tracing::error!(upstream = %up.addr, "DNS loop: this upstream sends our queries back to us; not using it");
+                self.looping
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(up.addr);
+                dropped.push(up.addr);
+            }
+        }
+        dropped
     }
 
     /// The fresh cached answer for `req`, if any (no upstream traffic).
@@ -307,9 +445,15 @@ impl Forwarder {
         up_req.metadata.id = id;
         up_req.metadata.recursion_desired = true;
         let wire = up_req.to_vec().ok()?;
-        for up in &self.cfg.upstreams {
-            let mut got = tokio::time::timeout(self.cfg.timeout, self.udp(*up, &wire, id)).await;
-            if let Ok(Ok(m)) = &got
+        for u in self.upstreams() {
+            let up = &u.addr;
+            let mut got = if u.tcp {
+                tokio::time::timeout(self.cfg.timeout, self.tcp(*up, &wire)).await
+            } else {
+                tokio::time::timeout(self.cfg.timeout, self.udp(*up, &wire, id)).await
+            };
+            if !u.tcp
+                && let Ok(Ok(m)) = &got
                 && m.metadata.truncation
             {
                 got = tokio::time::timeout(self.cfg.timeout, self.tcp(*up, &wire)).await;
@@ -349,7 +493,10 @@ impl Forwarder {
             return (m, Source::Stale);
         }
         let fail = response_to(req, ResponseCode::ServFail);
-        if self.cfg.servfail_ttl > 0 && !self.lock().map.contains_key(&key) {
+        if self.cfg.servfail_ttl > 0
+            && !self.upstreams.load().is_empty()
+            && !self.lock().map.contains_key(&key)
+        {
             self.insert(key, fail.clone(), self.cfg.servfail_ttl);
         }
         (fail, Source::Failed)
@@ -509,6 +656,64 @@ mod tests {
         let m = h.answer(&query("example.org.")).await;
         assert_eq!(m.answers.len(), 1);
         assert_eq!(h.metrics.stale_answers.get(), 1);
+    }
+
+    /// An upstream that relays every query back to our own listener is found and dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstream_that_forwards_to_us_is_detected_and_dropped() {
+        use crate::handler::Handler;
+        use crate::metrics::DnsMetrics;
+        use crate::snapshot::{PodsMode, Snapshot, ZoneConfig};
+        // The relay: whatever it gets, it asks our listener and hands the answer back.
+        let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let listen: SocketAddr = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = relay.recv_from(&mut buf).await {
+                let out = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let _ = out.send_to(&buf[..n], listen).await;
+                let mut back = [0u8; 2048];
+                if let Ok(Ok(m)) =
+                    tokio::time::timeout(Duration::from_millis(500), out.recv(&mut back)).await
+                {
+                    let _ = relay.send_to(&back[..m], peer).await;
+                }
+            }
+        });
+        let (good, _, _) = upstream(60).await;
+        let f = Arc::new(Forwarder::new(ForwardConfig {
+            upstreams: vec![relay_addr, good],
+            timeout: Duration::from_millis(300),
+            ..ForwardConfig::default()
+        }));
+        let h = Handler {
+            snapshot: Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::empty(
+                ZoneConfig {
+                    zone: "cluster.local".into(),
+                    ttl: 5,
+                    pods: PodsMode::Disabled,
+                },
+            ))),
+            forwarder: Arc::clone(&f),
+            metrics: DnsMetrics::default(),
+            pods: None,
+        };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let l = crate::Listener::bind(&h, listen, &cancel).await.unwrap();
+        let dropped = f.detect_loops().await;
+        assert_eq!(dropped, vec![relay_addr]);
+        assert_eq!(
+            f.upstreams(),
+            vec![Upstream {
+                addr: good,
+                tcp: false
+            }]
+        );
+        l.stop().await;
     }
 
     #[test]

@@ -103,6 +103,7 @@ impl Handler {
             Outcome::Answer(m) => (*m, Plugin::Kubernetes),
             Outcome::Forward => {
                 drop(snap);
+                self.forwarder.note_incoming(req);
                 let (m, src) = self.forwarder.forward(req).await;
                 let plugin = match src {
                     Source::Cache => {

@@ -15,6 +15,8 @@ use switchyard_dns::{
 };
 use tokio_util::sync::CancellationToken;
 
+use switchyard_model::{Engine, Protocol, ServiceKey};
+
 use crate::config::{DnsPods, DnsSettings};
 use crate::metrics::Metrics;
 use crate::store::{DnsDelta, Store};
@@ -38,7 +40,7 @@ pub fn zone_config(dns: &DnsSettings, cluster_domain: Option<&str>) -> ZoneConfi
 
 /// The upstreams: from the config, else the node's resolv.conf minus our own addresses.
 pub fn upstreams(dns: &DnsSettings, listen: &[SocketAddr]) -> Vec<SocketAddr> {
-    if !dns.upstream.is_empty() {
+    if !dns.upstream.is_empty() || !dns.upstream_services.is_empty() {
         return dns.upstream.clone();
     }
     let rc = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -81,6 +83,8 @@ pub fn build(
         }),
     };
     let follower = ZoneFollower {
+        upstream_services: dns.upstream_services.clone(),
+        forwarder: Arc::clone(&handler.forwarder),
         store: Arc::clone(store),
         builder: ZoneBuilder::new(zone),
         snapshot,
@@ -98,6 +102,40 @@ pub struct ZoneFollower {
     snapshot: SharedSnapshot,
     metrics: DnsMetrics,
     serial: u32,
+    upstream_services: Vec<ServiceKey>,
+    forwarder: Arc<Forwarder>,
+}
+
+/// The ready endpoints of each Service's DNS port (53; TCP preferred), as upstreams.
+pub fn service_upstreams(e: &Engine, keys: &[ServiceKey]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for key in keys {
+        let Some(svc) = e.service(key) else { continue };
+        let Some(sp) = svc
+            .ports
+            .iter()
+            .find(|p| p.port == 53 && p.protocol == Protocol::Tcp)
+            .or_else(|| svc.ports.iter().find(|p| p.port == 53))
+        else {
+            continue;
+        };
+        for slice in e.slices_of(key) {
+            let Some(ep_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|ep| svc.counts_as_ready(ep)) {
+                let a = SocketAddr::new(ep.address, ep_port.port);
+                if !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl ZoneFollower {
@@ -110,6 +148,12 @@ impl ZoneFollower {
                     self.apply(&delta);
                 }
                 first = false;
+                if !self.upstream_services.is_empty() {
+                    let ups = self
+                        .store
+                        .read(|e| service_upstreams(e, &self.upstream_services));
+                    self.forwarder.set_service_upstreams(&ups);
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -147,5 +191,39 @@ impl ZoneFollower {
                 .observe(since.elapsed().as_secs_f64());
         }
         tracing::debug!(services = self.builder.len(), "DNS zone published");
+    }
+}
+
+/// CoreDNS's `loop` check, once the resolver serves and then every 10 minutes (upstreams
+/// come and go): an upstream that sends our queries back to us is dropped, logged and
+/// counted (`switchyard_dns_upstream_loops_total`).
+pub async fn check_loops(
+    forwarder: Arc<Forwarder>,
+    status: Arc<crate::dns_listen::DnsStatus>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let loops = prometheus_client::metrics::counter::Counter::<u64>::default();
+    metrics.register_with(|r| {
+        r.register(
+            "switchyard_dns_upstream_loops",
+            "Upstreams dropped because they sent our own queries back to us",
+            loops.clone(),
+        );
+    });
+    loop {
+        // Wait for a listener: the probe can only come back to a server that listens.
+        while !status.any_serving() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        let dropped = forwarder.detect_loops().await;
+        loops.inc_by(dropped.len() as u64);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_mins(10)) => {}
+        }
     }
 }

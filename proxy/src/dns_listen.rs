@@ -77,6 +77,14 @@ impl DnsStatus {
             .insert(addr, r);
     }
 
+    pub fn any_serving(&self) -> bool {
+        self.addrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(Result::is_ok)
+    }
+
     pub fn serving(&self, addr: SocketAddr) -> bool {
         self.addrs
             .lock()

@@ -39,7 +39,11 @@ fn the_daemonset_config_parses_and_the_api_server_address_is_a_value() {
     // List/watch only, and pods only because autopath needs this node's.
     let role = find(&d, "ClusterRole", "switchyard");
     for rule in role["rules"].as_array().unwrap() {
-        assert_eq!(rule["verbs"], serde_json::json!(["list", "watch"]), "{rule}");
+        assert_eq!(
+            rule["verbs"],
+            serde_json::json!(["list", "watch"]),
+            "{rule}"
+        );
     }
     assert!(
         role["rules"]

@@ -532,3 +532,51 @@ fn a_dataplane_failing_every_sync_does_not_hold_dns_back() {
     cancel.cancel();
     rt.shutdown_timeout(Duration::from_secs(5));
 }
+
+/// `service:kube-system/kube-dns` as the upstream: the Service's ready endpoints, over TCP
+/// (as NodeLocal DNSCache reaches the cluster's CoreDNS), followed as the endpoints change.
+#[test]
+fn a_service_upstream_is_reached_over_tcp_at_its_endpoints() {
+    let (up, udp_count) = fake_upstream();
+    let m = examples_copy();
+    std::fs::write(
+        m.path().join("kube-dns.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {{name: dns, port: 53, protocol: UDP}}\n  - {{name: dns-tcp, port: 53, protocol: TCP}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\naddressType: IPv4\nports:\n- {{name: dns, port: {up}, protocol: UDP}}\n- {{name: dns-tcp, port: {up}, protocol: TCP}}\nendpoints:\n- addresses: [127.0.0.1]\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "minSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\ndns:\n  upstream: ['service:kube-system/kube-dns']\n",
+    )
+    .unwrap();
+    let _d = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "run",
+                "--backend",
+                "none",
+                "--node-name",
+                "node-a",
+                "--source",
+            ])
+            .arg(format!("manifests:{}", m.path().display()))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--dns-listen", &format!("127.0.0.1:{port}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while short(port, &["www.example.org"]) != ["192.0.2.1"] {
+        assert!(t.elapsed() < Duration::from_secs(20), "never forwarded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Over TCP: the upstream saw no UDP query (its loop probe included).
+    assert_eq!(udp_count.load(Ordering::SeqCst), 0);
+}

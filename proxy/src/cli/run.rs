@@ -209,6 +209,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             &metrics,
         );
         tasks.spawn(follower.run(cancel.clone()).map(Ok));
+        tasks.spawn(
+            crate::dns::check_loops(
+                Arc::clone(&handler.forwarder),
+                Arc::clone(status),
+                Arc::clone(&metrics),
+                cancel.clone(),
+            )
+            .map(Ok),
+        );
         if let Some((r, target)) = redirector {
             tasks.spawn(
                 crate::dns_listen::intercept(

@@ -266,8 +266,11 @@ pub struct DnsSettings {
     pub cluster_domain: String,
     pub listen: Vec<SocketAddr>,
     pub ttl: u32,
-    /// Empty: the node's resolv.conf.
+    /// Empty (and no Service): the node's resolv.conf.
     pub upstream: Vec<SocketAddr>,
+    /// Services whose endpoints are upstreams too, over TCP (`service:NS/NAME`): the
+    /// cluster's CoreDNS, so its stub domains and plugins stay in force.
+    pub upstream_services: Vec<ServiceKey>,
     pub pods: DnsPods,
     pub cache_size: usize,
     pub cache_max_ttl: u32,
@@ -568,15 +571,29 @@ impl Config {
             listen.push(bind_address(&field, l)?.ok_or_else(|| invalid(&field, "empty"))?);
         }
         let mut upstream = Vec::new();
+        let mut upstream_services = Vec::new();
         for (i, u) in self.dns.upstream.iter().enumerate() {
             let u = u.trim();
+            if let Some(svc) = u.strip_prefix("service:") {
+                let (ns, name) = svc
+                    .split_once('/')
+                    .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
+                    .ok_or_else(|| {
+                        invalid(
+                            &format!("dns.upstream[{i}]"),
+                            format!("{u:?}: want service:NAMESPACE/NAME"),
+                        )
+                    })?;
+                upstream_services.push(ServiceKey::new(ns, name));
+                continue;
+            }
             let addr = u
                 .parse::<SocketAddr>()
                 .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
                 .map_err(|_| {
                     invalid(
                         &format!("dns.upstream[{i}]"),
-                        format!("{u:?} is not ADDR or ADDR:PORT"),
+                        format!("{u:?} is not ADDR, ADDR:PORT or service:NAMESPACE/NAME"),
                     )
                 })?;
             upstream.push(addr);
@@ -670,6 +687,7 @@ impl Config {
                 listen,
                 ttl: d.ttl,
                 upstream,
+                upstream_services,
                 pods: d.pods,
                 cache_size: d.cache_size as usize,
                 cache_max_ttl: d.cache_max_ttl,
@@ -740,7 +758,12 @@ mod tests {
             (
                 "dns:\n  upstream: ['10.0.0.10', 'resolver.example']\n",
                 "dns.upstream[1]",
-                "not ADDR or ADDR:PORT",
+                "not ADDR, ADDR:PORT or service:NAMESPACE/NAME",
+            ),
+            (
+                "dns:\n  upstream: ['service:kube-dns']\n",
+                "dns.upstream[0]",
+                "want service:NAMESPACE/NAME",
             ),
             (
                 "lbAlgorithm: roundrobin\n",
