@@ -41,6 +41,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// A TCP listener with SO_REUSEPORT, as the UDP sockets: a new process (an upgrade) binds
+/// beside the old one and takes over when it stops, with no moment nobody listens.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
 /// One address served, UDP and TCP, until `stop` (or the token given to `bind`).
 pub struct Listener {
     server: Server<handler::Handler>,
@@ -68,7 +84,7 @@ impl Listener {
             metrics: handler.metrics.for_server(addr),
             ..handler.clone()
         };
-        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let tcp = reuseport_listener(addr)?;
         let threads = match crate::fast::serve_udp(
             handler,
             addr,

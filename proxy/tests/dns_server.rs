@@ -133,7 +133,16 @@ fn fake_upstream() -> (u16, Arc<AtomicUsize>) {
 }
 
 fn start(manifests: &std::path::Path, upstream: u16) -> (Daemon, u16, tempfile::TempDir) {
-    let port = free_port();
+    start_on(manifests, upstream, None)
+}
+
+/// As `start`, on `port` when given (another process may be serving it already).
+fn start_on(
+    manifests: &std::path::Path,
+    upstream: u16,
+    port: Option<u16>,
+) -> (Daemon, u16, tempfile::TempDir) {
+    let port = port.unwrap_or_else(free_port);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.yaml");
     std::fs::write(
@@ -579,4 +588,46 @@ fn a_service_upstream_is_reached_over_tcp_at_its_endpoints() {
     }
     // Over TCP: the upstream saw no UDP query (its loop probe included).
     assert_eq!(udp_count.load(Ordering::SeqCst), 0);
+}
+
+/// An upgrade as an operator runs it: the new process starts beside the old one (both bind
+/// with SO_REUSEPORT), the old one stops; a client asking all along gets every answer.
+#[test]
+fn a_new_process_takes_over_dns_without_a_gap() {
+    let (up, _) = fake_upstream();
+    let m = examples_copy();
+    let (old, port, _dir) = start_on(m.path(), up, None);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (asked, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (stop, asked, failed) = (Arc::clone(&stop), Arc::clone(&asked), Arc::clone(&failed));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                asked.fetch_add(1, Ordering::SeqCst);
+                if short(port, &["frontend.shop.svc.cluster.local"]) != ["10.96.10.10"] {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The new one binds beside the old one and answers.
+    let (new, _, _dir2) = start_on(m.path(), up, Some(port));
+    std::thread::sleep(Duration::from_millis(300));
+    // The old one stops as Kubernetes stops a pod.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(old.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut old = old;
+    let _ = old.0.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+    drop(new);
+    let (asked, failed) = (asked.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert!(asked > 20, "{asked}");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {asked} queries failed across the handover"
+    );
 }
