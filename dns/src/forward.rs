@@ -703,7 +703,7 @@ mod tests {
             pods: None,
         };
         let cancel = tokio_util::sync::CancellationToken::new();
-        let l = crate::Listener::bind(&h, listen, &cancel).await.unwrap();
+        let l = crate::Listener::bind(&h, listen, &cancel).unwrap();
         let dropped = f.detect_loops().await;
         assert_eq!(dropped, vec![relay_addr]);
         assert_eq!(

@@ -32,7 +32,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let mut bound = Vec::new();
     for addr in listen {
-        bound.push(Listener::bind(&handler, *addr, &cancel).await?);
+        bound.push(Listener::bind(&handler, *addr, &cancel)?);
     }
     cancel.cancelled().await;
     for b in bound {
@@ -72,7 +72,7 @@ impl std::fmt::Debug for Listener {
 
 impl Listener {
     /// Bind `addr` (UDP and TCP) and start answering; fails with the bind error.
-    pub async fn bind(
+    pub fn bind(
         handler: &Handler,
         addr: SocketAddr,
         parent: &CancellationToken,

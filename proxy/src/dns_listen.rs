@@ -182,7 +182,6 @@ pub async fn serve(
     loop {
         let attempt = match provision(addr.ip()) {
             Ok(how) => Listener::bind(&handler, addr, &cancel)
-                .await
                 .map(|l| (l, how))
                 .map_err(|e| format!("binding {addr}: {e}")),
             Err(e) => Err(format!("provisioning {}: {e}", addr.ip())),
