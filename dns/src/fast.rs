@@ -267,6 +267,13 @@ pub fn serve_udp(
                             Err(_) => {}
                         }
                     }
+                    // Stopping: answer what is already queued on this socket (with
+                    // SO_REUSEPORT, a new process's socket takes what arrives from now on).
+                    if w.sock.set_nonblocking(true).is_ok() {
+                        while let Ok((n, peer)) = w.sock.recv_from(&mut buf) {
+                            w.handle(&buf[..n], peer);
+                        }
+                    }
                     w.flush();
                 })?,
         );

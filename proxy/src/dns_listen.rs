@@ -178,6 +178,15 @@ pub async fn serve(
     status: Arc<DnsStatus>,
     cancel: CancellationToken,
 ) {
+    // Join the listeners only with a zone to answer from: during an upgrade the old
+    // process (same SO_REUSEPORT group) answers until then; on a fresh node, intercepted
+    // queries go to the Service's endpoints meanwhile.
+    while !handler.snapshot.load().synced {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
     let mut backoff = Duration::from_secs(1);
     loop {
         let attempt = match provision(addr.ip()) {
