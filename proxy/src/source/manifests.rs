@@ -108,11 +108,14 @@ pub async fn run(
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         // Our own reads raise open/read/close events: reacting to them would reload forever.
         // A change is a create, remove, rename or write (or a close after writing).
-        use notify::event::{AccessKind, AccessMode, EventKind};
+        // Reading also updates access times (every read on a strictatime mount): a metadata
+        // event is a change only when it is the modification time.
+        use notify::event::{AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind};
         if let Ok(ev) = ev {
             let change = match ev.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
                 EventKind::Access(_) => false,
+                EventKind::Modify(ModifyKind::Metadata(m)) => m == MetadataKind::WriteTime,
                 _ => true,
             };
             if change {

@@ -18,7 +18,9 @@ use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
 use switchyard::dataplane::ebpf::{cleanup_pins, load_maps};
 use switchyard_ebpf_common::{Frontend4Key, FrontendValue};
 use switchyard_model::{Engine, ProxyConfig, synthetic};
-use switchyard_tests::sandbox::{VethEnd, add_netns, bin, cgroup2_root, require_root, sh, veth};
+use switchyard_tests::sandbox::{
+    VethEnd, add_netns, bin, cgroup2_root, in_netns, require_root, sh, veth,
+};
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
@@ -754,6 +756,9 @@ impl Drop for NsGuard {
             let _ = c.wait();
         }
         let _ = sh(&["ip", "netns", "del", &self.0]);
+        // A resolv.conf given to the namespace (the autopath rows).
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+        let _ = std::fs::remove_dir("/etc/netns");
     }
 }
 
@@ -890,6 +895,132 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
             "| {name} | {qps:.0} | {avg:.3} | {p50:.3} | {p99:.3} | {:.2} | {codes} |",
             qps / base
         );
+    }
+    autopath_bench(&ns, work.path(), &mdir, &mut guard)?;
+    Ok(())
+}
+
+/// A pod's lookup of a name outside its cluster zone with `ndots:5` (glibc's resolver,
+/// `getent`): queries on the wire and time per lookup, with autopath and without (what
+/// CoreDNS without autopath gives). The "pod" is this namespace's 127.0.0.1, listed as a Pod
+/// of ns0; its cluster domain is cluster2.local and the names it looks up are Knot's
+/// (cluster.local), reached through the forwarder.
+fn autopath_bench(ns: &str, work: &Path, mdir: &Path, guard: &mut NsGuard) -> anyhow::Result<()> {
+    let pod = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: ns0}\nspec: {nodeName: node-0, containers: []}\nstatus: {podIP: 127.0.0.1}\n";
+    let pdir = work.join("manifests-pod");
+    std::fs::create_dir_all(&pdir)?;
+    std::fs::write(
+        pdir.join("cluster.yaml"),
+        std::fs::read_to_string(mdir.join("cluster.yaml"))? + pod,
+    )?;
+    // glibc's AI_ADDRCONFIG answers IPv4 only where the host has a non-loopback IPv4 address.
+    sh(&["ip", "-n", ns, "addr", "add", "10.255.0.1/32", "dev", "lo"])?;
+    let lookups: u32 = 200;
+    let mut rows = Vec::new();
+    for (label, addr, autopath, metrics) in [
+        ("autopath on", "127.0.0.2", true, 10_262u16),
+        ("autopath off (CoreDNS default)", "127.0.0.3", false, 10_263),
+    ] {
+        let cfg = work.join(format!("ap-{metrics}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "healthzBindAddress: ''\nmetricsBindAddress: 127.0.0.1:{metrics}\ndns:\n  upstream: ['127.0.0.1:5300']\n  autopath: {autopath}\n"
+            ),
+        )?;
+        guard.1.push(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(bin("switchyard"))
+                .args([
+                    "run",
+                    "--backend",
+                    "none",
+                    "--node-name",
+                    "node-0",
+                    "--cluster-domain",
+                    "cluster2.local",
+                    "--source",
+                ])
+                .arg(format!("manifests:{}", pdir.display()))
+                .arg("--config")
+                .arg(&cfg)
+                .args(["--dns-listen", &format!("{addr}:53")])
+                .env("SWITCHYARD_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!(
+                "search ns0.svc.cluster2.local svc.cluster2.local cluster2.local\nnameserver {addr}\noptions ndots:5 timeout:1 attempts:2\n"
+            ),
+        )?;
+        let requests = || -> f64 {
+            let out = in_netns(ns, move || {
+                use std::io::{Read, Write};
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics)) else {
+                    return String::new();
+                };
+                let _ = write!(
+                    s,
+                    "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                );
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                out
+            })
+            .unwrap_or_default();
+            out.lines()
+                .filter(|l| l.starts_with("coredns_dns_requests_total{"))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum()
+        };
+        let script = |from: u32, to: u32| {
+            format!(
+                "for i in $(seq {from} {to}); do getent ahostsv4 svc$i.ns$((i % 10)).svc.cluster.local >/dev/null || exit 1; done"
+            )
+        };
+        // Warm: the server is up and every name is in its cache.
+        let start = Instant::now();
+        while !Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", &script(1, 1)])
+            .status()?
+            .success()
+        {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("{label}: the pod lookup never worked");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        sh(&["ip", "netns", "exec", ns, "sh", "-c", &script(1, lookups)])?;
+        std::thread::sleep(Duration::from_millis(500));
+        let before = requests();
+        let t = Instant::now();
+        sh(&["ip", "netns", "exec", ns, "sh", "-c", &script(1, lookups)])?;
+        let took = t.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let queries = (requests() - before) / f64::from(lookups);
+        rows.push((
+            label,
+            queries,
+            took.as_secs_f64() * 1000.0 / f64::from(lookups),
+        ));
+        let _ = std::fs::remove_dir_all(&etc);
+    }
+    println!(
+        "\n### A pod's lookup of a name outside its zone, ndots:5, 3 search domains (glibc getent, {lookups} lookups, answers cached)\n"
+    );
+    println!(
+        "| server | queries per lookup | ms per lookup (incl. getent exec) | queries vs autopath off |"
+    );
+    println!("|---|---|---|---|");
+    let off = rows[1].1;
+    for (label, q, ms) in &rows {
+        println!("| {label} | {q:.2} | {ms:.2} | {:.2} |", q / off);
     }
     Ok(())
 }
