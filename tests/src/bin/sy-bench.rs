@@ -991,7 +991,7 @@ fn autopath_bench(ns: &str, work: &Path, mdir: &Path, guard: &mut NsGuard) -> an
             .status()?
             .success()
         {
-            if start.elapsed() > Duration::from_secs(60) {
+            if start.elapsed() > Duration::from_mins(1) {
                 bail!("{label}: the pod lookup never worked");
             }
             std::thread::sleep(Duration::from_millis(200));
