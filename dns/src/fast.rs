@@ -50,6 +50,59 @@ pub fn encode(req: &Message, mut resp: Message) -> Option<Vec<u8>> {
     resp.to_vec().ok()
 }
 
+/// A forwarded answer kept encoded by one worker.
+struct FwdHit {
+    out: Vec<u8>,
+    qtype: u16,
+    rcode: u8,
+    denial: bool,
+    /// Byte offsets of the records' TTLs (OPT excluded) and their values when stored.
+    ttl_at: Vec<(usize, u32)>,
+    stored: Instant,
+    /// After this the shared cache answers again (it refreshes popular names before expiry).
+    until: Instant,
+}
+
+fn skip_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let l = *b.get(i)?;
+        if l & 0xc0 == 0xc0 {
+            return Some(i + 2);
+        }
+        if l == 0 {
+            return Some(i + 1);
+        }
+        i += 1 + usize::from(l);
+    }
+}
+
+/// The offsets and values of every record's TTL in an encoded message (not OPT's, whose
+/// TTL field holds flags).
+fn ttl_offsets(b: &[u8]) -> Option<Vec<(usize, u32)>> {
+    let n = |i: usize| -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([
+            *b.get(i)?,
+            *b.get(i + 1)?,
+        ])))
+    };
+    let (qd, an, ns, ar) = (n(4)?, n(6)?, n(8)?, n(10)?);
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(b, i)? + 4;
+    }
+    let mut out = Vec::new();
+    for _ in 0..an + ns + ar {
+        i = skip_name(b, i)?;
+        let ty = n(i)?;
+        let ttl = u32::from_be_bytes(b.get(i + 4..i + 8)?.try_into().ok()?);
+        if ty != 41 {
+            out.push((i + 4, ttl));
+        }
+        i += 10 + n(i + 8)?;
+    }
+    (i == b.len()).then_some(out)
+}
+
 struct Worker {
     handler: Handler,
     sock: UdpSocket,
@@ -58,6 +111,9 @@ struct Worker {
     cache: HashMap<Vec<u8>, (Vec<u8>, u16)>,
     /// The snapshot the cache was filled from (compared by pointer).
     cache_for: Option<Arc<Snapshot>>,
+    /// Forwarded names answered from the shared cache, kept encoded: query bytes after the ID
+    /// -> the response, with where its TTLs are so they count down.
+    fwd: HashMap<Vec<u8>, FwdHit>,
     counts: HashMap<Counted, u64>,
     hist: HashMap<u16, prometheus_client::metrics::histogram::Histogram>,
     last_flush: Instant,
@@ -94,6 +150,28 @@ impl Worker {
         {
             self.cache.clear();
             self.cache_for = Some(Arc::clone(&snap));
+        }
+        if raw.len() >= 12
+            && raw[2] & 0x80 == 0
+            && let Some(h) = self.fwd.get(&raw[2..])
+        {
+            if start < h.until {
+                let mut out = h.out.clone();
+                out[0] = raw[0];
+                out[1] = raw[1];
+                let age =
+                    u32::try_from(start.duration_since(h.stored).as_secs()).unwrap_or(u32::MAX);
+                for (off, ttl) in &h.ttl_at {
+                    out[*off..*off + 4].copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+                }
+                let _ = self.sock.send_to(&out, peer);
+                let (qtype, rcode, denial) = (h.qtype, h.rcode, h.denial);
+                self.handler.metrics.cache_hit(denial);
+                self.count(qtype, rcode, peer, Plugin::Cache);
+                self.sample(qtype, start);
+                return;
+            }
+            self.fwd.remove(&raw[2..]);
         }
         if raw.len() >= 12
             && raw[2] & 0x80 == 0
@@ -154,8 +232,10 @@ impl Worker {
                         });
                     }
                     let rcode = m.metadata.response_code.low();
+                    let denial = crate::handler::denial(&m);
                     if let Some(out) = encode(&req, m) {
                         let _ = self.sock.send_to(&out, peer);
+                        self.keep_forwarded(raw, out, qtype, rcode, denial, start);
                     }
                     self.count(qtype, rcode, peer, Plugin::Cache);
                     self.sample(qtype, start);
@@ -164,6 +244,44 @@ impl Worker {
                 self.spawn_answer(req, qtype, peer, start);
             }
         }
+    }
+
+    /// Keep a forwarded answer encoded for this worker, for 90 % of its remaining TTL (the
+    /// shared cache takes over near expiry, where it refreshes popular names). NOERROR and
+    /// NXDOMAIN only.
+    fn keep_forwarded(
+        &mut self,
+        raw: &[u8],
+        out: Vec<u8>,
+        qtype: u16,
+        rcode: u8,
+        denial: bool,
+        now: Instant,
+    ) {
+        if !(rcode == 0 || rcode == 3) || self.fwd.len() >= CACHE_LIMIT {
+            return;
+        }
+        let Some(ttl_at) = ttl_offsets(&out) else {
+            return;
+        };
+        let Some(min) = ttl_at.iter().map(|(_, t)| *t).min() else {
+            return;
+        };
+        if min < 2 {
+            return;
+        }
+        self.fwd.insert(
+            raw[2..].to_vec(),
+            FwdHit {
+                out,
+                qtype,
+                rcode,
+                denial,
+                ttl_at,
+                stored: now,
+                until: now + Duration::from_secs(u64::from(min)).mul_f64(0.9),
+            },
+        );
     }
 
     /// Answer on the runtime (upstream traffic, or a search path walked server-side).
@@ -242,6 +360,7 @@ pub fn serve_udp(
             rt: rt.clone(),
             cache: HashMap::new(),
             cache_for: None,
+            fwd: HashMap::new(),
             counts: HashMap::new(),
             hist: HashMap::new(),
             last_flush: Instant::now(),
@@ -279,4 +398,52 @@ pub fn serve_udp(
         );
     }
     Ok(threads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, OpCode, Query};
+    use hickory_proto::rr::rdata::{A, SOA};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::str::FromStr;
+
+    #[test]
+    fn ttl_offsets_find_every_record_but_opt_and_patch_cleanly() {
+        let name = Name::from_str("www.example.org.").unwrap();
+        let mut m = Message::new(7, MessageType::Response, OpCode::Query);
+        m.queries.push(Query::query(name.clone(), RecordType::A));
+        m.answers.push(Record::from_rdata(
+            name.clone(),
+            300,
+            RData::A(A([192, 0, 2, 1].into())),
+        ));
+        m.answers.push(Record::from_rdata(
+            name.clone(),
+            120,
+            RData::A(A([192, 0, 2, 2].into())),
+        ));
+        m.authorities.push(Record::from_rdata(
+            Name::from_str("example.org.").unwrap(),
+            60,
+            RData::SOA(SOA::new(name.clone(), name.clone(), 1, 2, 3, 4, 5)),
+        ));
+        m.edns = Some(Edns::new());
+        let mut wire = m.to_vec().unwrap();
+        let offs = ttl_offsets(&wire).unwrap();
+        assert_eq!(
+            offs.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+            [300, 120, 60]
+        );
+        for (off, ttl) in &offs {
+            wire[*off..*off + 4].copy_from_slice(&(ttl - 10).to_be_bytes());
+        }
+        let back = Message::from_vec(&wire).unwrap();
+        assert_eq!(back.answers[0].ttl, 290);
+        assert_eq!(back.answers[1].ttl, 110);
+        assert_eq!(back.authorities[0].ttl, 50);
+        assert!(back.edns.is_some(), "OPT untouched");
+        // A truncated message is not trusted.
+        assert!(ttl_offsets(&wire[..wire.len() - 3]).is_none());
+    }
 }
