@@ -157,13 +157,22 @@ pub fn unprovision(addrs: &[IpAddr]) -> Vec<String> {
     if ip(&["link", "show", LINK]).is_ok() && ip(&["link", "del", LINK]).is_ok() {
         done.push(format!("dns: deleted link {LINK}"));
     }
+    done.extend(unprovision_addresses(addrs));
+    done
+}
+
+/// Remove `addrs` from our dummy link or `lo` (host scope), wherever `provision` put them.
+pub fn unprovision_addresses(addrs: &[IpAddr]) -> Vec<String> {
+    let mut done = Vec::new();
     for a in addrs
         .iter()
         .filter(|a| !a.is_unspecified() && !a.is_loopback())
     {
         let prefix = if a.is_ipv4() { 32 } else { 128 };
         let cidr = format!("{a}/{prefix}");
-        if ip(&["addr", "del", &cidr, "dev", "lo", "scope", "host"]).is_ok() {
+        if ip(&["addr", "del", &cidr, "dev", LINK]).is_ok() {
+            done.push(format!("dns: removed {cidr} from {LINK}"));
+        } else if ip(&["addr", "del", &cidr, "dev", "lo", "scope", "host"]).is_ok() {
             done.push(format!("dns: removed {cidr} from lo"));
         }
     }
@@ -215,13 +224,16 @@ pub async fn serve(
     }
 }
 
-/// Keep cluster DNS interception in step with the resolver: on (to `target`) while it serves
-/// `target` and the store has its first complete lists, off otherwise. The heartbeat every
-/// `HEARTBEAT` lets the kernel turn it off by itself within a second if this process dies;
-/// a clean stop turns it off at once.
+/// Keep cluster DNS interception in step with the resolver: on while it serves (at `target`,
+/// and with iptables also at the Service's ClusterIP:53, a listener this task runs) and the
+/// store has its first complete lists; off otherwise. The eBPF heartbeat every `HEARTBEAT`
+/// lets the kernel turn it off by itself within a second if this process dies; a clean stop
+/// turns it off at once.
 pub async fn intercept(
     mut redirector: Box<dyn crate::dataplane::DnsRedirector>,
+    service: switchyard_model::ServiceKey,
     target: std::net::SocketAddrV4,
+    handler: Handler,
     status: Arc<DnsStatus>,
     store: Arc<crate::store::Store>,
     cancel: CancellationToken,
@@ -229,14 +241,56 @@ pub async fn intercept(
     let gauge = status.interception.clone();
     let mut tick = tokio::time::interval(crate::dataplane::HEARTBEAT);
     let mut last: Option<bool> = None;
+    // The listener on the Service's address (iptables) and what it listens on.
+    let mut service_listener: Option<(Vec<std::net::Ipv4Addr>, CancellationToken)> = None;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let on = status.serving(SocketAddr::V4(target)) && store.initialized();
-        if let Err(e) = redirector.set(on.then_some(target)) {
-            tracing::error!(error = %crate::error::chain(&e), "writing the DNS interception heartbeat");
+        let service_ips: Vec<std::net::Ipv4Addr> = store.read(|e| {
+            e.service(&service)
+                .map(|s| {
+                    s.cluster_ips
+                        .iter()
+                        .filter_map(|ip| match ip {
+                            std::net::IpAddr::V4(v4) => Some(*v4),
+                            std::net::IpAddr::V6(_) => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let mut serving = status.serving(SocketAddr::V4(target));
+        if redirector.listens_on_service_ip() {
+            if service_listener.as_ref().map(|(ips, _)| ips) != Some(&service_ips) {
+                if let Some((_, c)) = service_listener.take() {
+                    c.cancel();
+                }
+                let c = cancel.child_token();
+                for ip in &service_ips {
+                    tokio::spawn(serve(
+                        handler.clone(),
+                        SocketAddr::new((*ip).into(), 53),
+                        Arc::clone(&status),
+                        c.clone(),
+                    ));
+                }
+                service_listener = Some((service_ips.clone(), c));
+            }
+            serving = serving
+                && !service_ips.is_empty()
+                && service_ips
+                    .iter()
+                    .all(|ip| status.serving(SocketAddr::new((*ip).into(), 53)));
+        }
+        let on = serving && store.initialized();
+        let redirect = crate::dataplane::Redirect {
+            target,
+            service_ips,
+        };
+        if let Err(e) = redirector.set(on.then_some(&redirect)) {
+            tracing::error!(error = %crate::error::chain(&e), "turning DNS interception {}", if on { "on" } else { "off" });
             continue;
         }
         gauge.set(i64::from(on));
@@ -249,7 +303,14 @@ pub async fn intercept(
             last = Some(on);
         }
     }
-    // Hand DNS back to the endpoints before the listener goes.
+    // Hand DNS back to the endpoints before the listeners go.
     let _ = redirector.set(None);
     gauge.set(0);
+    if let Some((ips, c)) = service_listener {
+        c.cancel();
+        let addrs: Vec<std::net::IpAddr> = ips.into_iter().map(Into::into).collect();
+        for line in unprovision_addresses(&addrs) {
+            tracing::info!("{line}");
+        }
+    }
 }

@@ -1,8 +1,11 @@
-//! Transparent interception of the cluster DNS Service (eBPF socket LB): a pod whose
+//! Transparent interception of the cluster DNS Service. eBPF (socket LB): a pod whose
 //! resolv.conf points at the kube-dns ClusterIP, unchanged, is answered by the node-local
 //! resolver (its query counter moves; the Service's endpoints see nothing), with no
 //! conntrack DNAT entry. When the resolver dies (SIGKILL) the kernel hands DNS back to the
 //! endpoints within a second; a restart takes it back; a clean stop hands it back at once.
+//! iptables (NodeLocal DNSCache's shape): the same pod is answered by the resolver listening
+//! on the ClusterIP itself, NOTRACK'd, so conntrack holds nothing for it; a clean stop hands
+//! DNS back to the endpoints.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -177,4 +180,63 @@ fn pods_dns_goes_to_the_node_local_resolver_and_back_to_the_endpoints_when_it_di
         (!got.contains("ok a1")).then_some(got)
     });
     assert!(took < Duration::from_millis(700), "fallback took {took:?}");
+}
+
+#[test]
+fn with_iptables_pods_dns_is_answered_locally_untracked_and_handed_back_on_stop() {
+    require_root();
+    let mut sb = Sandbox::create(
+        "syj",
+        &[
+            BackendSpec::new("a1", Ipv4Addr::new(10, 244, 1, 11)),
+            BackendSpec::new("p1", Ipv4Addr::new(10, 244, 1, 21)),
+        ],
+    )
+    .unwrap();
+    let pod = format!("{}-p1", sb.prefix);
+    let _etc = EtcNetns::resolv_conf(
+        &pod,
+        "search t.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5 timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let dir = sb.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("all.yaml"), manifests()).unwrap();
+    sb.start_daemon(&dir, "iptables", &format!("{CONFIG}iptablesMode: nft\n"))
+        .unwrap();
+    let plain = |sb: &Sandbox| {
+        sb.probe(&[
+            "--netns",
+            &pod,
+            "--udp",
+            "10.96.0.10:53",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "300",
+        ])
+        .map_or_else(|e| e.to_string(), |l| l.join(","))
+    };
+    until("getent from the pod", Duration::from_secs(20), || {
+        let got = sh(&["ip", "netns", "exec", &pod, "getent", "hosts", "web"]).unwrap_or_default();
+        (!got.contains("10.96.0.60")).then(|| format!("{got}\n{}", sb.daemon_log()))
+    });
+    assert!(metric(&sb, "coredns_dns_requests_total") >= 1.0);
+    let got = plain(&sb);
+    assert!(
+        !got.contains("ok a1"),
+        "an endpoint got an intercepted query: {got}"
+    );
+    let ct = sh(&["ip", "netns", "exec", &sb.node_ns(), "conntrack", "-L"]).unwrap_or_default();
+    assert!(
+        !ct.contains("10.96.0.10"),
+        "conntrack tracks intercepted DNS:\n{ct}"
+    );
+    // A clean stop flushes the rules: the Service's DNAT sends queries to its endpoints.
+    sb.stop_daemon();
+    let took = until("fallback after SIGTERM", Duration::from_secs(3), || {
+        let got = plain(&sb);
+        (!got.contains("ok a1")).then_some(got)
+    });
+    assert!(took < Duration::from_secs(1), "fallback took {took:?}");
 }

@@ -219,10 +219,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(Ok),
         );
         if let Some((r, target)) = redirector {
+            let service = settings
+                .dns
+                .intercept_service()
+                .cloned()
+                .unwrap_or_else(|| switchyard_model::ServiceKey::new("kube-system", "kube-dns"));
             tasks.spawn(
                 crate::dns_listen::intercept(
                     r,
+                    service,
                     target,
+                    handler.clone(),
                     Arc::clone(status),
                     Arc::clone(&store),
                     cancel.clone(),

@@ -37,11 +37,25 @@ pub trait Dataplane: Send {
     }
 }
 
-/// Turns cluster DNS interception on (to the resolver at `target`) or off. The eBPF backend
-/// writes a heartbeat the kernel checks, so interception also ends within a second of the
-/// daemon dying; call it every `HEARTBEAT`.
+/// Where intercepted cluster DNS goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The node-local resolver's address (eBPF: the socket LB rewrites to it).
+    pub target: std::net::SocketAddrV4,
+    /// The Service's IPv4 ClusterIPs (iptables: the resolver listens on them, NOTRACK'd).
+    pub service_ips: Vec<std::net::Ipv4Addr>,
+}
+
+/// Turns cluster DNS interception on or off. The eBPF backend writes a heartbeat the kernel
+/// checks, so interception also ends within a second of the daemon dying; call it every
+/// `HEARTBEAT`.
 pub trait DnsRedirector: Send {
-    fn set(&mut self, target: Option<std::net::SocketAddrV4>) -> Result<(), DataplaneError>;
+    fn set(&mut self, on: Option<&Redirect>) -> Result<(), DataplaneError>;
+    /// The resolver must also listen on the Service's ClusterIP:53 (NodeLocal DNSCache's
+    /// shape, for backends that cannot rewrite addresses).
+    fn listens_on_service_ip(&self) -> bool {
+        false
+    }
 }
 
 /// How often the resolver's liveness is written (the kernel's limit is 1 s).

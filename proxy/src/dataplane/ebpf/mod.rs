@@ -279,7 +279,8 @@ fn monotonic_ns() -> u64 {
 }
 
 impl super::DnsRedirector for DnsRedirectMap {
-    fn set(&mut self, target: Option<std::net::SocketAddrV4>) -> Result<(), DataplaneError> {
+    fn set(&mut self, on: Option<&super::Redirect>) -> Result<(), DataplaneError> {
+        let target = on.map(|r| r.target);
         let v = switchyard_ebpf_common::DnsRedirect {
             heartbeat_ns: monotonic_ns(),
             addr4: target.map_or(0, |t| u32::from_ne_bytes(t.ip().octets())),

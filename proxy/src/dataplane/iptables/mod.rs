@@ -4,6 +4,7 @@
 //! stale chains. Works with iptables-legacy and iptables-nft. UDP conntrack entries that
 //! would black-hole clients are deleted over ctnetlink after a sync (see `crate::conntrack`).
 
+pub mod dns;
 pub mod render;
 pub mod runner;
 pub mod tracer;
@@ -187,6 +188,7 @@ pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
 
 /// `cleanup_flavor` through any runner.
 pub fn cleanup_with(runner: &mut dyn Runner, flavor: Flavor) -> Result<(), DataplaneError> {
+    dns::cleanup(runner, flavor);
     cleanup_family(runner, flavor, IpFamily::IPv4)?;
     cleanup_family(runner, flavor, IpFamily::IPv6)
 }
@@ -538,6 +540,12 @@ impl Dataplane for IptablesBackend {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let flavor = self.families[0].flavor;
         cleanup_with(self.runner.as_mut(), flavor)
+    }
+
+    fn dns_redirector(&self) -> Option<Box<dyn crate::dataplane::DnsRedirector>> {
+        Some(Box::new(dns::IptablesDnsRedirect::new(
+            self.families[0].flavor,
+        )))
     }
 }
 
