@@ -897,6 +897,150 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
         );
     }
     autopath_bench(&ns, work.path(), &mdir, &mut guard)?;
+    drop(guard);
+    intercept_bench(secs)?;
+    Ok(())
+}
+
+/// A pod's queries to the cluster DNS Service, three ways, from a process in the socket-LB
+/// cgroup of a sandbox node (eBPF backend): intercepted to the node-local resolver; sent by
+/// the socket LB to the Service's endpoint (another resolver, in a pod namespace) with
+/// interception off; and to the node-local resolver addressed directly. dnsperf -c 32.
+fn intercept_bench(secs: u32) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    use switchyard_tests::sandbox::{BackendSpec, Sandbox};
+    let mut sb = Sandbox::create(
+        "sybi",
+        &[BackendSpec::new("k1", Ipv4Addr::new(10, 244, 1, 31))],
+    )?;
+    let dir = sb.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir)?;
+    let mut m = String::from(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: kube-dns, namespace: kube-system}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53, protocol: TCP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: kube-dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: kube-dns}}\naddressType: IPv4\nports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]\nendpoints:\n- {addresses: [10.244.1.31], nodeName: node-a}\n",
+    );
+    let mut q = String::new();
+    for i in 0..200u32 {
+        let _ = write!(
+            m,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: b}}\nspec: {{clusterIP: 10.97.{}.{}, ports: [{{name: http, port: 80}}]}}\n",
+            i / 200,
+            i % 200 + 1
+        );
+        let _ = writeln!(q, "svc{i}.b.svc.cluster.local A");
+    }
+    std::fs::write(dir.join("cluster.yaml"), &m)?;
+    let queries = sb.dir.path().join("queries.txt");
+    std::fs::write(&queries, q)?;
+    // The Service's endpoint: a resolver with the same data in a pod namespace (CoreDNS's
+    // place in a cluster).
+    let pod = format!("{}-k1", sb.prefix);
+    let mut endpoint = Command::new("ip")
+        .args(["netns", "exec", &pod])
+        .arg(bin("switchyard"))
+        .args([
+            "run",
+            "--backend",
+            "none",
+            "--node-name",
+            "node-a",
+            "--source",
+        ])
+        .arg(format!("manifests:{}", dir.display()))
+        .args([
+            "--dns-listen",
+            "10.244.1.31:53",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ])
+        .env("SWITCHYARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let cg = sb.cgroup.display().to_string();
+    let node = sb.node_ns();
+    let in_pod = |cmd: &str| -> anyhow::Result<String> {
+        sh(&[
+            "sh",
+            "-c",
+            &format!("echo $$ > {cg}/cgroup.procs && exec ip netns exec {node} {cmd}"),
+        ])
+    };
+    let mut rows = Vec::new();
+    for (label, intercept, server) in [
+        (
+            "pod -> kube-dns ClusterIP, intercepted to the node-local resolver",
+            true,
+            "10.96.0.10",
+        ),
+        (
+            "pod -> kube-dns ClusterIP -> its endpoint (socket LB, interception off)",
+            false,
+            "10.96.0.10",
+        ),
+        (
+            "pod -> node-local resolver addressed directly",
+            true,
+            "169.254.20.10",
+        ),
+    ] {
+        sb.start_daemon(
+            &dir,
+            "ebpf",
+            &format!(
+                "dns:\n  listen: ['169.254.20.10:53']\n  upstream: ['127.0.0.1:9']\n  interceptClusterDNS: {intercept}\n"
+            ),
+        )?;
+        let start = Instant::now();
+        while in_pod(&format!(
+            "dig +short +time=1 +tries=1 @{server} svc1.b.svc.cluster.local"
+        ))
+        .unwrap_or_default()
+        .trim()
+            != "10.97.0.2"
+        {
+            if start.elapsed() > Duration::from_mins(1) {
+                let _ = endpoint.kill();
+                bail!("{label}: never answered:\n{}", sb.daemon_log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Interception takes a heartbeat to switch on.
+        std::thread::sleep(Duration::from_millis(600));
+        let run = |secs: u32| -> anyhow::Result<(f64, f64)> {
+            let txt = in_pod(&format!(
+                "dnsperf -s {server} -p 53 -d {} -c 32 -l {secs}",
+                queries.display()
+            ))?;
+            let qps: f64 = txt
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Queries per second:"))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("dnsperf output: {txt}"))?;
+            let avg: f64 = txt
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Average Latency (s):"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0);
+            Ok((qps, avg * 1000.0))
+        };
+        let _ = run(1)?;
+        let (qps, avg) = run(secs)?;
+        rows.push((label, qps, avg));
+        sb.stop_daemon();
+    }
+    let _ = endpoint.kill();
+    let _ = endpoint.wait();
+    println!(
+        "\n### A pod's queries to the cluster DNS Service (eBPF socket LB, dnsperf -c 32 -l {secs}s, 200 names)\n"
+    );
+    println!("| path | QPS | avg ms | QPS vs direct |");
+    println!("|---|---|---|---|");
+    let direct = rows[2].1;
+    for (label, qps, avg) in &rows {
+        println!("| {label} | {qps:.0} | {avg:.3} | {:.2} |", qps / direct);
+    }
     Ok(())
 }
 
