@@ -115,6 +115,8 @@ struct Worker {
     /// -> the response, with where its TTLs are so they count down.
     fwd: HashMap<Vec<u8>, FwdHit>,
     counts: HashMap<Counted, u64>,
+    /// Cache hits not yet counted: success, denial (batched like `counts`).
+    hits: [u64; 2],
     hist: HashMap<u16, prometheus_client::metrics::histogram::Histogram>,
     last_flush: Instant,
     n: u64,
@@ -125,6 +127,12 @@ impl Worker {
         for (c, n) in self.counts.drain() {
             self.handler.metrics.count(c, n);
         }
+        for (denial, n) in [(false, self.hits[0]), (true, self.hits[1])] {
+            if n > 0 {
+                self.handler.metrics.cache_hits_add(denial, n);
+            }
+        }
+        self.hits = [0; 2];
         self.last_flush = Instant::now();
     }
 
@@ -142,14 +150,15 @@ impl Worker {
     fn handle(&mut self, raw: &[u8], peer: SocketAddr) {
         self.n += 1;
         let start = Instant::now();
-        let snap = self.handler.snapshot.load_full();
+        // A guard, not a clone: no shared reference count bounced between workers per query.
+        let snap = self.handler.snapshot.load();
         if !self
             .cache_for
             .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, &snap))
+            .is_some_and(|c| Arc::ptr_eq(c, &*snap))
         {
             self.cache.clear();
-            self.cache_for = Some(Arc::clone(&snap));
+            self.cache_for = Some(Arc::clone(&*snap));
         }
         if raw.len() >= 12
             && raw[2] & 0x80 == 0
@@ -166,7 +175,7 @@ impl Worker {
                 }
                 let _ = self.sock.send_to(&out, peer);
                 let (qtype, rcode, denial) = (h.qtype, h.rcode, h.denial);
-                self.handler.metrics.cache_hit(denial);
+                self.hits[usize::from(denial)] += 1;
                 self.count(qtype, rcode, peer, Plugin::Cache);
                 self.sample(qtype, start);
                 return;
@@ -221,7 +230,7 @@ impl Worker {
             Outcome::Forward => {
                 // A forwarded name in the cache is answered here, without a task hop.
                 if let Some(m) = self.handler.forwarder.cached_response(&req) {
-                    self.handler.metrics.cache_hit(crate::handler::denial(&m));
+                    self.hits[usize::from(crate::handler::denial(&m))] += 1;
                     if self.handler.forwarder.claim_prefetch(&req) {
                         let h = self.handler.clone();
                         let r = req.clone();
@@ -362,6 +371,7 @@ pub fn serve_udp(
             cache_for: None,
             fwd: HashMap::new(),
             counts: HashMap::new(),
+            hits: [0; 2],
             hist: HashMap::new(),
             last_flush: Instant::now(),
             n: 0,

@@ -167,6 +167,11 @@ impl DnsMetrics {
 
     /// A forwarded name answered from the cache: `denial` for NXDOMAIN/NODATA, as CoreDNS.
     pub fn cache_hit(&self, denial: bool) {
+        self.cache_hits_add(denial, 1);
+    }
+
+    /// `n` cache hits at once (the UDP workers batch them).
+    pub fn cache_hits_add(&self, denial: bool, n: u64) {
         self.cache_hits
             .get_or_create(&vec![
                 ("server", self.server.to_string()),
@@ -174,7 +179,7 @@ impl DnsMetrics {
                 ("zones", ".".into()),
                 ("view", String::new()),
             ])
-            .inc();
+            .inc_by(n);
     }
 
     pub fn cache_miss(&self) {
