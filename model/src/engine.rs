@@ -369,8 +369,10 @@ impl Engine {
             .as_ref()
             .map(|n| n.addresses.clone())
             .unwrap_or_default();
+        // The host's own addresses after the Node's, never loopback or link-local ones: the
+        // first of each family is what traffic is masqueraded to.
         for a in &self.host_addresses {
-            if !node_addresses.contains(a) {
+            if !node_addresses.contains(a) && !a.is_loopback() && !crate::state::is_link_local(a) {
                 node_addresses.push(*a);
             }
         }

@@ -568,7 +568,7 @@ pub fn node_port_addresses(
     out
 }
 
-fn is_link_local(a: &IpAddr) -> bool {
+pub(crate) fn is_link_local(a: &IpAddr) -> bool {
     match a {
         IpAddr::V4(v) => v.is_link_local(),
         IpAddr::V6(v) => (v.segments()[0] & 0xffc0) == 0xfe80,

@@ -718,3 +718,33 @@ fn plan_json_is_sorted_and_stable() {
         "10.244.1.5:8080"
     );
 }
+
+/// Without a Node object (not registered yet, or a manifest directory without one), the
+/// host's own addresses stand in, but never loopback or link-local ones: the first IPv4 is
+/// what NodePort traffic is masqueraded to, and 127.0.0.1 would black-hole it.
+#[test]
+fn host_addresses_for_masquerade_skip_loopback_and_link_local() {
+    let mut e = Engine::new(ProxyConfig::default());
+    e.set_host_addresses(vec![
+        "127.0.0.1".parse().unwrap(),
+        "169.254.1.1".parse().unwrap(),
+        "172.30.0.10".parse().unwrap(),
+        "fe80::1".parse().unwrap(),
+        "fd00:30::10".parse().unwrap(),
+    ]);
+    e.replace_all(Vec::new(), Vec::new());
+    e.upsert_service(
+        switchyard_model::manifest::parse("t", WEB)
+            .unwrap()
+            .services
+            .remove(0),
+    );
+    e.sync();
+    assert_eq!(
+        e.state().node_addresses,
+        vec![
+            "172.30.0.10".parse::<std::net::IpAddr>().unwrap(),
+            "fd00:30::10".parse().unwrap()
+        ]
+    );
+}
