@@ -31,10 +31,18 @@ pub fn run(args: &MapsArgs) -> anyhow::Result<()> {
         },
     };
     let maps = AyaMaps::from_pins(&dir).map_err(|e| {
-        anyhow::anyhow!(
-            "{e} (is `switchyard run --backend ebpf` running with pin directory {}?)",
-            dir.display()
-        )
+        let bpffs_root = dir.ancestors().find(|p| p.exists()).unwrap_or(&dir);
+        if crate::dataplane::ebpf::host::on_bpffs(bpffs_root) {
+            anyhow::anyhow!(
+                "{e} (is `switchyard run --backend ebpf` running with pin directory {}?)",
+                dir.display()
+            )
+        } else {
+            anyhow::anyhow!(
+                "{e}: no BPF filesystem is mounted at {} here (`ip netns exec` mounts a fresh /sys; run it with `nsenter --net=/var/run/netns/NAME` instead)",
+                bpffs_root.display()
+            )
+        }
     })?;
     let dump = maps.dump()?;
     let views = inspect::view(&dump);

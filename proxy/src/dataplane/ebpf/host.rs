@@ -16,6 +16,12 @@ fn fs_error(action: &'static str, path: &Path, source: std::io::Error) -> Datapl
     }
 }
 
+/// Whether `path` is on a BPF filesystem.
+pub fn on_bpffs(path: &Path) -> bool {
+    #[allow(clippy::cast_lossless, clippy::useless_conversion)]
+    nix::sys::statfs::statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+}
+
 /// Make sure a BPF filesystem is mounted where pins go (the host may not mount one).
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     let root = Path::new("/sys/fs/bpf");
@@ -24,11 +30,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
     } else {
         pin_dir.parent().unwrap_or(root)
     };
-    #[allow(clippy::cast_lossless, clippy::useless_conversion)]
-    let is_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
-    };
-    if is_bpffs(target) {
+    if on_bpffs(target) {
         return Ok(());
     }
     std::fs::create_dir_all(target).map_err(|e| fs_error("creating", target, e))?;
