@@ -198,7 +198,16 @@ pub async fn serve(
     }
     let mut backoff = Duration::from_secs(1);
     loop {
+        let missing = if addr.port() < 1024 {
+            crate::caps::missing(&[crate::caps::NET_BIND_SERVICE])
+        } else {
+            Vec::new()
+        };
         let attempt = match provision(addr.ip()) {
+            Ok(_) if !missing.is_empty() => Err(format!(
+                "binding {addr}: missing {}",
+                crate::caps::describe(&missing)
+            )),
             Ok(how) => Listener::bind(&handler, addr, &cancel)
                 .map(|l| (l, how))
                 .map_err(|e| format!("binding {addr}: {e}")),

@@ -113,6 +113,11 @@ pub enum DataplaneError {
         "backend ipvs is not available: the kernel has IPVS, but this build only plans and encodes IPVS operations; use --backend ebpf or iptables"
     )]
     IpvsNotWritten,
+    #[error("backend {backend}: missing capabilities: {missing}")]
+    MissingCapabilities {
+        backend: &'static str,
+        missing: String,
+    },
     #[error("removing kube-proxy's state: {what}")]
     KubeProxyCleanup { what: String },
     #[error(

@@ -1,6 +1,7 @@
 //! Switchyard's daemon: sources, store, sync loop, dataplane backends, admin HTTP and CLI.
 
 pub mod admin;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

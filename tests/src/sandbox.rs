@@ -222,6 +222,8 @@ pub struct Sandbox {
     namespaces: Vec<String>,
     backends: BTreeMap<String, (BackendSpec, Option<Child>)>,
     daemon: Option<Child>,
+    /// Start the daemon with only these capabilities (`+net_admin,+bpf,...`); `None`: all.
+    pub capabilities: Option<String>,
 }
 
 impl Sandbox {
@@ -248,6 +250,7 @@ impl Sandbox {
             namespaces: Vec::new(),
             backends: BTreeMap::new(),
             daemon: None,
+            capabilities: None,
         };
         // Leftovers of an earlier run that was killed hard.
         sb.remove_leftovers();
@@ -464,8 +467,17 @@ impl Sandbox {
         let cfg = self.dir.path().join("config.yaml");
         std::fs::write(&cfg, self.config_yaml(extra_config))?;
         let log = std::fs::File::create(self.dir.path().join("daemon.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", Self::ns_path(&self.node_ns())))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", Self::ns_path(&self.node_ns())));
+        if let Some(caps) = &self.capabilities {
+            // Exactly these capabilities (root keeps no others): the DaemonSet's set.
+            cmd.arg("setpriv")
+                .arg(format!("--bounding-set=-all,{caps}"))
+                .arg(format!("--inh-caps=-all,{caps}"))
+                .arg(format!("--ambient-caps=-all,{caps}"))
+                .arg("--");
+        }
+        let child = cmd
             .arg(bin("switchyard"))
             .args(["run", "--source"])
             .arg(format!("manifests:{}", manifests.display()))

@@ -109,7 +109,18 @@ impl EbpfDataplane {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(DataplaneError::NeedsPrivilege {
                 backend: "ebpf",
-                what: "root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+                what: "root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)",
+            });
+        }
+        let missing = crate::caps::missing(&[
+            crate::caps::NET_ADMIN,
+            crate::caps::BPF,
+            crate::caps::PERFMON,
+        ]);
+        if !missing.is_empty() {
+            return Err(DataplaneError::MissingCapabilities {
+                backend: "ebpf",
+                missing: crate::caps::describe(&missing),
             });
         }
         host::ensure_bpffs(&cfg.pin_dir)?;

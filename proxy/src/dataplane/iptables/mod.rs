@@ -428,6 +428,17 @@ impl IptablesBackend {
                 what: "root (CAP_NET_ADMIN)",
             });
         }
+        let mut needs = vec![crate::caps::NET_ADMIN];
+        if cfg.flavor == Flavor::Legacy {
+            needs.push(crate::caps::NET_RAW);
+        }
+        let lacking = crate::caps::missing(&needs);
+        if !lacking.is_empty() {
+            return Err(DataplaneError::MissingCapabilities {
+                backend: "iptables",
+                missing: crate::caps::describe(&lacking),
+            });
+        }
         let mut runner = CommandRunner;
         if save(&mut runner, cfg.flavor, IpFamily::IPv4).is_none() {
             return Err(missing(cfg.flavor.save(IpFamily::IPv4)));
