@@ -159,6 +159,56 @@ impl Drop for EtcNetns {
     }
 }
 
+/// `GET path` on `addr` from inside network namespace `ns`: the whole response (status line,
+/// headers and body), or "" when nothing answers.
+pub fn http_get_in(ns: &str, addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let path = path.to_string();
+    in_netns(ns, move || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .is_err()
+        {
+            return String::new();
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .unwrap_or_default()
+}
+
+/// Run `cmd` in network namespace `ns` with `input` on its stdin; an error carries stderr.
+pub fn feed_in(ns: &str, cmd: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} refused the input: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// A network namespace removed on drop (also when the test fails).
 #[derive(Debug)]
 pub struct Netns(pub String);

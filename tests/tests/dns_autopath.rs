@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use switchyard_tests::sandbox::{BackendSpec, EtcNetns, Sandbox, in_netns, require_root, sh};
+use switchyard_tests::sandbox::{
+    BackendSpec, EtcNetns, Sandbox, http_get_in, in_netns, require_root, sh,
+};
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
 const POD: &str = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: t}\nspec: {nodeName: node-a, containers: []}\nstatus: {podIP: 10.244.1.21, podIPs: [{ip: 10.244.1.21}]}\n";
@@ -44,21 +46,11 @@ fn upstream(node_ns: &str) {
 }
 
 fn a_requests(sb: &Sandbox) -> f64 {
-    let body = in_netns(&sb.node_ns(), || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:10256") else {
-            return String::new();
-        };
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-    .unwrap();
+    let body = http_get_in(
+        &sb.node_ns(),
+        "127.0.0.1:10256".parse().unwrap(),
+        "/metrics",
+    );
     body.lines()
         .filter(|l| l.starts_with("coredns_dns_requests_total{") && l.contains("type=\"A\""))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
-use switchyard_tests::sandbox::{BackendSpec, EtcNetns, Sandbox, in_netns, require_root, sh};
+use switchyard_tests::sandbox::{BackendSpec, EtcNetns, Sandbox, http_get_in, require_root, sh};
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
 
@@ -70,22 +70,11 @@ fn to_endpoints(sb: &Sandbox, pod: &str) -> String {
 }
 
 fn metric(sb: &Sandbox, name: &str) -> f64 {
-    let ns = sb.node_ns();
-    let body = in_netns(&ns, || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:10256") else {
-            return String::new();
-        };
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-    .unwrap();
+    let body = http_get_in(
+        &sb.node_ns(),
+        "127.0.0.1:10256".parse().unwrap(),
+        "/metrics",
+    );
     body.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))

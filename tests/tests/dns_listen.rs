@@ -9,7 +9,7 @@ use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::sandbox::{Netns, bin, in_netns, require_root, sh};
+use switchyard_tests::sandbox::{Netns, bin, http_get_in, in_netns, require_root, sh};
 
 struct Daemon(Child, std::path::PathBuf);
 
@@ -50,21 +50,7 @@ fn start(ns: &str, dir: &std::path::Path, args: &[&str]) -> Daemon {
 }
 
 fn get(ns: &str, path: &'static str) -> String {
-    in_netns(ns, move || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:10256") else {
-            return String::new();
-        };
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-    .unwrap()
+    http_get_in(ns, "127.0.0.1:10256".parse().unwrap(), path)
 }
 
 fn dig(ns: &str, server: &str, port: &str, name: &str) -> String {

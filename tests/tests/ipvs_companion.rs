@@ -3,13 +3,11 @@
 //! has ipset and xt_set, so what the rules mark for masquerade can be observed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
 use switchyard::dataplane::ipvs;
 use switchyard_model::{Engine, IpFamily, ProxyConfig, manifest};
-use switchyard_tests::sandbox::{BackendSpec, Sandbox, require_root};
+use switchyard_tests::sandbox::{BackendSpec, Sandbox, feed_in, require_root};
 
 const CLUSTER: &str = r"
 apiVersion: v1
@@ -70,25 +68,9 @@ endpoints:
 ";
 
 fn feed(sb: &Sandbox, cmd: &[&str], input: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &sb.node_ns()])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} refused the input: {}\n{input}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = feed_in(&sb.node_ns(), cmd, input) {
+        panic!("{e}\n{input}");
+    }
 }
 
 /// The packet counter of the first rule of `chain` whose line contains `needle`.

@@ -4,34 +4,13 @@
 //! finds nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-use switchyard_tests::sandbox::{Netns, bin, require_root, sh};
+use switchyard_tests::sandbox::{Netns, bin, feed_in, require_root, sh};
 
 const IPTABLES: &str = include_str!("../fixtures/kube-proxy-iptables.rules");
 const NFT: &str = include_str!("../fixtures/kube-proxy.nft");
 
 fn feed(ns: &str, cmd: &[&str], input: &str) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    feed_in(ns, cmd, input).unwrap();
 }
 
 fn in_ns(ns: &str, cmd: &[&str]) -> String {

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
-use switchyard_tests::sandbox::{BackendSpec, Sandbox, in_netns, require_root, sh};
+use switchyard_tests::sandbox::{BackendSpec, Sandbox, http_get_in, require_root, sh};
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
 
@@ -228,23 +228,7 @@ impl Scrape {
 }
 
 fn http_get(sb: &Sandbox, addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = addr.parse().unwrap();
-    let path = path.to_string();
-    in_netns(&sb.node_ns(), move || {
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            return String::new();
-        };
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-    .unwrap()
+    http_get_in(&sb.node_ns(), addr.parse().unwrap(), path)
 }
 
 /// Run the daemon on `backend`, drive a little traffic, and scrape.

@@ -19,7 +19,7 @@ use switchyard::dataplane::ebpf::{cleanup_pins, load_maps};
 use switchyard_ebpf_common::{Frontend4Key, FrontendValue};
 use switchyard_model::{Engine, ProxyConfig, synthetic};
 use switchyard_tests::sandbox::{
-    VethEnd, add_netns, bin, cgroup2_root, in_netns, require_root, sh, veth,
+    VethEnd, add_netns, bin, cgroup2_root, http_get_in, require_root, sh, veth,
 };
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -1126,20 +1126,11 @@ fn autopath_bench(ns: &str, work: &Path, mdir: &Path, guard: &mut NsGuard) -> an
             ),
         )?;
         let requests = || -> f64 {
-            let out = in_netns(ns, move || {
-                use std::io::{Read, Write};
-                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics)) else {
-                    return String::new();
-                };
-                let _ = write!(
-                    s,
-                    "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                );
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                out
-            })
-            .unwrap_or_default();
+            let out = http_get_in(
+                ns,
+                std::net::SocketAddr::from(([127, 0, 0, 1], metrics)),
+                "/metrics",
+            );
             out.lines()
                 .filter(|l| l.starts_with("coredns_dns_requests_total{"))
                 .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
