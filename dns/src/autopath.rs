@@ -57,6 +57,14 @@ impl PodDirectory {
     }
 }
 
+/// The namespace whose pods would ask `qname` as the first step of their search path
+/// (`<base>.<ns>.svc.<zone>`), if any: only a pod of that namespace gets autopath for it.
+pub fn first_step_namespace<'a>(qname: &'a str, zone: &str) -> Option<&'a str> {
+    let rest = qname.strip_suffix(zone)?.strip_suffix(".svc.")?;
+    let (base, ns) = rest.rsplit_once('.')?;
+    (!base.is_empty() && !ns.is_empty()).then_some(ns)
+}
+
 /// The rest of the search path for `qname` asked by a pod of `ns`: `None` when `qname` is not
 /// the first step of that pod's path (`<base>.<ns>.svc.<zone>`).
 pub fn rest_of_path(
@@ -140,6 +148,12 @@ mod tests {
                 "example.org"
             ]
         );
+        assert_eq!(
+            first_step_namespace("example.org.shop.svc.cluster.local", z),
+            Some("shop")
+        );
+        assert_eq!(first_step_namespace("shop.svc.cluster.local", z), None);
+        assert_eq!(first_step_namespace("web.shop.svc.cluster.locals", z), None);
         // Another namespace's first step, a later step, or the bare suffix: not ours.
         assert!(rest_of_path("example.org.cart.svc.cluster.local", "shop", z, &[]).is_none());
         assert!(rest_of_path("example.org.svc.cluster.local", "shop", z, &[]).is_none());

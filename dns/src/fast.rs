@@ -50,6 +50,15 @@ pub fn encode(req: &Message, mut resp: Message) -> Option<Vec<u8>> {
     resp.to_vec().ok()
 }
 
+/// A cluster-zone answer kept encoded by one worker.
+struct ZoneHit {
+    out: Vec<u8>,
+    qtype: u16,
+    /// An NXDOMAIN that is the first search step of this namespace's pods: for them (with
+    /// autopath on) the path is walked instead.
+    autopath_ns: Option<Box<str>>,
+}
+
 /// A forwarded answer kept encoded by one worker.
 struct FwdHit {
     out: Vec<u8>,
@@ -108,7 +117,7 @@ struct Worker {
     sock: UdpSocket,
     rt: tokio::runtime::Handle,
     /// Query bytes after the ID -> (encoded response, query type) for this snapshot.
-    cache: HashMap<Vec<u8>, (Vec<u8>, u16)>,
+    cache: HashMap<Vec<u8>, ZoneHit>,
     /// The snapshot the cache was filled from (compared by pointer).
     cache_for: Option<Arc<Snapshot>>,
     /// Forwarded names answered from the shared cache, kept encoded: query bytes after the ID
@@ -184,11 +193,19 @@ impl Worker {
         }
         if raw.len() >= 12
             && raw[2] & 0x80 == 0
-            && let Some((hit, qtype)) = self.cache.get(&raw[2..])
+            && let Some(hit) = self.cache.get(&raw[2..])
+            && !hit.autopath_ns.as_deref().is_some_and(|ns| {
+                self.handler
+                    .pods
+                    .as_ref()
+                    .and_then(|p| p.namespace_of(peer.ip()))
+                    .as_deref()
+                    == Some(ns)
+            })
         {
             {
-                let mut out = hit.clone();
-                let qtype = *qtype;
+                let mut out = hit.out.clone();
+                let qtype = hit.qtype;
                 out[0] = raw[0];
                 out[1] = raw[1];
                 let _ = self.sock.send_to(&out, peer);
@@ -215,12 +232,25 @@ impl Worker {
                     || !self.handler.wants_autopath(&req, peer.ip()) =>
             {
                 let rcode = m.metadata.response_code.low();
-                // NXDOMAINs depend on the client when autopath is on: not kept.
-                let keep = rcode != 3 || self.handler.pods.is_none();
+                // An NXDOMAIN that some namespace's pods ask first is kept with that
+                // namespace: answered from here for everyone else.
+                let autopath_ns = (rcode == 3 && self.handler.pods.is_some())
+                    .then(|| {
+                        let q = crate::autopath::qname(&req)?;
+                        crate::autopath::first_step_namespace(&q, &snap.cfg.zone).map(Box::from)
+                    })
+                    .flatten();
                 if let Some(out) = encode(&req, *m) {
                     let _ = self.sock.send_to(&out, peer);
-                    if keep && self.cache.len() < CACHE_LIMIT {
-                        self.cache.insert(raw[2..].to_vec(), (out, qtype));
+                    if self.cache.len() < CACHE_LIMIT {
+                        self.cache.insert(
+                            raw[2..].to_vec(),
+                            ZoneHit {
+                                out,
+                                qtype,
+                                autopath_ns,
+                            },
+                        );
                     }
                 }
                 self.count(qtype, rcode, peer, Plugin::Kubernetes);
