@@ -75,6 +75,9 @@ pub struct HostView {
 struct Inner {
     engine: Engine,
     listed: BTreeSet<Kind>,
+    /// The host's links and addresses are an input too (NodePorts are served on the host's
+    /// addresses): with `Some(false)` nothing is initialized until the first host view.
+    host_seen: Option<bool>,
     /// When the oldest change not yet synced arrived (network programming latency).
     pending_since: Option<Instant>,
     /// Same for DNS, which takes changes on its own.
@@ -89,7 +92,7 @@ struct Inner {
 
 impl Inner {
     fn initialized(&self) -> bool {
-        Kind::ALL.iter().all(|k| self.listed.contains(k))
+        Kind::ALL.iter().all(|k| self.listed.contains(k)) && self.host_seen != Some(false)
     }
 }
 
@@ -109,6 +112,7 @@ impl Store {
             inner: Mutex::new(Inner {
                 engine: Engine::new(cfg),
                 listed: BTreeSet::new(),
+                host_seen: None,
                 pending_since: None,
                 dns_pending_since: None,
                 links: Arc::new(Vec::new()),
@@ -388,9 +392,19 @@ impl Store {
         self.pod_directory.set(dir);
     }
 
+    /// The host view will come (rtnetlink follows it): hold the first sync for it, so a
+    /// restart never programs NodePorts without the host's addresses for a moment.
+    pub fn await_host(&self) {
+        let mut inner = self.lock();
+        if inner.host_seen.is_none() {
+            inner.host_seen = Some(false);
+        }
+    }
+
     /// The node's links and addresses now (from rtnetlink, or a test).
     pub fn set_host(&self, view: HostView) {
         let mut inner = self.lock();
+        inner.host_seen = Some(true);
         inner.engine.set_host_addresses(view.addresses);
         if *inner.links != view.links {
             inner.links = Arc::new(view.links);
@@ -474,4 +488,29 @@ pub struct DnsDelta {
     pub all: bool,
     pub services: Vec<(ServiceKey, Option<ServiceObjects>)>,
     pub pending_since: Option<Instant>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restart must not sync before it knows the host's addresses: NodePorts served on them
+    /// would vanish from the maps for a moment.
+    #[test]
+    fn nothing_is_initialized_before_the_awaited_host_view() {
+        let store = Store::new(ProxyConfig::default(), Arc::new(Metrics::new()));
+        store.await_host();
+        store.replace_all(Vec::new(), Vec::new(), None);
+        assert!(!store.initialized());
+        assert!(store.sync().is_none());
+        store.set_host(HostView {
+            links: vec!["eth0".into()],
+            addresses: vec!["172.30.0.10".parse().unwrap()],
+        });
+        assert!(store.initialized());
+        // Without await_host (in-process uses), the lists alone are enough.
+        let store = Store::new(ProxyConfig::default(), Arc::new(Metrics::new()));
+        store.replace_all(Vec::new(), Vec::new(), None);
+        assert!(store.initialized());
+    }
 }

@@ -169,6 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     {
+        store.await_host();
         let (store, cancel) = (Arc::clone(&store), cancel.clone());
         tasks.spawn(async move {
             crate::netlink::follow(store, cancel)
