@@ -25,6 +25,9 @@ struct HealthState {
     last_updated: Option<SystemTime>,
     /// The oldest update queued since then.
     oldest_queued: Option<Instant>,
+    /// What the dataplane could not do on this node right now (an interface that refuses
+    /// the tc program, ...), by key: unhealthy at once, each named in the `/healthz` body.
+    problems: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -63,11 +66,35 @@ impl Health {
         s.oldest_queued = None;
     }
 
-    /// Whether no queued update is overdue, and when the last sync landed.
+    /// Whether no queued update is overdue and nothing is broken, and when the last sync
+    /// landed.
     pub fn status(&self) -> (bool, Option<SystemTime>) {
         let s = self.lock();
-        let healthy = s.oldest_queued.is_none_or(|t| t.elapsed() < self.timeout);
+        let healthy =
+            s.problems.is_empty() && s.oldest_queued.is_none_or(|t| t.elapsed() < self.timeout);
         (healthy, s.last_updated)
+    }
+
+    /// Record (`Some`) or clear (`None`) a problem under `key`.
+    pub fn set_problem(&self, key: &str, problem: Option<String>) {
+        let mut s = self.lock();
+        match problem {
+            Some(p) => {
+                s.problems.insert(key.to_string(), p);
+            }
+            None => {
+                s.problems.remove(key);
+            }
+        }
+    }
+
+    /// The current problems, as `key: what` lines.
+    pub fn problems(&self) -> Vec<String> {
+        self.lock()
+            .problems
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect()
     }
 }
 
@@ -165,8 +192,14 @@ fn answer(s: &AppState, with_node: bool) -> Response {
         .as_ref()
         .map(|d| format!(", \"dns\": {}", serde_json::json!(d.detail())))
         .unwrap_or_default();
+    let problems = s.health.problems();
+    let problems = if problems.is_empty() {
+        String::new()
+    } else {
+        format!(", \"problems\": {}", serde_json::json!(problems))
+    };
     let body = format!(
-        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}{dns}}}",
+        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}{dns}{problems}}}",
         serde_json::Value::String(last),
         serde_json::Value::String(go_time(now)),
     );

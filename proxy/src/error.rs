@@ -103,6 +103,10 @@ pub enum DataplaneError {
     #[error("backend ebpf: no cgroup2 mount found: mount one or pass --cgroup-path")]
     NoCgroup2,
     #[error(
+        "backend ebpf: tcAttachMode: tcx needs Linux 6.6 or newer, this kernel is {kernel}; use tcAttachMode: auto or netlink"
+    )]
+    NoTcx { kernel: String },
+    #[error(
         "backend ipvs is not available: the kernel has no IPVS support (the IPVS generic-netlink family is missing); it needs CONFIG_IP_VS (module ip_vs)"
     )]
     NoIpvs {

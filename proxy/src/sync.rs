@@ -193,11 +193,7 @@ impl SyncLoop {
             // A full sync also re-attaches programs someone detached. An interface that
             // refuses a program must not keep the maps from being programmed: both run, and
             // either failure fails the sync (retried, counted, reported by /healthz).
-            let links = if full || links_changed {
-                dp.sync_links(&links, full)
-            } else {
-                Ok(())
-            };
+            let links = (full || links_changed).then(|| dp.sync_links(&links, full));
             let state = if full {
                 dp.full_sync(&state)
             } else if changes.is_empty() {
@@ -205,9 +201,20 @@ impl SyncLoop {
             } else {
                 dp.apply(&changes, &state)
             };
-            state.and(links)
+            let problem = links
+                .as_ref()
+                .map(|r| r.as_ref().err().map(|e| crate::error::chain(e)));
+            (state.and(links.unwrap_or(Ok(()))), problem)
         })
         .await;
+        // An interface without its program is a black hole for traffic from outside the
+        // node: unhealthy at once (not only after the health timeout), until it attaches.
+        let result = result.map(|(r, problem)| {
+            if let (Some(h), Some(p)) = (&self.health, problem) {
+                h.set_problem("interfaces", p);
+            }
+            r
+        });
         let metrics = self.store.metrics();
         match result {
             Ok(Ok(())) => {

@@ -574,6 +574,17 @@ impl Sandbox {
     }
 
     /// Kill the daemon outright (SIGKILL): no clean-up code of its own runs.
+    /// Send `sig` to the running daemon (e.g. SIGSTOP/SIGCONT to change the node while it
+    /// cannot react).
+    pub fn signal_daemon(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.daemon {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
+                sig,
+            );
+        }
+    }
+
     pub fn kill_daemon(&mut self) {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();

@@ -54,6 +54,13 @@ pub const EBPF: Backend = Backend {
     tag: "e",
     extra: "",
 };
+/// The eBPF backend with its tc program attached as a netlink `cls_bpf` filter, as on
+/// kernels before 6.6 (no TCX).
+pub const EBPF_NETLINK: Backend = Backend {
+    name: "ebpf",
+    tag: "c",
+    extra: "tcAttachMode: netlink\n",
+};
 pub const IPTABLES_LEGACY: Backend = Backend {
     name: "iptables",
     tag: "l",
@@ -605,18 +612,18 @@ fn cgroup_prog_ids(sb: &Sandbox) -> Vec<String> {
 
 /// A full sync puts back a tc program that someone detached from an interface: NodePort
 /// traffic from outside stops while it is detached and flows again after the next full sync.
-#[test]
-fn a_full_sync_reattaches_a_detached_tc_program() {
+/// `/healthz` says nothing wrong throughout (the program is back before the health timeout).
+fn a_full_sync_reattaches_a_detached_tc_program(b: &Backend) {
     let manifests = format!(
         "{}{}",
         nodeport_service("web", "10.96.0.96", 30181, ""),
         slice("web", &ALL3)
     );
-    let mut c = Cluster::start(&EBPF, 7, &manifests);
+    let mut c = Cluster::start(b, 7, &manifests);
     // The default 10 s syncPeriod would make this test slow; the scenario is the same.
     c.sb.stop_daemon();
     let dir = c.dir.clone();
-    c.sb.start_daemon(&dir, EBPF.name, "syncPeriod: 3s\n")
+    c.sb.start_daemon(&dir, b.name, &format!("{}syncPeriod: 3s\n", b.extra))
         .unwrap();
     let ask = |sb: &Sandbox| {
         sb.probe_from_client(&[
@@ -631,21 +638,38 @@ fn a_full_sync_reattaches_a_detached_tc_program() {
     };
     c.until("NodePort up", Duration::from_secs(20), ask, all_ok);
     let before = tc_prog_ids(&c.sb);
-    assert!(!before.is_empty(), "no tc links pinned");
-    // Detach by hand, as an operator's `bpftool link detach` (or another agent) would.
-    for e in std::fs::read_dir(c.sb.pin_dir.join("links"))
-        .unwrap()
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().starts_with("tc-") {
-            switchyard_tests::sandbox::sh(&[
-                "bpftool",
-                "link",
-                "detach",
-                "pinned",
-                &e.path().to_string_lossy(),
-            ])
-            .unwrap();
+    assert!(!before.is_empty(), "no tc program attached");
+    if b.extra.contains("netlink") {
+        assert!(
+            c.sb.pin_dir
+                .join("links")
+                .read_dir()
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with("tc-")),
+            "netlink mode pins no TCX links"
+        );
+        // Delete the filter by hand, as `tc filter del` (or another agent) would.
+        for dev in node_links(&c.sb) {
+            let _ =
+                c.sb.in_node(&["tc", "filter", "del", "dev", &dev, "ingress"]);
+        }
+    } else {
+        // Detach by hand, as an operator's `bpftool link detach` (or another agent) would.
+        for e in std::fs::read_dir(c.sb.pin_dir.join("links"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("tc-") {
+                switchyard_tests::sandbox::sh(&[
+                    "bpftool",
+                    "link",
+                    "detach",
+                    "pinned",
+                    &e.path().to_string_lossy(),
+                ])
+                .unwrap();
+            }
         }
     }
     // While detached, NodePort traffic from outside is not translated.
@@ -665,6 +689,202 @@ fn a_full_sync_reattaches_a_detached_tc_program() {
         "the daemon must say it re-attached:\n{}",
         c.sb.daemon_log()
     );
+}
+
+#[test]
+fn a_full_sync_reattaches_a_detached_tc_program_tcx() {
+    a_full_sync_reattaches_a_detached_tc_program(&EBPF);
+}
+
+#[test]
+fn a_full_sync_reattaches_a_detached_tc_program_netlink() {
+    a_full_sync_reattaches_a_detached_tc_program(&EBPF_NETLINK);
+}
+
+/// Switching the attach mode across a restart (a node rebooted from a 6.1 kernel into 6.12,
+/// or the setting changed): the other mode's attachment goes, so the program never runs twice,
+/// and traffic flows through the new one.
+#[test]
+fn switching_tc_attach_mode_across_a_restart_leaves_one_attachment() {
+    let manifests = format!(
+        "{}{}",
+        nodeport_service("web", "10.96.0.97", 30182, ""),
+        slice("web", &ALL3)
+    );
+    let mut c = Cluster::start(&EBPF, 8, &manifests);
+    let dir = c.dir.clone();
+    let pinned = |sb: &Sandbox| {
+        std::fs::read_dir(sb.pin_dir.join("links")).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+                .count()
+        })
+    };
+    let filters = |sb: &Sandbox| {
+        node_links(sb)
+            .iter()
+            .map(|dev| {
+                sb.in_node(&["tc", "filter", "show", "dev", dev, "ingress"])
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("sy_tc_ingress"))
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_client(&["--tcp", "172.30.0.10:30182", "--count", "3"])
+            .unwrap()
+    };
+    for (b, what) in [
+        (EBPF, "tcx"),
+        (EBPF_NETLINK, "netlink after tcx"),
+        (EBPF, "tcx after netlink"),
+    ] {
+        if what != "tcx" {
+            c.sb.stop_daemon();
+            c.backend = b;
+            c.sb.start_daemon(&dir, b.name, b.extra).unwrap();
+        }
+        let mode = if b.extra.contains("netlink") {
+            "netlink"
+        } else {
+            "tcx"
+        };
+        let t = Instant::now();
+        while !c.sb.daemon_log().contains("tc program attached") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: not attached:\n{}",
+                c.sb.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.until(what, Duration::from_secs(20), ask, all_ok);
+        let (p, f) = (pinned(&c.sb), filters(&c.sb));
+        if mode == "netlink" {
+            assert!(
+                p == 0 && f > 0,
+                "{what}: {p} pinned TCX links, {f} netlink filters"
+            );
+        } else {
+            assert!(
+                p > 0 && f == 0,
+                "{what}: {p} pinned TCX links, {f} netlink filters"
+            );
+        }
+    }
+}
+
+/// An interface that refuses the tc program (here: an `ingress` qdisc where clsact belongs)
+/// makes `/healthz` unhealthy at once, naming the interface, and the attach is retried until
+/// it works.
+#[test]
+fn an_interface_refusing_the_tc_program_is_unhealthy_until_it_attaches() {
+    let manifests = format!(
+        "{}{}",
+        nodeport_service("web", "10.96.0.98", 30183, ""),
+        slice("web", &ALL3)
+    );
+    let mut c = Cluster::start(&EBPF_NETLINK, 9, &manifests);
+    c.sb.stop_daemon();
+    let dir = c.dir.clone();
+    c.sb.start_daemon(
+        &dir,
+        EBPF_NETLINK.name,
+        &format!(
+            "{}syncPeriod: 3s\nhealthzBindAddress: 127.0.0.1:10256\n",
+            EBPF_NETLINK.extra
+        ),
+    )
+    .unwrap();
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_client(&["--tcp", "172.30.0.10:30183", "--count", "3"])
+            .unwrap()
+    };
+    c.until("NodePort up", Duration::from_secs(20), ask, all_ok);
+    let ns = c.sb.node_ns();
+    let healthz = || {
+        switchyard_tests::sandbox::http_get_in(&ns, "127.0.0.1:10256".parse().unwrap(), "/healthz")
+    };
+    let t = Instant::now();
+    while !healthz().contains(" 200") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "healthy at first: {}",
+            healthz()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A new interface where another filter kind holds our priority (another agent): the
+    // daemon is paused meanwhile so that it meets the interface only with that filter.
+    c.sb.signal_daemon(nix::sys::signal::Signal::SIGSTOP);
+    let made = c.sb.in_node(&[
+        "sh",
+        "-c",
+        "ip link add syrefuse0 type veth peer name syrefuse1 && tc qdisc add dev syrefuse0 clsact && tc filter add dev syrefuse0 ingress pref 21337 protocol all u32 match u32 0 0 classid 1:1",
+    ]);
+    c.sb.signal_daemon(nix::sys::signal::Signal::SIGCONT);
+    made.unwrap();
+    let t = Instant::now();
+    let mut h = healthz();
+    while !(h.contains(" 503") && h.contains("syrefuse0")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "healthz must turn 503 naming the interface: {h}\n{}",
+            c.sb.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        h = healthz();
+    }
+    // Traffic through the other interfaces goes on meanwhile.
+    c.until(
+        "NodePort while one link refuses",
+        Duration::from_secs(5),
+        ask,
+        all_ok,
+    );
+    // Once the interface accepts, the retry attaches and health returns.
+    c.sb.in_node(&[
+        "tc",
+        "filter",
+        "del",
+        "dev",
+        "syrefuse0",
+        "ingress",
+        "pref",
+        "21337",
+    ])
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let h = healthz();
+        if h.contains(" 200") && !h.contains("problems") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "healthz must recover once the interface attaches: {h}\n{}",
+            c.sb.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let f =
+        c.sb.in_node(&["tc", "filter", "show", "dev", "syrefuse0", "ingress"])
+            .unwrap();
+    assert!(f.contains("sy_tc_ingress"), "{f}");
+    let _ = c.sb.in_node(&["ip", "link", "del", "syrefuse0"]);
+}
+
+/// The node namespace's interfaces but loopback.
+fn node_links(sb: &Sandbox) -> Vec<String> {
+    sb.in_node(&["ip", "-o", "link", "show"])
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n != "lo")
+        .collect()
 }
 
 fn pods_source_ranges_and_new_interfaces_and_addresses(b: &Backend) {
@@ -1293,6 +1513,7 @@ macro_rules! suite {
 
 suite! {
     ebpf => EBPF,
+    ebpf_netlink => EBPF_NETLINK,
     iptables_legacy => IPTABLES_LEGACY,
     iptables_nft => IPTABLES_NFT,
 }
@@ -1372,28 +1593,43 @@ fn switching_backend_across_a_restart_removes_the_old_state() {
     assert!(!tc_prog_ids(&c.sb).is_empty());
 }
 
-/// The programs behind the sandbox's pinned tc links (the Debian bpftool cannot list tcx
-/// attachments per interface, so the pins say which links are ours).
+/// The programs of ours attached to the node's interfaces: behind the sandbox's pinned tc
+/// links (the Debian bpftool cannot list tcx attachments per interface, so the pins say which
+/// links are ours), and netlink `cls_bpf` filters named `sy_tc_ingress` (`tc filter show`).
 fn tc_prog_ids(sb: &Sandbox) -> Vec<String> {
+    let mut ids = Vec::new();
+    for dev in node_links(sb) {
+        let out = sb
+            .in_node(&["tc", "filter", "show", "dev", &dev, "ingress"])
+            .unwrap_or_default();
+        for l in out.lines().filter(|l| l.contains("sy_tc_ingress")) {
+            let mut w = l.split_whitespace();
+            if w.any(|t| t == "id") {
+                ids.extend(w.next().map(str::to_string));
+            }
+        }
+    }
     let Ok(dir) = std::fs::read_dir(sb.pin_dir.join("links")) else {
-        return Vec::new();
+        return ids;
     };
-    dir.flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
-        .filter_map(|e| {
-            let out = switchyard_tests::sandbox::sh(&[
-                "bpftool",
-                "link",
-                "show",
-                "pinned",
-                &e.path().to_string_lossy(),
-            ])
-            .ok()?;
-            let mut w = out.split_whitespace();
-            w.find(|t| *t == "prog")?;
-            w.next().map(str::to_string)
-        })
-        .collect()
+    ids.extend(
+        dir.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+            .filter_map(|e| {
+                let out = switchyard_tests::sandbox::sh(&[
+                    "bpftool",
+                    "link",
+                    "show",
+                    "pinned",
+                    &e.path().to_string_lossy(),
+                ])
+                .ok()?;
+                let mut w = out.split_whitespace();
+                w.find(|t| *t == "prog")?;
+                w.next().map(str::to_string)
+            }),
+    );
+    ids
 }
 
 /// Whether a program with this id still exists (a detached, unpinned program is freed).

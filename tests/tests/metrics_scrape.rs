@@ -127,7 +127,7 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
 ];
 
 const EBPF_ONLY: &[(&str, &str, &[&str])] = &[
-    ("switchyard_tc_attach_mode", "gauge", &["mode"]),
+    ("switchyard_tc_attach_mode", "gauge", &["mode", "reason"]),
     ("switchyard_bpf_map_entries", "gauge", &["map"]),
     ("switchyard_bpf_map_max_entries", "gauge", &["map"]),
     (

@@ -38,6 +38,10 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         if let Err(e) = crate::dataplane::ebpf::unreserve_ports(&cfg.bpf_pin_dir) {
             eprintln!("ebpf: cannot release the reserved NodePort range: {e}");
         }
+        let filters = crate::dataplane::ebpf::attach::detach_netlink_everywhere();
+        if filters > 0 {
+            println!("ebpf: removed the tc filter (netlink cls_bpf) from {filters} interfaces");
+        }
         cleanup_pins(&cfg.bpf_pin_dir)?;
         println!("ebpf: removed pins under {}", cfg.bpf_pin_dir.display());
     }

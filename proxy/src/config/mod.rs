@@ -40,6 +40,9 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// `iptables` backend flavour.
     pub iptables_mode: IptablesMode,
+    /// How the eBPF backend attaches its tc program: `auto` (TCX where the kernel has it,
+    /// 6.6+, else netlink clsact/cls_bpf), `tcx` or `netlink`.
+    pub tc_attach_mode: TcAttachMode,
     /// Capacity of the service / backend maps.
     pub max_services: u32,
     pub max_backends: u32,
@@ -131,6 +134,7 @@ impl Default for Config {
             cgroup_path: None,
             interfaces: Vec::new(),
             iptables_mode: IptablesMode::Auto,
+            tc_attach_mode: TcAttachMode::Auto,
             max_services: 65_536,
             max_backends: 1_048_576,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/switchyard"),
@@ -154,6 +158,19 @@ pub enum IptablesMode {
     Auto,
     Legacy,
     Nft,
+}
+
+/// `tcAttachMode`: how the eBPF backend attaches its tc program to interfaces.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttachMode {
+    /// TCX where the kernel has it (6.6 and later), else netlink.
+    #[default]
+    Auto,
+    /// bpf_link-based TCX (Linux 6.6+).
+    Tcx,
+    /// A `clsact` qdisc with a direct-action `cls_bpf` filter of our own priority and handle.
+    Netlink,
 }
 
 /// `lbAlgorithm`: how the eBPF backend picks a backend for a new flow.
@@ -243,6 +260,7 @@ pub struct Settings {
     pub cgroup_path: Option<PathBuf>,
     pub interfaces: Vec<String>,
     pub iptables_mode: IptablesMode,
+    pub tc_attach_mode: TcAttachMode,
     pub max_services: u32,
     pub max_backends: u32,
     pub bpf_pin_dir: PathBuf,
@@ -676,6 +694,7 @@ impl Config {
             cgroup_path: self.cgroup_path,
             interfaces: self.interfaces,
             iptables_mode: self.iptables_mode,
+            tc_attach_mode: self.tc_attach_mode,
             max_services: self.max_services,
             max_backends: self.max_backends,
             bpf_pin_dir: self.bpf_pin_dir,

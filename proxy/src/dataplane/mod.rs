@@ -286,6 +286,7 @@ impl BackendContext {
             reserve_ports: s.node_port_range,
             cgroup_path,
             interfaces: s.interfaces.clone(),
+            tc_attach: s.tc_attach_mode,
             service_counters: s.service_counters,
             capacity: ebpf::writer::Capacity {
                 services: s.max_services,

@@ -47,6 +47,8 @@ pub struct EbpfConfig {
     pub cgroup_path: PathBuf,
     /// Interface name patterns (`*` wildcard) for the tc program; empty = all but loopback.
     pub interfaces: Vec<String>,
+    /// How the tc program is attached (`auto`: TCX where the kernel has it).
+    pub tc_attach: crate::config::TcAttachMode,
     /// Export per-service-port counters on `/metrics`.
     pub service_counters: bool,
     pub capacity: Capacity,
@@ -59,6 +61,7 @@ pub struct EbpfDataplane {
     writer: Writer<AyaMaps>,
     cfg: EbpfConfig,
     attached: BTreeSet<String>,
+    tc_mode: attach::TcMode,
     metrics: Arc<Metrics>,
     counters: Option<stats::ServiceCounters>,
 }
@@ -142,15 +145,21 @@ impl EbpfDataplane {
             metrics.register_collector(Box::new(c.clone()));
             c
         });
+        let (tc_mode, reason) = attach::TcMode::resolve(cfg.tc_attach)?;
+        tracing::info!(mode = tc_mode.name(), reason = %reason, "tc attach mode");
         metrics
             .tc_attach_mode
-            .get_or_create(&crate::metrics::ModeLabel { mode: "tcx".into() })
+            .get_or_create(&crate::metrics::ModeLabel {
+                mode: tc_mode.name().into(),
+                reason,
+            })
             .set(1);
         let mut dp = EbpfDataplane {
             ebpf,
             writer,
             cfg,
             attached: BTreeSet::new(),
+            tc_mode,
             metrics,
             counters,
         };
@@ -242,6 +251,7 @@ impl Dataplane for EbpfDataplane {
         if let Err(e) = unreserve_ports(&self.cfg.pin_dir) {
             tracing::warn!(error = %e, "releasing the reserved NodePort range");
         }
+        attach::detach_netlink_everywhere();
         cleanup_pins(&self.cfg.pin_dir)
     }
 
