@@ -1,4 +1,6 @@
-//! `cargo xtask …`: bootstrap, build-ebpf, test, demo, bench.
+//! `cargo xtask …`: bootstrap, build-ebpf, test, vm-test, demo, bench.
+
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,6 +39,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run privileged test binaries inside Debian's stock kernels (6.1 LTS, 6.12) in a VM
+    /// (virtme-ng over the host's root filesystem, software emulation).
+    VmTest {
+        /// Which kernel: 6.1, 6.12 or all.
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        /// Test binaries (integration test names of `tests/`) to run; default: the backend
+        /// scenario suite.
+        #[arg(long = "test", default_value = "backends_e2e")]
+        tests: Vec<String>,
+        /// Arguments for each test binary (a name filter, `--skip X`, ...).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Sandbox of network namespaces running examples/ on the eBPF backend, with traffic.
     Demo,
     /// Benchmarks, printed as ratios against a peer measured in the same run.
@@ -46,13 +62,13 @@ enum Cmd {
     },
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {cmd:?}");
     let status = cmd
         .current_dir(root())
@@ -64,7 +80,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
@@ -98,6 +114,14 @@ fn main() -> anyhow::Result<()> {
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+        }
+        Cmd::VmTest {
+            kernel,
+            tests,
+            args,
+        } => {
+            bootstrap()?;
+            vm::run(&kernel, &tests, &args)
         }
         Cmd::Demo => {
             bootstrap()?;
