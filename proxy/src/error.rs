@@ -113,10 +113,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "backend ipvs is not available: the kernel has IPVS, but this build only plans and encodes IPVS operations; use --backend ebpf or iptables"
-    )]
-    IpvsNotWritten,
+    #[error("backend ipvs: {what}")]
+    Ipvs {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("backend {backend}: missing capabilities: {missing}")]
     MissingCapabilities {
         backend: &'static str,

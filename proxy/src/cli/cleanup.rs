@@ -57,10 +57,12 @@ pub fn run(args: &CleanupArgs) -> anyhow::Result<()> {
             println!("{line}");
         }
     }
-    if all
-        || args.backend == Some(BackendChoice::Iptables)
-        || args.backend == Some(BackendChoice::Ipvs)
-    {
+    if all || args.backend == Some(BackendChoice::Ipvs) {
+        for line in crate::dataplane::ipvs::writer::cleanup()? {
+            println!("{line}");
+        }
+    }
+    if all || args.backend == Some(BackendChoice::Iptables) {
         crate::dataplane::iptables::cleanup_all()?;
         println!("iptables: removed SY- chains and hooks (legacy and nft)");
     }

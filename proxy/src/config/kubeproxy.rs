@@ -324,6 +324,16 @@ pub fn translate(doc: Map<String, Value>) -> Result<Translated, ConfigError> {
         values.insert("masqueradeBit".into(), json!(b));
     }
 
+    if let Some(sched) = kp
+        .ipvs
+        .as_ref()
+        .and_then(|i| i.scheduler.as_ref())
+        .filter(|s| !s.is_empty())
+    {
+        values.insert("ipvsScheduler".into(), json!(sched));
+        applied.push("ipvs.scheduler".into());
+    }
+
     // Everything else that is set is named: kube-proxy would have done something with it.
     let mut ignored = Vec::new();
     for (k, v) in &raw {
@@ -380,10 +390,7 @@ mod tests {
         assert_eq!(t.values["syncPeriod"], json!("45s"));
         assert_eq!(t.values["masqueradeBit"], json!(13));
         assert_eq!(t.values["healthzBindAddress"], json!("0.0.0.0:10256"));
-        assert_eq!(
-            t.ignored,
-            vec!["iptables.syncPeriod", "ipvs.scheduler", "mode"]
-        );
+        assert_eq!(t.ignored, vec!["iptables.syncPeriod", "mode"]);
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct Config {
     pub lb_algorithm: LbAlgorithm,
     /// Maglev lookup table size per service (prime).
     pub maglev_table_size: u32,
+    /// The IPVS backend's scheduler for services without the `switchyard.io/ipvs-scheduler`
+    /// annotation: rr (default), lc, sh or mh (kube-proxy's `ipvs.scheduler`).
+    pub ipvs_scheduler: String,
     /// The cluster's NodePort range (`LOW-HIGH`, the API server's
     /// `--service-node-port-range`). The eBPF backend reserves it from the node's ephemeral
     /// ports (`net.ipv4.ip_local_reserved_ports`) so the node's own connections never use a
@@ -140,6 +143,7 @@ impl Default for Config {
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/switchyard"),
             lb_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16_381,
+            ipvs_scheduler: "rr".into(),
             node_port_range: "30000-32767".into(),
             service_counters: false,
             client_connection: ClientConnection::default(),
@@ -266,6 +270,7 @@ pub struct Settings {
     pub bpf_pin_dir: PathBuf,
     pub lb_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
+    pub ipvs_scheduler: String,
     pub dns: DnsSettings,
     pub service_counters: bool,
     /// `clientConnection.kubeconfig` (`--kubeconfig` overrides it).
@@ -636,6 +641,16 @@ impl Config {
         if self.max_backends == 0 {
             return Err(invalid("maxBackends", "must be greater than 0"));
         }
+        let ipvs_scheduler = match self.ipvs_scheduler.as_str() {
+            "" => "rr".to_string(),
+            s if crate::dataplane::ipvs::SCHEDULERS.contains(&s) => s.to_string(),
+            other => {
+                return Err(invalid(
+                    "ipvsScheduler",
+                    format!("{other:?} is not one of rr, lc, sh, mh"),
+                ));
+            }
+        };
         let node_port_range =
             parse_port_range(&self.node_port_range).map_err(|e| invalid("nodePortRange", e))?;
         if self.client_connection.qps.is_nan() || self.client_connection.qps <= 0.0 {
@@ -700,6 +715,7 @@ impl Config {
             bpf_pin_dir: self.bpf_pin_dir,
             lb_algorithm: self.lb_algorithm,
             maglev_table_size: self.maglev_table_size,
+            ipvs_scheduler,
             dns: DnsSettings {
                 enabled: d.enabled,
                 cluster_domain,

@@ -11,6 +11,9 @@ use switchyard_model::{ChangeSet, FrontendKind, IpFamily, Protocol, Route, Servi
 use crate::error::DataplaneError;
 use crate::nl::{self, nested, nla};
 
+pub mod writer;
+pub use writer::{IpvsConfig, IpvsDataplane};
+
 // Generic netlink (linux/genetlink.h) and IPVS (linux/ip_vs.h) constants.
 pub const GENL_ID_CTRL: u16 = 0x10;
 pub const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -22,8 +25,11 @@ pub const IPVS_GENL_VERSION: u8 = 0x1;
 pub const IPVS_CMD_NEW_SERVICE: u8 = 1;
 pub const IPVS_CMD_SET_SERVICE: u8 = 2;
 pub const IPVS_CMD_DEL_SERVICE: u8 = 3;
+pub const IPVS_CMD_GET_SERVICE: u8 = 4;
 pub const IPVS_CMD_NEW_DEST: u8 = 5;
+pub const IPVS_CMD_SET_DEST: u8 = 6;
 pub const IPVS_CMD_DEL_DEST: u8 = 7;
+pub const IPVS_CMD_GET_DEST: u8 = 8;
 
 pub const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 pub const IPVS_CMD_ATTR_DEST: u16 = 2;
@@ -43,6 +49,8 @@ pub const IPVS_DEST_ATTR_FWD_METHOD: u16 = 3;
 pub const IPVS_DEST_ATTR_WEIGHT: u16 = 4;
 pub const IPVS_DEST_ATTR_U_THRESH: u16 = 5;
 pub const IPVS_DEST_ATTR_L_THRESH: u16 = 6;
+pub const IPVS_DEST_ATTR_ACTIVE_CONNS: u16 = 7;
+pub const IPVS_DEST_ATTR_INACT_CONNS: u16 = 8;
 pub const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
@@ -192,10 +200,16 @@ pub fn encode(family: u16, seq: u32, op: &Op) -> Option<Vec<u8>> {
 
 pub const ANNOTATION_SCHEDULER: &str = "switchyard.io/ipvs-scheduler";
 
-fn virtual_services(s: &ServicePortState) -> Vec<(VirtualService, Vec<RealServer>, FrontendKind)> {
+/// The schedulers a service may ask for (kube-proxy's `ipvs.scheduler` values we support).
+pub const SCHEDULERS: [&str; 4] = ["rr", "lc", "sh", "mh"];
+
+fn virtual_services(
+    s: &ServicePortState,
+    default_scheduler: &str,
+) -> Vec<(VirtualService, Vec<RealServer>, FrontendKind)> {
     let scheduler = match s.annotations.get(ANNOTATION_SCHEDULER).map(String::as_str) {
-        Some(x @ ("rr" | "lc" | "sh" | "mh")) => x.to_string(),
-        _ => "rr".to_string(),
+        Some(x) if SCHEDULERS.contains(&x) => x.to_string(),
+        _ => default_scheduler.to_string(),
     };
     let reals = |r: Route<'_>| match r {
         Route::Backends(b) => b
@@ -272,7 +286,8 @@ fn set_name(base: &str, v6: bool) -> String {
 }
 
 /// The `ipset restore` input that fills IPVS mode's sets for one family from the desired
-/// state (each set created if missing, flushed and refilled in one run).
+/// state: each set is created if missing, and its new content is filled into a scratch set
+/// that is swapped in whole and destroyed, so a packet never sees a set half-filled.
 pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -> String {
     use std::collections::BTreeMap;
     let v6 = family == IpFamily::IPv6;
@@ -328,12 +343,14 @@ pub fn ipset_restore(state: &switchyard_model::DesiredState, family: IpFamily) -
         let name = set_name(name, v6);
         entries.sort();
         entries.dedup();
+        let scratch = format!("{name}-N");
         out.push_str(&format!(
-            "create {name} {ty} family {inet} hashsize 1024 maxelem 65536 -exist\nflush {name}\n"
+            "create {name} {ty} family {inet} hashsize 1024 maxelem 65536 -exist\ncreate {scratch} {ty} family {inet} hashsize 1024 maxelem 65536 -exist\nflush {scratch}\n"
         ));
         for e in entries {
-            out.push_str(&format!("add {name} {e}\n"));
+            out.push_str(&format!("add {scratch} {e}\n"));
         }
+        out.push_str(&format!("swap {scratch} {name}\ndestroy {scratch}\n"));
     }
     out
 }
@@ -428,9 +445,14 @@ pub fn masquerade_rules(
 /// The operations that program a ChangeSet, in order: new VIPs bound and services created
 /// before their real servers; real servers removed before services; VIPs unbound last.
 pub fn plan(changes: &ChangeSet) -> Vec<Op> {
+    plan_with(changes, "rr")
+}
+
+/// `plan` with the node's default scheduler (a service's annotation overrides it).
+pub fn plan_with(changes: &ChangeSet, default_scheduler: &str) -> Vec<Op> {
     let mut ops = Vec::new();
     let add_port = |s: &ServicePortState, ops: &mut Vec<Op>| {
-        for (vs, reals, kind) in virtual_services(s) {
+        for (vs, reals, kind) in virtual_services(s, default_scheduler) {
             if kind != FrontendKind::NodePort {
                 ops.push(Op::BindAddress(vs.addr));
             }
@@ -445,8 +467,8 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
         add_port(s, &mut ops);
     }
     for c in &changes.changed {
-        let old: Vec<_> = virtual_services(&c.old);
-        let new: Vec<_> = virtual_services(&c.new);
+        let old: Vec<_> = virtual_services(&c.old, default_scheduler);
+        let new: Vec<_> = virtual_services(&c.new, default_scheduler);
         for (vs, reals, kind) in &new {
             match old
                 .iter()
@@ -494,7 +516,7 @@ pub fn plan(changes: &ChangeSet) -> Vec<Op> {
         }
     }
     for s in &changes.removed {
-        for (vs, reals, kind) in virtual_services(s) {
+        for (vs, reals, kind) in virtual_services(s, default_scheduler) {
             ops.extend(reals.into_iter().map(|r| Op::DelDest(vs.clone(), r)));
             ops.push(Op::DelService(vs.clone()));
             ops.push(Op::IpsetDel(set_for(kind, vs.addr), ipset_entry(&vs)));
@@ -536,10 +558,14 @@ pub fn family_id() -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other("no family id in the controller's answer"))
 }
 
-/// Why `--backend ipvs` cannot run here (the kernel lacks IPVS), or that it is present.
-pub fn unavailable_reason() -> DataplaneError {
-    match family_id() {
-        Err(source) => DataplaneError::NoIpvs { source },
-        Ok(_) => DataplaneError::IpvsNotWritten,
+/// The `IPVS` family, loading the `ip_vs` module first where it is not loaded yet (as
+/// kube-proxy does); the error says why `--backend ipvs` cannot run here.
+pub fn ensure_family() -> Result<u16, DataplaneError> {
+    if let Ok(f) = family_id() {
+        return Ok(f);
     }
+    let _ = std::process::Command::new("modprobe")
+        .args(["-q", "ip_vs"])
+        .status();
+    family_id().map_err(|source| DataplaneError::NoIpvs { source })
 }

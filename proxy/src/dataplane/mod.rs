@@ -310,6 +310,7 @@ impl BackendContext {
 fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError> {
     let cfg = ctx.ebpf_config()?;
     let dp = ebpf::EbpfDataplane::start(cfg, Arc::clone(&ctx.metrics))?;
+    leave_ipvs();
     // Switching from iptables: its rules would otherwise still catch service traffic.
     if let Err(e) = iptables::cleanup_all() {
         tracing::warn!(error = %chain(&e), "removing the iptables backend's rules");
@@ -320,6 +321,8 @@ fn start_ebpf(ctx: &BackendContext) -> Result<Box<dyn Dataplane>, DataplaneError
 fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
     let (flavor, why) = iptables::detect(ctx.settings.iptables_mode)?;
     let s = &ctx.settings;
+    // IPVS's cleanup removes our chains too: before the iptables backend writes its own.
+    leave_ipvs();
     let dp = iptables::IptablesBackend::start(
         &iptables::IptablesConfig {
             flavor,
@@ -355,6 +358,58 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     ))
 }
 
+fn start_ipvs(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), DataplaneError> {
+    let s = &ctx.settings;
+    // Nothing of another backend is touched on a node that cannot run this one.
+    ipvs::ensure_family()?;
+    let (flavor, why) = iptables::detect(s.iptables_mode)?;
+    // Switching from another backend: the iptables backend's chains share our names and are
+    // rewritten by the first sync; eBPF's programs would translate first.
+    if let Err(e) = ebpf::unreserve_ports(&s.bpf_pin_dir) {
+        tracing::warn!(error = %chain(&e), "releasing the eBPF backend's reserved NodePort range");
+    }
+    if let Err(e) = ebpf::cleanup_pins(&s.bpf_pin_dir) {
+        tracing::warn!(error = %chain(&e), "removing the eBPF backend's pins");
+    }
+    ebpf::attach::detach_netlink_everywhere();
+    if let Err(e) = iptables::cleanup_all() {
+        tracing::warn!(error = %chain(&e), "removing the iptables backend's rules");
+    }
+    let dp = ipvs::IpvsDataplane::start(ipvs::IpvsConfig {
+        scheduler: s.ipvs_scheduler.clone(),
+        flavor,
+        cluster_cidrs: s.cluster_cidrs.clone(),
+        masquerade_all: s.masquerade_all,
+        masquerade_bit: s.masquerade_bit,
+    })?;
+    Ok((
+        Box::new(dp),
+        format!(
+            "requested (scheduler {}; {} {why})",
+            s.ipvs_scheduler,
+            flavor.name()
+        ),
+    ))
+}
+
+/// Remove the IPVS backend's state when another backend takes over (its VIPs would stay
+/// local addresses and its virtual services would catch the traffic).
+fn leave_ipvs() {
+    if std::path::Path::new("/sys/class/net")
+        .join(ipvs::writer::LINK)
+        .exists()
+    {
+        match ipvs::writer::cleanup() {
+            Ok(lines) => {
+                for l in lines {
+                    tracing::info!("switching from ipvs: {l}");
+                }
+            }
+            Err(e) => tracing::warn!(error = %chain(&e), "removing the IPVS backend's state"),
+        }
+    }
+}
+
 /// Build the chosen backend, with the reason it was chosen.
 pub fn select(
     choice: BackendChoice,
@@ -364,7 +419,7 @@ pub fn select(
         BackendChoice::None => Ok((Box::new(NoneDataplane), "requested".into())),
         BackendChoice::Ebpf => Ok((start_ebpf(ctx)?, "requested".into())),
         BackendChoice::Iptables => start_iptables(ctx),
-        BackendChoice::Ipvs => Err(ipvs::unavailable_reason()),
+        BackendChoice::Ipvs => start_ipvs(ctx),
         BackendChoice::Auto => match start_ebpf(ctx) {
             Ok(dp) => Ok((dp, "auto: kernel and privileges allow eBPF".into())),
             Err(ebpf_err) => {

@@ -155,6 +155,13 @@ fn missing_hooks(e: &Existing) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// `input` (a restore input of ours) with the hook rules `tool`'s tables lack inserted (the
+/// IPVS backend's companion rules use the same hooks).
+pub fn with_missing_hooks(runner: &mut dyn Runner, tool: Tool, input: &str) -> String {
+    let e = existing(runner, tool.flavor, tool.family);
+    insert_in_tables(input, &missing_hooks(&e))
+}
+
 /// Put `lines` at the end of their table's section of a restore input.
 fn insert_in_tables(input: &str, lines: &[(&'static str, String)]) -> String {
     if lines.is_empty() {
