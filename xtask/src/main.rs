@@ -33,8 +33,12 @@ enum Cmd {
     Bootstrap,
     /// Build the kernel programs into target/bpfel-unknown-none/release/switchyard.
     BuildEbpf,
-    /// The project's test command: bootstrap, fmt, clippy, then every test (root tests too).
+    /// The project's test command: bootstrap, fmt, clippy, every test (root tests too) on
+    /// this kernel, then the backend scenario suite on Debian's 6.1 kernel in a VM.
     Test {
+        /// Skip the 6.1 VM run (quicker local iterations; CI runs it).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -109,11 +113,27 @@ fn main() -> anyhow::Result<()> {
                 "-Z",
                 "build-std=core",
             ])),
-        Cmd::Test { args } => {
+        Cmd::Test { no_vm, args } => {
             bootstrap()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-            run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+            let started = std::time::Instant::now();
+            let host = run(cargo().args(["test", "--no-fail-fast"]).args(&args));
+            eprintln!(
+                "xtask: host tests took {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            if no_vm {
+                return host;
+            }
+            // Both run, whatever the other's result: CI reports every failure at once.
+            let vm = vm::run("6.1", &["backends_e2e".to_string()], &[]);
+            match (host, vm) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(h), Ok(())) => Err(h),
+                (Ok(()), Err(v)) => Err(v),
+                (Err(h), Err(v)) => bail!("host tests: {h:#}; 6.1 VM: {v:#}"),
+            }
         }
         Cmd::VmTest {
             kernel,

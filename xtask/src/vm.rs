@@ -19,13 +19,15 @@ use crate::{cargo, root};
 /// The longest a whole VM run may take before it is stopped as hung.
 const VM_TIMEOUT: Duration = Duration::from_mins(55);
 
-/// Build the test binaries and return (name, executable) for `wanted`.
+/// Build the test binaries and return (name, executable) for `wanted`. Release builds:
+/// under software emulation the daemon's debug build is several times slower.
 fn test_binaries(wanted: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    crate::run(cargo().args(["build", "--bins"]))?;
+    crate::run(cargo().args(["build", "--release", "--bins"]))?;
     let out = cargo()
         .current_dir(root())
         .args([
             "test",
+            "--release",
             "--no-run",
             "--message-format=json",
             "-p",

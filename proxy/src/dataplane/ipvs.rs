@@ -54,6 +54,10 @@ pub const IPVS_DEST_ATTR_INACT_CONNS: u16 = 8;
 pub const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
+/// `IP_VS_SVC_F_SCHED1`: sh-fallback / mh-fallback.
+pub const IP_VS_SVC_F_SCHED_FALLBACK: u32 = 0x0008;
+/// `IP_VS_SVC_F_SCHED2`: sh-port / mh-port.
+pub const IP_VS_SVC_F_SCHED_PORT: u32 = 0x0010;
 pub const IP_VS_CONN_F_MASQ: u32 = 0x0000;
 pub use crate::nl::NLA_F_NESTED;
 const AF_INET: u16 = 2;
@@ -122,11 +126,17 @@ pub fn service_attrs(s: &VirtualService, full: bool) -> Vec<u8> {
         sched.push(0);
         nla(&mut inner, IPVS_SVC_ATTR_SCHED_NAME, &sched);
         // struct ip_vs_flags { __u32 flags; __u32 mask; }
-        let flags = if s.persistence.is_some() {
+        let mut flags = if s.persistence.is_some() {
             IP_VS_SVC_F_PERSISTENT
         } else {
             0
         };
+        // sh and mh: hash the client's port too (flows of one client spread as the eBPF
+        // backend's Maglev does), and fall back to another real server when the chosen one
+        // is draining (weight 0).
+        if s.scheduler == "sh" || s.scheduler == "mh" {
+            flags |= IP_VS_SVC_F_SCHED_FALLBACK | IP_VS_SVC_F_SCHED_PORT;
+        }
         let mut f = Vec::new();
         f.extend_from_slice(&flags.to_ne_bytes());
         f.extend_from_slice(&u32::MAX.to_ne_bytes());

@@ -1,7 +1,8 @@
 //! A backend for end-to-end tests: answers HTTP on TCP and datagrams on UDP with its name and
 //! the client address it saw (`NAME CLIENT_IP`), so tests can tell which backend answered and
 //! whether the client address was kept. `--bind [::]` serves both families (IPv4 clients are
-//! reported by their IPv4 address).
+//! reported by their IPv4 address). Where the kernel has SCTP, the same HTTP is also served
+//! over SCTP associations on the TCP port.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -31,43 +32,75 @@ fn main() -> std::io::Result<()> {
     }
     let port = get("--tcp").unwrap_or_else(|| "8080".into());
     let listener = TcpListener::bind(format!("{bind}:{port}"))?;
-    // Signal readiness to whoever started us.
-    println!("ready");
-    for conn in listener.incoming() {
-        let Ok(mut s) = conn else { continue };
+    // SCTP (one-to-one style, which reads and writes like TCP) where the kernel has it.
+    if let Some(sctp) = sctp_listener(&format!("{bind}:{port}")) {
         let name = name.clone();
         std::thread::spawn(move || {
-            let peer: Option<SocketAddr> = s.peer_addr().ok();
-            // Serve requests on this connection until the client closes it, so a test can
-            // hold a connection open across a daemon restart.
-            let mut buf = [0u8; 4096];
-            let mut pending = Vec::new();
-            loop {
-                let Ok(n) = s.read(&mut buf) else { return };
-                if n == 0 {
-                    return;
-                }
-                pending.extend_from_slice(&buf[..n]);
-                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let req = String::from_utf8_lossy(&pending[..end]).to_string();
-                    pending.drain(..end + 4);
-                    let body = format!(
-                        "{name} {}\n",
-                        peer.map(|p| p.ip().to_canonical().to_string())
-                            .unwrap_or_default()
-                    );
-                    let close = req.to_ascii_lowercase().contains("connection: close");
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
-                        body.len(),
-                        if close { "close" } else { "keep-alive" }
-                    );
-                    if s.write_all(resp.as_bytes()).is_err() || close {
-                        return;
-                    }
-                }
+            for conn in sctp.incoming() {
+                let Ok(s) = conn else { continue };
+                let name = name.clone();
+                std::thread::spawn(move || serve(s, &name));
             }
         });
     }
+    // Signal readiness to whoever started us.
+    println!("ready");
+    for conn in listener.incoming() {
+        let Ok(s) = conn else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || serve(s, &name));
+    }
     Ok(())
+}
+
+/// An SCTP listener on `addr`, or `None` where the kernel has no SCTP.
+fn sctp_listener(addr: &str) -> Option<TcpListener> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::from(132)),
+    )
+    .ok()?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    s.set_reuse_address(true).ok()?;
+    s.bind(&addr.into()).ok()?;
+    s.listen(128).ok()?;
+    Some(s.into())
+}
+
+/// Serve HTTP requests on one connection until the client closes it.
+fn serve(mut s: std::net::TcpStream, name: &str) {
+    let peer: Option<SocketAddr> = s.peer_addr().ok();
+    // Serve requests on this connection until the client closes it, so a test can
+    // hold a connection open across a daemon restart.
+    let mut buf = [0u8; 4096];
+    let mut pending = Vec::new();
+    loop {
+        let Ok(n) = s.read(&mut buf) else { return };
+        if n == 0 {
+            return;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let req = String::from_utf8_lossy(&pending[..end]).to_string();
+            pending.drain(..end + 4);
+            let body = format!(
+                "{name} {}\n",
+                peer.map(|p| p.ip().to_canonical().to_string())
+                    .unwrap_or_default()
+            );
+            let close = req.to_ascii_lowercase().contains("connection: close");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+                body.len(),
+                if close { "close" } else { "keep-alive" }
+            );
+            if s.write_all(resp.as_bytes()).is_err() || close {
+                return;
+            }
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! it) and a network namespace, then makes requests and prints one line per request:
 //! `ok NAME CLIENT_IP` as the backend answered, or `err KIND` (refused, timeout, ...).
 //!
-//! sy-probe [--cgroup DIR] [--netns NAME] (--tcp ADDR:PORT | --udp ADDR:PORT) [--count N]
+//! sy-probe [--cgroup DIR] [--netns NAME] (--tcp|--udp|--sctp ADDR:PORT) [--count N]
 //!          [--timeout-ms MS] [--interval-ms MS] [--hold] [--sport PORT]
 //! With --bind ADDR:PORT every TCP connection is made from that local address and port.
 //! With --sport every UDP request comes from that source port (a DNS-style client whose
@@ -128,6 +128,35 @@ fn main() -> std::io::Result<()> {
                 }
                 http(&mut s, false)
             });
+            match r {
+                Ok(body) => println!("ok {body}"),
+                Err(e) => println!("err {}", kind(&e)),
+            }
+            out.lock().flush()?;
+            std::thread::sleep(interval);
+        }
+    }
+    if let Some(target) = get("--sctp") {
+        // An SCTP association (one-to-one style), then the same HTTP exchange as --tcp.
+        let addr: SocketAddr = target
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
+        for _ in 0..count {
+            let r = (|| {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::from(132)),
+                )?;
+                s.connect_timeout(&addr.into(), timeout)?;
+                let mut s: TcpStream = s.into();
+                s.set_read_timeout(Some(timeout))?;
+                let peer = s.peer_addr()?;
+                if peer != addr {
+                    return Ok(format!("peer-mismatch {peer}"));
+                }
+                http(&mut s, false)
+            })();
             match r {
                 Ok(body) => println!("ok {body}"),
                 Err(e) => println!("err {}", kind(&e)),
