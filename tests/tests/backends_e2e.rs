@@ -1754,6 +1754,175 @@ fn consistent_hashing_moves_only_the_removed_endpoints_flows(b: &Backend) {
     );
 }
 
+/// IPVS specifics: a full sync repairs what someone changed in the kernel (a virtual service
+/// deleted, a real server deleted, a VIP unbound, a set flushed), and a leaving TCP endpoint
+/// drains (weight 0, its open connection keeps working) and is deleted once that connection
+/// ends.
+#[test]
+fn ipvs_full_sync_repairs_drift_and_endpoints_drain() {
+    use std::io::{BufRead, BufReader, Write};
+    if !runnable(&IPVS) {
+        return;
+    }
+    let manifests = format!(
+        "{}{}",
+        nodeport_service("dr", "10.96.0.77", 30197, ""),
+        slice("dr", &ALL3)
+    );
+    let mut c = Cluster::start(&IPVS, 20, &manifests);
+    c.sb.stop_daemon();
+    let dir = c.dir.clone();
+    c.sb.start_daemon(&dir, IPVS.name, "syncPeriod: 3s\n")
+        .unwrap();
+    let ask = |sb: &Sandbox| {
+        sb.probe_from_cgroup(&[
+            "--tcp",
+            "10.96.0.77:80",
+            "--count",
+            "6",
+            "--timeout-ms",
+            "500",
+        ])
+        .unwrap()
+    };
+    c.until("up", Duration::from_secs(20), ask, all_ok);
+    let ipvsadm = |sb: &Sandbox| sb.in_node(&["ipvsadm", "-Ln"]).unwrap_or_default();
+    // Tamper: delete the ClusterIP's virtual service, a NodePort real server, unbind the VIP
+    // and flush a set.
+    c.sb.in_node(&["ipvsadm", "-D", "-t", "10.96.0.77:80"])
+        .unwrap();
+    c.sb.in_node(&[
+        "ipvsadm",
+        "-d",
+        "-t",
+        "172.30.0.10:30197",
+        "-r",
+        "10.244.2.11:8080",
+    ])
+    .unwrap();
+    c.sb.in_node(&["ip", "addr", "del", "10.96.0.77/32", "dev", "sy-ipvs0"])
+        .unwrap();
+    c.sb.in_node(&["ipset", "flush", "SY-CLUSTER-IP"]).unwrap();
+    let t = Instant::now();
+    c.until(
+        "repaired by a full sync",
+        Duration::from_secs(15),
+        ask,
+        all_ok,
+    );
+    let table = ipvsadm(&c.sb);
+    assert!(
+        table.contains("10.96.0.77:80") && table.matches("10.244.2.11:8080").count() >= 2,
+        "services and real servers back:\n{table}"
+    );
+    let sets = c.sb.in_node(&["ipset", "list", "SY-CLUSTER-IP"]).unwrap();
+    assert!(sets.contains("10.96.0.77,tcp:80"), "{sets}");
+    eprintln!(
+        "ipvs drift repaired in {:.1} s (syncPeriod 3s)",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Graceful removal: hold a connection to b1, remove b1, the connection keeps working and
+    // b1 stays at weight 0 until the connection closes.
+    c.sb.in_node(&["ipvsadm", "--set", "900", "5", "300"])
+        .unwrap();
+    let mut held = None;
+    for _ in 0..30 {
+        let mut p = std::process::Command::new(switchyard_tests::sandbox::bin("sy-probe"))
+            .args([
+                "--cgroup",
+                &c.sb.cgroup.to_string_lossy(),
+                "--netns",
+                &c.sb.node_ns(),
+                "--tcp",
+                "10.96.0.77:80",
+                "--hold",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = p.stdin.take().unwrap();
+        let mut out = BufReader::new(p.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        writeln!(stdin, "go").unwrap();
+        stdin.flush().unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        if line.contains(" b1 ") {
+            held = Some((p, stdin, out));
+            break;
+        }
+        drop(stdin);
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let (mut p, mut stdin, mut out) = held.expect("no held connection landed on b1 in 30 tries");
+    c.write(&format!(
+        "{}{}",
+        nodeport_service("dr", "10.96.0.77", 30197, ""),
+        slice("dr", &ALL3[..2])
+    ));
+    let weight0 = |sb: &Sandbox| {
+        let t = sb
+            .in_node(&["ipvsadm", "-Ln", "-t", "10.96.0.77:80"])
+            .unwrap_or_default();
+        t.lines()
+            .find(|l| l.contains("10.244.2.11:8080"))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or("").to_string())
+    };
+    let t = Instant::now();
+    while weight0(&c.sb).as_deref() != Some("0") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "b1 not drained:\n{}",
+            ipvsadm(&c.sb)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = c.until(
+        "new connections avoid b1",
+        Duration::from_secs(5),
+        ask,
+        |l| all_ok(l) && l.iter().all(|x| !x.contains(" b1 ")),
+    );
+    assert!(!got.is_empty());
+    writeln!(stdin, "go").unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains(" b1 "),
+        "the held connection still reaches b1: {line}"
+    );
+    assert_eq!(
+        weight0(&c.sb).as_deref(),
+        Some("0"),
+        "still draining while connected"
+    );
+    drop(stdin);
+    let _ = p.kill();
+    let _ = p.wait();
+    // Once its connection is gone (FIN_WAIT/TIME_WAIT entries count as inactive until they
+    // expire: IPVS's tcpfin timeout, 120 s by default, 5 s here as kube-proxy's
+    // ipvs.tcpFinTimeout would set it), a full sync deletes it.
+    let t = Instant::now();
+    while weight0(&c.sb).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_mins(1),
+            "b1 never deleted after its connection ended:\n{}",
+            c.sb.in_node(&["ipvsadm", "-Ln", "-t", "10.96.0.77:80"])
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "ipvs: drained real server deleted {:.0} s after its connection closed",
+        t.elapsed().as_secs_f64()
+    );
+}
+
 /// Whether this kernel has SCTP (loading the module where it can). This machine's own kernel
 /// has none; Debian's kernels in `cargo xtask vm-test` have it as a module.
 fn kernel_has_sctp() -> bool {

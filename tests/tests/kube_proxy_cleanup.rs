@@ -69,6 +69,32 @@ fn cleanup_kube_proxy_removes_its_rules_tables_and_sets_and_nothing_else() {
     in_ns(n, &["nft", "add", "table", "ip6", "kube-proxy"]);
     in_ns(n, &["ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port"]);
     in_ns(n, &["ipset", "create", "MY-SET", "hash:ip"]);
+    // IPVS mode's state where the kernel has IPVS (Debian's kernels in `cargo xtask
+    // vm-test`): a virtual service and kube-ipvs0 with a VIP.
+    let _ = std::process::Command::new("modprobe")
+        .args(["-q", "ip_vs"])
+        .status();
+    let ipvs = std::path::Path::new("/proc/net/ip_vs").exists();
+    if ipvs {
+        in_ns(n, &["ip", "link", "add", "kube-ipvs0", "type", "dummy"]);
+        in_ns(
+            n,
+            &["ip", "addr", "add", "10.96.0.1/32", "dev", "kube-ipvs0"],
+        );
+        in_ns(n, &["ipvsadm", "-A", "-t", "10.96.0.1:443", "-s", "rr"]);
+        in_ns(
+            n,
+            &[
+                "ipvsadm",
+                "-a",
+                "-t",
+                "10.96.0.1:443",
+                "-r",
+                "10.0.0.1:6443",
+                "-m",
+            ],
+        );
+    }
     assert!(in_ns(n, &["iptables-nft-save"]).contains("KUBE-SVC-"));
     assert!(in_ns(n, &["nft", "list", "tables"]).contains("table ip kube-proxy"));
 
@@ -85,7 +111,14 @@ fn cleanup_kube_proxy_removes_its_rules_tables_and_sets_and_nothing_else() {
         "{out}"
     );
     assert!(out.contains("ipset: destroyed KUBE-CLUSTER-IP"), "{out}");
-    assert!(out.contains("ipvs: not in this kernel"), "{out}");
+    if ipvs {
+        assert!(out.contains("ipvs: flushed every virtual service"), "{out}");
+        assert!(out.contains("ipvs: deleted link kube-ipvs0"), "{out}");
+        let table = in_ns(n, &["ipvsadm", "-Ln"]);
+        assert!(!table.contains("10.96.0.1:443"), "{table}");
+    } else {
+        assert!(out.contains("ipvs: not in this kernel"), "{out}");
+    }
 
     for save in [
         "iptables-legacy-save",
