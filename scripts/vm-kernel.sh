@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fetches one of Debian's stock kernels for `cargo xtask vm-test` and prints its vmlinuz path.
+# Fetches one of Debian's stock kernels for `cargo xtask vm-test`; prints its vmlinuz path and
+# the path of virtme-ng's `vng`, one per line.
 #   scripts/vm-kernel.sh 6.1    bookworm's linux-image-amd64 (6.1 LTS)
 #   scripts/vm-kernel.sh 6.12   bookworm-backports' linux-image-amd64 (6.12)
 # The package is downloaded with apt and unpacked under target/vm/ (never installed as the
@@ -33,10 +34,15 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || die "apt-get install ${need[*]} failed"
 fi
-if ! command -v vng >/dev/null; then
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+vng=$(command -v vng || true)
+[ -n "$vng" ] || { [ -x "$scripts_dir/vng" ] && vng="$scripts_dir/vng"; }
+if [ -z "$vng" ]; then
   say "installing virtme-ng from PyPI"
-  pip install -q 'virtme-ng==1.42' >&2 || die "pip install virtme-ng failed"
-  command -v vng >/dev/null || die "virtme-ng installed but vng is not on PATH"
+  python3 -m pip install -q 'virtme-ng==1.42' >&2 || die "pip install virtme-ng failed"
+  vng=$(command -v vng || true)
+  [ -n "$vng" ] || { [ -x "$scripts_dir/vng" ] && vng="$scripts_dir/vng"; }
+  [ -n "$vng" ] || die "virtme-ng installed but its vng script is neither on PATH nor in $scripts_dir"
 fi
 
 if [ "$suite" = bookworm-backports ]; then
@@ -77,3 +83,4 @@ if [ ! -f "/lib/modules/$kver/modules.dep" ]; then
   depmod "$kver" || die "depmod $kver failed"
 fi
 echo "$dir/boot/vmlinuz-$kver"
+echo "$vng"

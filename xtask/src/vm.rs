@@ -80,7 +80,11 @@ fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> 
     if !out.status.success() {
         bail!("cannot get the {kernel} kernel (see the vm-kernel messages above)");
     }
-    let vmlinuz = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = printed.lines();
+    let (Some(vmlinuz), Some(vng)) = (lines.next(), lines.next()) else {
+        bail!("{} printed no kernel and vng paths", script.display());
+    };
     let work = root().join("target/vm").join(format!("run-{kernel}"));
     let _ = std::fs::remove_dir_all(&work);
     let shared = work.join("out");
@@ -115,9 +119,9 @@ fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> 
     eprintln!("xtask: booting {vmlinuz} (software emulation; ~10 s to boot)");
     let started = Instant::now();
     let console = std::fs::File::create(work.join("console.log"))?;
-    let mut vm = Command::new("vng")
+    let mut vm = Command::new(vng)
         .args(["--disable-kvm", "--memory", "4G", "--cpus", "2", "-v", "-r"])
-        .arg(&vmlinuz)
+        .arg(vmlinuz)
         .arg("--rwdir")
         .arg(&shared)
         .arg("--exec")

@@ -889,3 +889,61 @@ pub fn cleanup() -> Result<Vec<String>, DataplaneError> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(sched: &str, persistence: Option<u32>) -> VirtualService {
+        VirtualService {
+            addr: "10.96.0.10".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scheduler: sched.into(),
+            persistence,
+        }
+    }
+
+    #[test]
+    fn a_service_reads_back_as_it_was_written() {
+        for (sched, p) in [("rr", None), ("mh", Some(10_800)), ("sh", None)] {
+            let v = vs(sched, p);
+            let got = parse_service(&service_attrs(&v, true));
+            assert_eq!(
+                got,
+                Some(KernelService {
+                    key: VsKey::of(&v),
+                    scheduler: sched.into(),
+                    persistence: p,
+                })
+            );
+        }
+        let v6 = VirtualService {
+            addr: "fd00::10".parse().unwrap_or(IpAddr::from([0u8; 16])),
+            ..vs("rr", None)
+        };
+        assert_eq!(
+            parse_service(&service_attrs(&v6, true)).map(|k| k.key),
+            Some(VsKey::of(&v6))
+        );
+    }
+
+    #[test]
+    fn a_real_server_reads_back_with_its_weight() {
+        let rs = RealServer {
+            addr: "10.244.1.11".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port: 8080,
+            weight: 0,
+        };
+        assert_eq!(
+            parse_dest(&dest_attrs(&rs, true), false),
+            Some(KernelDest {
+                addr: rs.addr,
+                port: 8080,
+                weight: 0,
+                active: 0,
+                inactive: 0,
+            })
+        );
+    }
+}
