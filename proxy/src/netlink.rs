@@ -13,18 +13,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{HostView, Store};
 
+/// The links Switchyard creates to hold addresses of its own.
+const OWN_LINKS: [&str; 2] = [
+    crate::dns_listen::LINK,
+    crate::dataplane::ipvs::writer::LINK,
+];
+
 async fn read(handle: &rtnetlink::Handle) -> Result<HostView, rtnetlink::Error> {
     let mut view = HostView::default();
+    let mut own = std::collections::BTreeSet::new();
     let mut links = handle.link().get().execute();
     while let Some(l) = links.try_next().await? {
+        let index = l.header.index;
         for a in l.attributes {
             if let LinkAttribute::IfName(n) = a {
+                if OWN_LINKS.contains(&n.as_str()) {
+                    own.insert(index);
+                }
                 view.links.push(n);
             }
         }
     }
     let mut addrs = handle.address().get().execute();
     while let Some(a) = addrs.try_next().await? {
+        // Addresses we put on the node ourselves (service VIPs, the DNS listen address) are
+        // not node addresses: no NodePorts on them. Nor are host-scope ones.
+        if own.contains(&a.header.index)
+            || a.header.scope == netlink_packet_route::address::AddressScope::Host
+        {
+            continue;
+        }
         for attr in a.attributes {
             // IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS
             // otherwise.

@@ -405,6 +405,16 @@ fn session_affinity_sticks_then_spreads_and_expires(b: &Backend) {
             slice("sticky", &ALL3)
         ),
     );
+    if b.name == "ipvs" {
+        // IPVS keeps a persistence template while any connection it placed exists, TIME_WAIT
+        // ones included (tcpFinTimeout, 120 s by default): affinity ends timeoutSeconds after
+        // the client's last connection is fully gone, as in kube-proxy's IPVS mode. A short
+        // tcpFinTimeout (kube-proxy's ipvs.tcpFinTimeout) keeps this test short.
+        c.sb.stop_daemon();
+        let dir = c.dir.clone();
+        c.sb.start_daemon(&dir, b.name, "ipvsTcpFinTimeout: 1s\n")
+            .unwrap();
+    }
     // 16 requests from one client all reach one backend, on both paths.
     let got = c.until(
         "affinity socket LB",
@@ -1772,7 +1782,7 @@ fn ipvs_full_sync_repairs_drift_and_endpoints_drain() {
     let mut c = Cluster::start(&IPVS, 20, &manifests);
     c.sb.stop_daemon();
     let dir = c.dir.clone();
-    c.sb.start_daemon(&dir, IPVS.name, "syncPeriod: 3s\n")
+    c.sb.start_daemon(&dir, IPVS.name, "syncPeriod: 3s\nipvsTcpFinTimeout: 5s\n")
         .unwrap();
     let ask = |sb: &Sandbox| {
         sb.probe_from_cgroup(&[
@@ -1824,8 +1834,12 @@ fn ipvs_full_sync_repairs_drift_and_endpoints_drain() {
 
     // Graceful removal: hold a connection to b1, remove b1, the connection keeps working and
     // b1 stays at weight 0 until the connection closes.
-    c.sb.in_node(&["ipvsadm", "--set", "900", "5", "300"])
-        .unwrap();
+    assert!(
+        c.sb.in_node(&["ipvsadm", "-L", "--timeout"])
+            .unwrap()
+            .contains("tcpfin 5 "),
+        "ipvsTcpFinTimeout applied"
+    );
     let mut held = None;
     for _ in 0..30 {
         let mut p = std::process::Command::new(switchyard_tests::sandbox::bin("sy-probe"))
@@ -1905,8 +1919,8 @@ fn ipvs_full_sync_repairs_drift_and_endpoints_drain() {
     let _ = p.kill();
     let _ = p.wait();
     // Once its connection is gone (FIN_WAIT/TIME_WAIT entries count as inactive until they
-    // expire: IPVS's tcpfin timeout, 120 s by default, 5 s here as kube-proxy's
-    // ipvs.tcpFinTimeout would set it), a full sync deletes it.
+    // expire: IPVS's tcpfin timeout, 120 s by default, 5 s here through ipvsTcpFinTimeout,
+    // kube-proxy's ipvs.tcpFinTimeout), a full sync deletes it.
     let t = Instant::now();
     while weight0(&c.sb).is_some() {
         assert!(

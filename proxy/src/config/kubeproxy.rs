@@ -333,6 +333,18 @@ pub fn translate(doc: Map<String, Value>) -> Result<Translated, ConfigError> {
         values.insert("ipvsScheduler".into(), json!(sched));
         applied.push("ipvs.scheduler".into());
     }
+    if let Some(ipvs) = kp.ipvs.as_ref() {
+        for (ours, theirs, v) in [
+            ("ipvsTcpTimeout", "tcpTimeout", &ipvs.tcp_timeout),
+            ("ipvsTcpFinTimeout", "tcpFinTimeout", &ipvs.tcp_fin_timeout),
+            ("ipvsUdpTimeout", "udpTimeout", &ipvs.udp_timeout),
+        ] {
+            if let Some(v) = v.as_ref().filter(|v| !v.is_empty()) {
+                values.insert(ours.into(), json!(v));
+                applied.push(format!("ipvs.{theirs}"));
+            }
+        }
+    }
 
     // Everything else that is set is named: kube-proxy would have done something with it.
     let mut ignored = Vec::new();

@@ -55,6 +55,11 @@ pub struct Config {
     /// The IPVS backend's scheduler for services without the `switchyard.io/ipvs-scheduler`
     /// annotation: rr (default), lc, sh or mh (kube-proxy's `ipvs.scheduler`).
     pub ipvs_scheduler: String,
+    /// IPVS connection timeouts (kube-proxy's `ipvs.tcpTimeout`, `tcpFinTimeout`,
+    /// `udpTimeout`); empty or 0s leaves the kernel's.
+    pub ipvs_tcp_timeout: String,
+    pub ipvs_tcp_fin_timeout: String,
+    pub ipvs_udp_timeout: String,
     /// The cluster's NodePort range (`LOW-HIGH`, the API server's
     /// `--service-node-port-range`). The eBPF backend reserves it from the node's ephemeral
     /// ports (`net.ipv4.ip_local_reserved_ports`) so the node's own connections never use a
@@ -144,6 +149,9 @@ impl Default for Config {
             lb_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16_381,
             ipvs_scheduler: "rr".into(),
+            ipvs_tcp_timeout: String::new(),
+            ipvs_tcp_fin_timeout: String::new(),
+            ipvs_udp_timeout: String::new(),
             node_port_range: "30000-32767".into(),
             service_counters: false,
             client_connection: ClientConnection::default(),
@@ -271,6 +279,7 @@ pub struct Settings {
     pub lb_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
     pub ipvs_scheduler: String,
+    pub ipvs_timeouts: crate::dataplane::ipvs::writer::IpvsTimeouts,
     pub dns: DnsSettings,
     pub service_counters: bool,
     /// `clientConnection.kubeconfig` (`--kubeconfig` overrides it).
@@ -641,6 +650,18 @@ impl Config {
         if self.max_backends == 0 {
             return Err(invalid("maxBackends", "must be greater than 0"));
         }
+        let secs = |field: &str, v: &str| -> Result<u32, ConfigError> {
+            if v.is_empty() {
+                return Ok(0);
+            }
+            let d = parse_duration(v).map_err(|e| invalid(field, e))?;
+            u32::try_from(d.as_secs()).map_err(|_| invalid(field, "too long"))
+        };
+        let ipvs_timeouts = crate::dataplane::ipvs::writer::IpvsTimeouts {
+            tcp: secs("ipvsTcpTimeout", &self.ipvs_tcp_timeout)?,
+            tcp_fin: secs("ipvsTcpFinTimeout", &self.ipvs_tcp_fin_timeout)?,
+            udp: secs("ipvsUdpTimeout", &self.ipvs_udp_timeout)?,
+        };
         let ipvs_scheduler = match self.ipvs_scheduler.as_str() {
             "" => "rr".to_string(),
             s if crate::dataplane::ipvs::SCHEDULERS.contains(&s) => s.to_string(),
@@ -716,6 +737,7 @@ impl Config {
             lb_algorithm: self.lb_algorithm,
             maglev_table_size: self.maglev_table_size,
             ipvs_scheduler,
+            ipvs_timeouts,
             dns: DnsSettings {
                 enabled: d.enabled,
                 cluster_domain,

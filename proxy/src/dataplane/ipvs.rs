@@ -30,6 +30,10 @@ pub const IPVS_CMD_NEW_DEST: u8 = 5;
 pub const IPVS_CMD_SET_DEST: u8 = 6;
 pub const IPVS_CMD_DEL_DEST: u8 = 7;
 pub const IPVS_CMD_GET_DEST: u8 = 8;
+pub const IPVS_CMD_SET_CONFIG: u8 = 12;
+pub const IPVS_CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+pub const IPVS_CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+pub const IPVS_CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 pub const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 pub const IPVS_CMD_ATTR_DEST: u16 = 2;
@@ -146,8 +150,14 @@ pub fn service_attrs(s: &VirtualService, full: bool) -> Vec<u8> {
             IPVS_SVC_ATTR_TIMEOUT,
             &s.persistence.unwrap_or(0).to_ne_bytes(),
         );
-        let mask: u32 = if s.addr.is_ipv4() { u32::MAX } else { 128 };
-        nla(&mut inner, IPVS_SVC_ATTR_NETMASK, &mask.to_be_bytes());
+        // The kernel reads the netmask raw: all ones for IPv4, the prefix length (compared
+        // as a host-order number) for IPv6.
+        let mask: [u8; 4] = if s.addr.is_ipv4() {
+            u32::MAX.to_ne_bytes()
+        } else {
+            128u32.to_ne_bytes()
+        };
+        nla(&mut inner, IPVS_SVC_ATTR_NETMASK, &mask);
     }
     let mut out = Vec::new();
     nested(&mut out, IPVS_CMD_ATTR_SERVICE, &inner);

@@ -343,6 +343,8 @@ fn start_iptables(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), 
     if let Err(e) = ebpf::cleanup_pins(&s.bpf_pin_dir) {
         tracing::warn!(error = %chain(&e), "removing the eBPF backend's pins");
     }
+    // Netlink tc filters are not pinned: they go one by one.
+    ebpf::attach::detach_netlink_everywhere();
     // And the other iptables flavor's rules, if the node moved between them.
     let other = if flavor == iptables::Flavor::Legacy {
         iptables::Flavor::Nft
@@ -375,13 +377,17 @@ fn start_ipvs(ctx: &BackendContext) -> Result<(Box<dyn Dataplane>, String), Data
     if let Err(e) = iptables::cleanup_all() {
         tracing::warn!(error = %chain(&e), "removing the iptables backend's rules");
     }
-    let dp = ipvs::IpvsDataplane::start(ipvs::IpvsConfig {
-        scheduler: s.ipvs_scheduler.clone(),
-        flavor,
-        cluster_cidrs: s.cluster_cidrs.clone(),
-        masquerade_all: s.masquerade_all,
-        masquerade_bit: s.masquerade_bit,
-    })?;
+    let dp = ipvs::IpvsDataplane::start(
+        ipvs::IpvsConfig {
+            scheduler: s.ipvs_scheduler.clone(),
+            flavor,
+            cluster_cidrs: s.cluster_cidrs.clone(),
+            masquerade_all: s.masquerade_all,
+            masquerade_bit: s.masquerade_bit,
+            timeouts: s.ipvs_timeouts,
+        },
+        Arc::clone(&ctx.metrics),
+    )?;
     Ok((
         Box::new(dp),
         format!(

@@ -25,19 +25,22 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
 use switchyard_model::{ChangeSet, DesiredState, FrontendKind, IpFamily, Protocol};
 
 use super::{
-    IP_VS_SVC_F_PERSISTENT, IPVS_CMD_ATTR_DEST, IPVS_CMD_ATTR_SERVICE, IPVS_CMD_DEL_DEST,
+    IP_VS_SVC_F_PERSISTENT, IPVS_CMD_ATTR_DEST, IPVS_CMD_ATTR_SERVICE, IPVS_CMD_ATTR_TIMEOUT_TCP,
+    IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, IPVS_CMD_ATTR_TIMEOUT_UDP, IPVS_CMD_DEL_DEST,
     IPVS_CMD_DEL_SERVICE, IPVS_CMD_GET_DEST, IPVS_CMD_GET_SERVICE, IPVS_CMD_NEW_DEST,
-    IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_DEST, IPVS_CMD_SET_SERVICE, IPVS_DEST_ATTR_ACTIVE_CONNS,
-    IPVS_DEST_ATTR_ADDR, IPVS_DEST_ATTR_INACT_CONNS, IPVS_DEST_ATTR_PORT, IPVS_DEST_ATTR_WEIGHT,
-    IPVS_GENL_VERSION, IPVS_SVC_ATTR_ADDR, IPVS_SVC_ATTR_AF, IPVS_SVC_ATTR_FLAGS,
-    IPVS_SVC_ATTR_PORT, IPVS_SVC_ATTR_PROTOCOL, IPVS_SVC_ATTR_SCHED_NAME, IPVS_SVC_ATTR_TIMEOUT,
-    Op, RealServer, VirtualService, dest_attrs, ensure_family, ipset_restore, masquerade_rules,
-    plan_with, service_attrs, virtual_services,
+    IPVS_CMD_NEW_SERVICE, IPVS_CMD_SET_CONFIG, IPVS_CMD_SET_DEST, IPVS_CMD_SET_SERVICE,
+    IPVS_DEST_ATTR_ACTIVE_CONNS, IPVS_DEST_ATTR_ADDR, IPVS_DEST_ATTR_INACT_CONNS,
+    IPVS_DEST_ATTR_PORT, IPVS_DEST_ATTR_WEIGHT, IPVS_GENL_VERSION, IPVS_SVC_ATTR_ADDR,
+    IPVS_SVC_ATTR_AF, IPVS_SVC_ATTR_FLAGS, IPVS_SVC_ATTR_PORT, IPVS_SVC_ATTR_PROTOCOL,
+    IPVS_SVC_ATTR_SCHED_NAME, IPVS_SVC_ATTR_TIMEOUT, Op, RealServer, VirtualService, dest_attrs,
+    ensure_family, ipset_restore, masquerade_rules, plan_with, service_attrs, virtual_services,
 };
+use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
 use crate::dataplane::Dataplane;
 use crate::dataplane::iptables::runner::{CommandRunner, Runner, Tool};
 use crate::dataplane::iptables::{self, Flavor};
 use crate::error::DataplaneError;
+use crate::metrics::Metrics;
 use crate::nl;
 
 /// The dummy link holding the VIPs (kube-proxy's `kube-ipvs0`).
@@ -64,6 +67,17 @@ pub struct IpvsConfig {
     pub cluster_cidrs: Vec<ipnet::IpNet>,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
+    /// IPVS's connection timeouts (kube-proxy's ipvs.tcpTimeout, tcpFinTimeout, udpTimeout);
+    /// zero leaves the kernel's value.
+    pub timeouts: IpvsTimeouts,
+}
+
+/// IPVS connection timeouts in seconds; 0 = the kernel's (900, 120, 300).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpvsTimeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
 }
 
 fn ipvs_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DataplaneError {
@@ -443,6 +457,9 @@ pub struct IpvsDataplane {
     /// The ipset input last applied per family (a sync that changes nothing skips ipset).
     sets: BTreeMap<IpFamily, String>,
     draining: BTreeMap<(VsKey, IpAddr, u16), Draining>,
+    /// UDP conntrack entries that would keep a flow off its service (as the iptables
+    /// backend, and kube-proxy's IPVS mode, delete them).
+    conntrack: StaleUdp,
 }
 
 impl std::fmt::Debug for IpvsDataplane {
@@ -457,7 +474,10 @@ impl std::fmt::Debug for IpvsDataplane {
 impl IpvsDataplane {
     /// Check IPVS, the tools and the privileges, and prepare the node (sysctls, dummy link,
     /// rules); services come with the first sync.
-    pub fn start(cfg: IpvsConfig) -> Result<IpvsDataplane, DataplaneError> {
+    pub fn start(
+        cfg: IpvsConfig,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<IpvsDataplane, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(DataplaneError::NeedsPrivilege {
                 backend: "ipvs",
@@ -465,8 +485,21 @@ impl IpvsDataplane {
             });
         }
         let family = ensure_family()?;
-        let genl = Genl::open(family).map_err(ipvs_err("opening a generic-netlink socket"))?;
+        let mut genl = Genl::open(family).map_err(ipvs_err("opening a generic-netlink socket"))?;
         set_sysctls()?;
+        let t = cfg.timeouts;
+        if t != IpvsTimeouts::default() {
+            let mut attrs = Vec::new();
+            nl::nla(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_TCP, &t.tcp.to_ne_bytes());
+            nl::nla(
+                &mut attrs,
+                IPVS_CMD_ATTR_TIMEOUT_TCP_FIN,
+                &t.tcp_fin.to_ne_bytes(),
+            );
+            nl::nla(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &t.udp.to_ne_bytes());
+            genl.request(IPVS_CMD_SET_CONFIG, &attrs)
+                .map_err(ipvs_err("setting the IPVS connection timeouts"))?;
+        }
         ensure_link()?;
         let mut families = vec![IpFamily::IPv4];
         if std::path::Path::new("/proc/sys/net/ipv6").exists() {
@@ -479,6 +512,7 @@ impl IpvsDataplane {
             families,
             sets: BTreeMap::new(),
             draining: BTreeMap::new(),
+            conntrack: StaleUdp::new(metrics),
         };
         dp.write_sets(&DesiredState::default(), true)?;
         dp.write_rules()?;
@@ -708,7 +742,15 @@ impl Dataplane for IpvsDataplane {
         sync_addrs(&have)?;
         self.run_ops(&ops)?;
         self.write_sets(state, false)?;
-        sync_addrs(&want)
+        sync_addrs(&want)?;
+        if touches_udp(changes) {
+            let mut udp = UdpServices::from_state(state);
+            for r in &changes.removed {
+                udp.add_removed(r);
+            }
+            self.conntrack.clear(&udp)?;
+        }
+        Ok(())
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
@@ -782,7 +824,9 @@ impl Dataplane for IpvsDataplane {
         self.reap_draining()?;
         self.write_sets(state, true)?;
         self.write_rules()?;
-        sync_addrs(&want_addrs)
+        sync_addrs(&want_addrs)?;
+        self.conntrack.clear(&UdpServices::from_state(state))?;
+        Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
