@@ -740,8 +740,10 @@ impl Dataplane for IpvsDataplane {
         let mut have = link_addrs()?;
         have.extend(want.iter().copied());
         sync_addrs(&have)?;
-        self.run_ops(&ops)?;
+        // The sets first: a new virtual service must not take a connection the masquerade
+        // rules do not yet know about (a stale entry for a removed one is harmless).
         self.write_sets(state, false)?;
+        self.run_ops(&ops)?;
         sync_addrs(&want)?;
         if touches_udp(changes) {
             let mut udp = UdpServices::from_state(state);
@@ -761,6 +763,9 @@ impl Dataplane for IpvsDataplane {
         let ours: BTreeSet<IpAddr> = bound.union(&local_addrs()).copied().collect();
         bound.extend(want_addrs.iter().copied());
         sync_addrs(&bound)?;
+        // Sets and rules before services, as in `apply`.
+        self.write_sets(state, true)?;
+        self.write_rules()?;
         let want = desired(state, &self.cfg.scheduler);
         let have = self.kernel_services()?;
         // Services of ours that should not be there: on our link or a node address.
@@ -822,8 +827,6 @@ impl Dataplane for IpvsDataplane {
             }
         }
         self.reap_draining()?;
-        self.write_sets(state, true)?;
-        self.write_rules()?;
         sync_addrs(&want_addrs)?;
         self.conntrack.clear(&UdpServices::from_state(state))?;
         Ok(())
