@@ -703,10 +703,11 @@ fn a_full_sync_reattaches_a_detached_tc_program(b: &Backend) {
         slice("web", &ALL3)
     );
     let mut c = Cluster::start(b, 13, &manifests);
-    // The default 10 s syncPeriod would make this test slow; the scenario is the same.
+    // A syncPeriod short enough to keep this test quick, long enough that the detach is seen
+    // before the repair (also under software emulation in the VM).
     c.sb.stop_daemon();
     let dir = c.dir.clone();
-    c.sb.start_daemon(&dir, b.name, &format!("{}syncPeriod: 3s\n", b.extra))
+    c.sb.start_daemon(&dir, b.name, &format!("{}syncPeriod: 8s\n", b.extra))
         .unwrap();
     let ask = |sb: &Sandbox| {
         sb.probe_from_client(&[
@@ -763,7 +764,7 @@ fn a_full_sync_reattaches_a_detached_tc_program(b: &Backend) {
     );
     c.until(
         "NodePort after re-attach",
-        Duration::from_secs(10),
+        Duration::from_secs(25),
         ask,
         all_ok,
     );
