@@ -174,6 +174,23 @@ impl StaleUdp {
         &self.metrics
     }
 
+    /// After a partial sync: clear what `changes` may have left stale (nothing when it
+    /// touches no UDP service; removed services' frontends count too).
+    pub fn clear_after(
+        &mut self,
+        changes: &ChangeSet,
+        state: &DesiredState,
+    ) -> Result<usize, ConntrackError> {
+        if !touches_udp(changes) {
+            return Ok(0);
+        }
+        let mut udp = UdpServices::from_state(state);
+        for r in &changes.removed {
+            udp.add_removed(r);
+        }
+        self.clear(&udp)
+    }
+
     pub fn clear(&mut self, services: &UdpServices) -> Result<usize, ConntrackError> {
         if services.is_empty() {
             return Ok(0);

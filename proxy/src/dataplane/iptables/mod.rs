@@ -18,7 +18,7 @@ use self::render::{FILTER, NODEPORTS, PortRules, RenderConfig, Rule, SERVICES};
 use self::runner::{CommandRunner, RunError, Runner, Tool};
 use super::Dataplane;
 use crate::config::IptablesMode;
-use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
+use crate::conntrack::{StaleUdp, UdpServices};
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
 use crate::metrics::TableLabel;
@@ -534,13 +534,7 @@ impl Dataplane for IptablesBackend {
             .try_for_each(|f| f.apply(self.runner.as_mut(), changes));
         self.account(true, &result);
         result?;
-        if touches_udp(changes) {
-            let mut udp = UdpServices::from_state(state);
-            for r in &changes.removed {
-                udp.add_removed(r);
-            }
-            self.conntrack.clear(&udp)?;
-        }
+        self.conntrack.clear_after(changes, state)?;
         Ok(())
     }
 

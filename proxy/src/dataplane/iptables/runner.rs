@@ -58,7 +58,9 @@ pub trait Runner: Send + std::fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommandRunner;
 
-fn output(cmd: &str, c: &mut Command, stdin: Option<&str>) -> Result<String, RunError> {
+/// Run `c` (named `cmd` in errors) with `stdin` fed to it; its stdout, or an error with its
+/// stderr. Shared with the IPVS backend's `ip` and `ipset` calls.
+pub fn output(cmd: &str, c: &mut Command, stdin: Option<&str>) -> Result<String, RunError> {
     let spawn = |source| RunError::Spawn {
         cmd: cmd.to_string(),
         source,

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
@@ -35,9 +35,9 @@ use super::{
     IPVS_SVC_ATTR_SCHED_NAME, IPVS_SVC_ATTR_TIMEOUT, Op, RealServer, VirtualService, dest_attrs,
     ensure_family, ipset_restore, masquerade_rules, plan_with, service_attrs, virtual_services,
 };
-use crate::conntrack::{StaleUdp, UdpServices, touches_udp};
+use crate::conntrack::{StaleUdp, UdpServices};
 use crate::dataplane::Dataplane;
-use crate::dataplane::iptables::runner::{CommandRunner, Runner, Tool};
+use crate::dataplane::iptables::runner::{CommandRunner, Runner, Tool, output};
 use crate::dataplane::iptables::{self, Flavor};
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
@@ -331,29 +331,8 @@ fn vips(state: &DesiredState) -> BTreeSet<IpAddr> {
 }
 
 fn ip_cmd(args: &[&str], stdin: Option<&str>) -> io::Result<String> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        use std::io::Write;
-        pipe.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let name = format!("ip {}", args.join(" "));
+    output(&name, Command::new("ip").args(args), stdin).map_err(io::Error::other)
 }
 
 /// Create the dummy link if missing (down, as kube-proxy leaves `kube-ipvs0`: its addresses
@@ -414,31 +393,16 @@ fn set_sysctls() -> Result<(), DataplaneError> {
 }
 
 fn ipset_cmd(input: &str) -> Result<(), DataplaneError> {
-    let mut child = Command::new("ipset")
-        .args(["restore", "-exist"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(ipvs_err("running ipset (the ipset package)"))?;
-    if let Some(mut pipe) = child.stdin.take() {
-        use std::io::Write;
-        pipe.write_all(input.as_bytes())
-            .map_err(ipvs_err("writing to ipset restore"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(ipvs_err("waiting for ipset restore"))?;
-    if !out.status.success() {
-        return Err(DataplaneError::Ipvs {
-            what: format!(
-                "ipset restore: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            source: io::Error::other("ipset restore failed"),
-        });
-    }
-    Ok(())
+    output(
+        "ipset restore",
+        Command::new("ipset").args(["restore", "-exist"]),
+        Some(input),
+    )
+    .map(drop)
+    .map_err(|e| DataplaneError::Ipvs {
+        what: "ipset restore".into(),
+        source: io::Error::other(e),
+    })
 }
 
 /// A real server being drained (weight 0) until its connections end.
@@ -745,13 +709,7 @@ impl Dataplane for IpvsDataplane {
         self.write_sets(state, false)?;
         self.run_ops(&ops)?;
         sync_addrs(&want)?;
-        if touches_udp(changes) {
-            let mut udp = UdpServices::from_state(state);
-            for r in &changes.removed {
-                udp.add_removed(r);
-            }
-            self.conntrack.clear(&udp)?;
-        }
+        self.conntrack.clear_after(changes, state)?;
         Ok(())
     }
 
