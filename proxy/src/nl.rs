@@ -57,12 +57,14 @@ impl Msg<'_> {
     /// For an `NLMSG_ERROR`: the errno (0 is the ACK).
     pub fn error(&self) -> Option<i32> {
         (self.ty == NLMSG_ERROR && self.payload.len() >= 4).then(|| {
-            -i32::from_ne_bytes([
+            // The kernel sends -errno; a corrupt i32::MIN must not overflow the negation.
+            i32::from_ne_bytes([
                 self.payload[0],
                 self.payload[1],
                 self.payload[2],
                 self.payload[3],
             ])
+            .saturating_neg()
         })
     }
 }
@@ -114,6 +116,30 @@ pub fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_code_of_i32_min_does_not_overflow() {
+        // Found by the conntrack fuzz target (fuzz/regressions/conntrack/).
+        let payload = i32::MIN.to_ne_bytes();
+        let m = Msg {
+            ty: NLMSG_ERROR,
+            flags: 0,
+            seq: 0,
+            payload: &payload,
+        };
+        assert_eq!(m.error(), Some(i32::MAX));
+        let ack = 0i32.to_ne_bytes();
+        assert_eq!(Msg { payload: &ack, ..m }.error(), Some(0));
+        let enoent = (-2i32).to_ne_bytes();
+        assert_eq!(
+            Msg {
+                payload: &enoent,
+                ..m
+            }
+            .error(),
+            Some(2)
+        );
+    }
+
     use super::*;
 
     #[test]
