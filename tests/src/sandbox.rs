@@ -44,6 +44,30 @@ pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Fail (not skip) when the test cannot run here.
+/// The DaemonSet's `capabilities.add` in `deploy/switchyard.yaml` (the chart's default
+/// render), as setpriv takes them (`+net_admin,...`): the daemon under test runs with exactly
+/// these where a test sets `Sandbox::capabilities` to them.
+#[allow(clippy::expect_used)]
+pub fn daemonset_capabilities() -> String {
+    let text = include_str!("../../deploy/switchyard.yaml");
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).expect("deploy/switchyard.yaml parses");
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet in deploy/switchyard.yaml");
+    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| format!("+{}", c.as_str().unwrap_or_default().to_ascii_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),
@@ -274,6 +298,9 @@ pub struct Sandbox {
     daemon: Option<Child>,
     /// Start the daemon with only these capabilities (`+net_admin,+bpf,...`); `None`: all.
     pub capabilities: Option<String>,
+    /// Run the daemon from this container image root filesystem (read-only, e.g. from
+    /// `podman image mount`) as the DaemonSet does; `None`: the test build on the host.
+    pub image_root: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -291,6 +318,10 @@ impl Sandbox {
 
     /// Build the topology and start a backend server in each backend namespace.
     pub fn create(prefix: &str, backends: &[BackendSpec]) -> anyhow::Result<Sandbox> {
+        // The host's BPF filesystem, as systemd mounts it at boot (the DaemonSet, without
+        // CAP_SYS_ADMIN, can only use one).
+        switchyard::dataplane::ebpf::host::ensure_bpffs(Path::new("/sys/fs/bpf"))
+            .context("mounting the host's bpffs")?;
         let cg_root = cgroup2_root()?;
         let mut sb = Sandbox {
             prefix: prefix.to_string(),
@@ -301,6 +332,7 @@ impl Sandbox {
             backends: BTreeMap::new(),
             daemon: None,
             capabilities: None,
+            image_root: None,
         };
         // Leftovers of an earlier run that was killed hard.
         sb.remove_leftovers();
@@ -519,6 +551,10 @@ impl Sandbox {
         let log = std::fs::File::create(self.dir.path().join("daemon.log"))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", Self::ns_path(&self.node_ns())));
+        if let Some(root) = &self.image_root {
+            let root = root.clone();
+            return self.start_daemon_from_image(cmd, &root, manifests, backend, &cfg, log);
+        }
         if let Some(caps) = &self.capabilities {
             // Exactly these capabilities (root keeps no others): the DaemonSet's set.
             cmd.arg("setpriv")
@@ -548,6 +584,79 @@ impl Sandbox {
             .context("starting switchyard")?;
         self.daemon = Some(child);
         Ok(())
+    }
+
+    /// What a container runtime does for the DaemonSet's pod, with util-linux: a private
+    /// mount namespace, a writable overlay over the image, the pod's mounts (/proc, the
+    /// node's /sys with the bpffs and cgroup hostPaths, /dev, the xtables lock, /lib/modules,
+    /// the ConfigMap as /etc/switchyard, and here the manifest directory), chroot, and
+    /// exactly the DaemonSet's capabilities; host network is the node namespace. The
+    /// entrypoint is the image's `/usr/local/bin/switchyard`.
+    fn start_daemon_from_image(
+        &mut self,
+        mut cmd: Command,
+        image: &Path,
+        manifests: &Path,
+        backend: &str,
+        cfg: &Path,
+        log: std::fs::File,
+    ) -> anyhow::Result<()> {
+        let pod = tempfile::Builder::new()
+            .prefix("pod-")
+            .tempdir_in(self.dir.path())?
+            .keep();
+        for d in ["upper", "work", "root", "configmap"] {
+            std::fs::create_dir_all(pod.join(d))?;
+        }
+        std::fs::copy(cfg, pod.join("configmap/config.yaml"))?;
+        let caps = self.capabilities.clone().unwrap_or_else(|| "+all".into());
+        let script = r#"set -e
+m=$POD/root
+mount -t overlay overlay -o "lowerdir=$IMAGE,upperdir=$POD/upper,workdir=$POD/work" "$m"
+mount -t proc proc "$m/proc"
+mount -t sysfs sysfs "$m/sys"
+mount --rbind /sys/fs/bpf "$m/sys/fs/bpf"
+mount --rbind /sys/fs/cgroup "$m/sys/fs/cgroup"
+mount -t tmpfs -o mode=755 tmpfs "$m/dev"
+for d in null zero random urandom; do touch "$m/dev/$d"; mount --bind "/dev/$d" "$m/dev/$d"; done
+touch /run/xtables.lock "$m/run/xtables.lock"
+mount --bind /run/xtables.lock "$m/run/xtables.lock"
+mkdir -p "$m/lib/modules" "$m/etc/switchyard" "$m$MANIFESTS"
+if [ -d /lib/modules ]; then mount --bind -o ro /lib/modules "$m/lib/modules"; fi
+mount --bind "$POD/configmap" "$m/etc/switchyard"
+mount --bind "$MANIFESTS" "$m$MANIFESTS"
+exec chroot "$m" setpriv --bounding-set="-all,$CAPS" --inh-caps="-all,$CAPS" --ambient-caps="-all,$CAPS" -- \
+  /usr/local/bin/switchyard run --source "manifests:$MANIFESTS" --backend "$BACKEND" \
+  --node-name node-a --cgroup-path "$CGROUP" --config /etc/switchyard/config.yaml
+"#;
+        let child = cmd
+            .args([
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .env("POD", &pod)
+            .env("IMAGE", image)
+            .env("MANIFESTS", manifests)
+            .env("BACKEND", backend)
+            .env("CGROUP", &self.cgroup)
+            .env("CAPS", &caps)
+            .env("SWITCHYARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting switchyard from the image")?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     pub fn daemon_log(&self) -> String {

@@ -7,7 +7,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
-use switchyard_tests::sandbox::{BackendSpec, Sandbox, in_netns, require_root};
+use switchyard_tests::sandbox::{
+    BackendSpec, Sandbox, daemonset_capabilities, in_netns, require_root,
+};
 
 fn backends() -> Vec<BackendSpec> {
     vec![
@@ -87,7 +89,11 @@ struct Cluster {
 impl Cluster {
     fn start(b: &Backend, scenario: u8, manifests: &str) -> Cluster {
         require_root();
-        let sb = Sandbox::create(&format!("sy{}{scenario}", b.tag), &backends()).unwrap();
+        let mut sb = Sandbox::create(&format!("sy{}{scenario}", b.tag), &backends()).unwrap();
+        // Exactly the DaemonSet's capabilities for eBPF and iptables.
+        if b.name != "ipvs" {
+            sb.capabilities = Some(daemonset_capabilities());
+        }
         let dir = sb.dir.path().join("manifests");
         std::fs::create_dir_all(&dir).unwrap();
         let mut c = Cluster {

@@ -1,5 +1,5 @@
 //! The daemon runs with exactly the capabilities the DaemonSet grants (read from
-//! `deploy/daemonset.yaml`) and no more: both backends program traffic and DNS serves on
+//! `deploy/switchyard.yaml`) and no more: both backends program traffic and DNS serves on
 //! port 53. Without one of them it refuses to start, naming the capability and its use.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,26 +7,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
-use switchyard_tests::sandbox::{BackendSpec, Sandbox, require_root, sh};
+use switchyard_tests::sandbox::{BackendSpec, Sandbox, daemonset_capabilities, require_root, sh};
 
 const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 172.30.0.10}]\n";
-
-/// The DaemonSet's `capabilities.add`, as setpriv takes them (`+net_admin,...`).
-fn daemonset_caps() -> String {
-    let text = include_str!("../../deploy/daemonset.yaml");
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).unwrap();
-    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
-    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
-    assert_eq!(sc["privileged"], false, "{sc}");
-    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
-    sc["capabilities"]["add"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| format!("+{}", c.as_str().unwrap().to_ascii_lowercase()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 struct Outcome {
     ok: bool,
@@ -99,7 +82,7 @@ fn scenario(backend: &str, tag: &str, caps: &str, extra: &str) -> Outcome {
 
 #[test]
 fn both_backends_and_dns_work_with_exactly_the_daemonsets_capabilities() {
-    let caps = daemonset_caps();
+    let caps = daemonset_capabilities();
     let e = scenario("ebpf", "e", &caps, "");
     assert!(e.ok, "eBPF with {caps}:\n{}", e.log);
     // Everything it does at start worked, the NodePort range reservation included.
@@ -115,7 +98,9 @@ fn both_backends_and_dns_work_with_exactly_the_daemonsets_capabilities() {
 
 #[test]
 fn a_missing_capability_is_named_at_start() {
-    let without_bpf = daemonset_caps().replace("+bpf,", "").replace(",+bpf", "");
+    let without_bpf = daemonset_capabilities()
+        .replace("+bpf,", "")
+        .replace(",+bpf", "");
     let e = scenario("ebpf", "n", &without_bpf, "");
     assert!(!e.ok);
     assert!(

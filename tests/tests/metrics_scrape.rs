@@ -1,7 +1,7 @@
 //! A real `/metrics` scrape of the daemon in the sandbox, on the eBPF backend (with
 //! `serviceCounters: true`) and on iptables: every series has kube-proxy's name, type and
 //! label set where it means what kube-proxy's does, Switchyard's own are `switchyard_*`,
-//! and every metric the Grafana dashboard in `deploy/grafana/` queries is exported.
+//! and every metric the Grafana dashboard in `deploy/helm/switchyard/dashboards/` queries is exported.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::float_cmp)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -371,7 +371,7 @@ fn value(s: &Scrape, series: &str) -> f64 {
 
 /// The metric names a dashboard's queries use.
 fn dashboard_metrics() -> BTreeSet<String> {
-    let text = include_str!("../../deploy/grafana/switchyard-dashboard.json");
+    let text = include_str!("../../deploy/helm/switchyard/dashboards/switchyard.json");
     let dash: serde_json::Value = serde_json::from_str(text).unwrap();
     let mut names = BTreeSet::new();
     for p in dash["panels"].as_array().unwrap() {
