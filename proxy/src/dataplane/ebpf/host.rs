@@ -41,7 +41,19 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), DataplaneError> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|e| fs_error("mounting bpffs on", target, e.into()))
+    .map_err(|e| {
+        if e == nix::errno::Errno::EPERM {
+            // The DaemonSet has no CAP_SYS_ADMIN: the host must provide the mount.
+            fs_error(
+                "finding no BPF filesystem (mount one on the host, as systemd does at boot: \
+                 `mount -t bpf bpf /sys/fs/bpf`; mounting it here needs CAP_SYS_ADMIN) at",
+                target,
+                e.into(),
+            )
+        } else {
+            fs_error("mounting bpffs on", target, e.into())
+        }
+    })
 }
 
 /// Create a directory for pins.
