@@ -6,7 +6,8 @@ set -euo pipefail
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-APT_PKGS=(iproute2 iptables ipset nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux)
+APT_PKGS=(iproute2 iptables ipset nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux
+  podman debootstrap binutils)
 
 need_apt=()
 for p in "${APT_PKGS[@]}"; do
@@ -23,6 +24,15 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null || { [ "$had_policy" = 1 ] || rm -f "$policy"; die "apt-get install ${need_apt[*]} failed"; }
   [ "$had_policy" = 1 ] || rm -f "$policy"
+fi
+
+# The chart is linted and rendered by Helm's own library and validated against the Kubernetes
+# schemas (scripts/helm-render.py). helm-sdkpy declares Python >= 3.12 but loads on 3.11.
+PIP_PKGS=(helm-sdkpy==0.1.32 kubernetes-validate==1.37.0 PyYAML)
+if ! python3 -c 'import helm_sdkpy, kubernetes_validate, yaml' 2>/dev/null; then
+  say "installing Python packages: ${PIP_PKGS[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    --ignore-requires-python "${PIP_PKGS[@]}" || die "pip install ${PIP_PKGS[*]} failed"
 fi
 
 command -v rustup >/dev/null || die "rustup not found: install Rust via rustup (stable 1.95 + nightly)"
@@ -45,5 +55,10 @@ if ! command -v bpf-linker >/dev/null && [ ! -x "$HOME/.cargo/bin/bpf-linker" ];
   LLVM_PREFIX="$prefix" RUSTFLAGS="-L $prefix/lib -C link-arg=-Wl,-rpath,$prefix/lib" \
     cargo +nightly install bpf-linker --version 0.13.0 --no-default-features --features llvm-22 --locked \
     || die "cargo install bpf-linker failed (see output above)"
+fi
+# The fuzz targets (fuzz/, `cargo xtask fuzz`) run under cargo fuzz with nightly's libFuzzer.
+if ! command -v cargo-fuzz >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo-fuzz" ]; then
+  say "installing cargo-fuzz 0.13.2 (a minute, once)"
+  cargo install cargo-fuzz --version 0.13.2 --locked || die "cargo install cargo-fuzz failed (see output above)"
 fi
 say "ok"

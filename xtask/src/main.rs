@@ -57,6 +57,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build the container image localhost/switchyard:VERSION without a Docker engine: a
+    /// debootstrap'd Debian bookworm base imported into podman, plus the release binary.
+    Image,
+    /// Run the fuzz targets (fuzz/, cargo fuzz + libFuzzer) over their committed corpus and
+    /// regressions, each for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// libFuzzer's seed (default: random).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Targets (default: all).
+        targets: Vec<String>,
+    },
     /// Sandbox of network namespaces running examples/ on the eBPF backend, with traffic.
     Demo,
     /// Benchmarks, printed as ratios against a peer measured in the same run.
@@ -92,6 +107,75 @@ fn bootstrap() -> anyhow::Result<()> {
     run(Command::new("bash").arg(root().join("scripts/bootstrap.sh")))
 }
 
+/// `scripts/image.sh` over a fresh release build.
+fn image() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    run(cargo().args(["build", "--release", "-p", "switchyard"]))?;
+    run(Command::new("bash")
+        .arg(root().join("scripts/image.sh"))
+        .args(["target/release/switchyard", env!("CARGO_PKG_VERSION")]))?;
+    eprintln!("xtask: image took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+const FUZZ_TARGETS: [&str; 5] = ["dns_request", "manifest", "selector", "config", "conntrack"];
+
+/// Each target over `fuzz/corpus/T` (seeds) and `fuzz/regressions/T` (inputs that once
+/// crashed it), new inputs kept under target/fuzz/, for `seconds` each. A crash fails the run
+/// and leaves its input in target/fuzz/artifacts/T/: commit it to fuzz/regressions/T with
+/// the fix.
+fn fuzz(seconds: u64, seed: Option<u64>, targets: &[String]) -> anyhow::Result<()> {
+    let targets: Vec<String> = if targets.is_empty() {
+        FUZZ_TARGETS.iter().map(ToString::to_string).collect()
+    } else {
+        targets.to_vec()
+    };
+    let root = root();
+    run(Command::new("cargo").current_dir(root.join("fuzz")).args([
+        "+nightly",
+        "fuzz",
+        "build",
+        "-O",
+        "--debug-assertions",
+    ]))?;
+    let mut failed = Vec::new();
+    for t in &targets {
+        let work = root.join("target/fuzz/corpus").join(t);
+        let artifacts = root.join("target/fuzz/artifacts").join(t);
+        let regressions = root.join("fuzz/regressions").join(t);
+        for d in [&work, &artifacts, &regressions] {
+            std::fs::create_dir_all(d)?;
+        }
+        let started = std::time::Instant::now();
+        let r = run(Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            .args(["+nightly", "fuzz", "run", "-O", "--debug-assertions", t])
+            .arg(&work)
+            .arg(root.join("fuzz/corpus").join(t))
+            .arg(&regressions)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg("-print_final_stats=1")
+            .args(seed.map(|s| format!("-seed={s}"))));
+        eprintln!(
+            "xtask: fuzz {t}: {:.0} s, {}",
+            started.elapsed().as_secs_f64(),
+            if r.is_ok() { "no crash" } else { "CRASH" }
+        );
+        if let Err(e) = r {
+            failed.push(format!("{t}: {e:#}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "fuzz targets crashed (inputs under target/fuzz/artifacts/):\n{}",
+            failed.join("\n")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -117,8 +201,21 @@ fn main() -> anyhow::Result<()> {
             bootstrap()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // tests/tests/image.rs runs the image as the DaemonSet would.
+            image()?;
+            // Every fuzz target, briefly, over its corpus and regressions (a fixed seed:
+            // the same exploration on every CI run; `cargo xtask fuzz` explores afresh).
+            let fuzzed = fuzz(15, Some(1), &[]);
             let started = std::time::Instant::now();
-            let host = run(cargo().args(["test", "--no-fail-fast"]).args(&args));
+            let host = match (
+                run(cargo().args(["test", "--no-fail-fast"]).args(&args)),
+                fuzzed,
+            ) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(t), Ok(())) => Err(t),
+                (Ok(()), Err(f)) => Err(f),
+                (Err(t), Err(f)) => Err(anyhow::anyhow!("{t:#}; fuzzing: {f:#}")),
+            };
             eprintln!(
                 "xtask: host tests took {:.0} s",
                 started.elapsed().as_secs_f64()
@@ -146,6 +243,18 @@ fn main() -> anyhow::Result<()> {
         } => {
             bootstrap()?;
             vm::run(&kernel, &tests, &args)
+        }
+        Cmd::Image => {
+            bootstrap()?;
+            image()
+        }
+        Cmd::Fuzz {
+            seconds,
+            seed,
+            targets,
+        } => {
+            bootstrap()?;
+            fuzz(seconds, seed, &targets)
         }
         Cmd::Demo => {
             bootstrap()?;
