@@ -315,7 +315,6 @@ pub(crate) fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
     } else {
         (p.saddr, p.sport)
     };
-    let snat = new_saddr != p.saddr;
     let mut rkey = Ct4Key {
         saddr: be.addr[0],
         daddr: new_saddr,
@@ -324,15 +323,45 @@ pub(crate) fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         proto: p.proto,
         pad: [0; 3],
     };
-    if snat {
-        // Another client may already own this (node address, port) towards the backend.
-        let mut tries = 0;
-        while tries < 8 && unsafe { CT4.get(&rkey) }.is_some() {
-            new_sport = ((32768 + random() % 28232) as u16).to_be();
-            rkey.dport = new_sport;
-            tries += 1;
+    // Another flow may already own this (address, port) towards the backend: another client
+    // behind the same masquerade address, or this client's flow to another Service with the
+    // same backend from the same source port (the kernel shares a source port between
+    // different destinations). Taking its reverse entry would send its replies to us, so
+    // choose another source port, as netfilter's NAT does; the entry of this very flow
+    // (reopened with the same tuple) may be reused. When every port tried is taken, a
+    // finished flow's leftover is reused; a live flow's never is: the packet is dropped and
+    // the client's retransmission tries again, as when netfilter finds no free tuple.
+    let mut tries = 0;
+    loop {
+        let Some(r) = (unsafe { CT4.get(&rkey) }) else {
+            break;
+        };
+        if r.new_daddr == p.saddr
+            && r.new_dport == p.sport
+            && r.new_saddr == p.daddr
+            && r.new_sport == p.dport
+        {
+            break;
         }
+        if tries == 8 {
+            let owner = Ct4Key {
+                saddr: r.new_daddr,
+                daddr: r.new_saddr,
+                sport: r.new_dport,
+                dport: r.new_sport,
+                proto: p.proto,
+                pad: [0; 3],
+            };
+            match unsafe { CT4.get(&owner) } {
+                Some(f) if f.flags & CT_CLOSING == 0 => return Ok(TC_ACT_SHOT as i32),
+                _ => break,
+            }
+        }
+        new_sport = ((32768 + random() % 28232) as u16).to_be();
+        rkey.dport = new_sport;
+        tries += 1;
     }
+    let snat = new_saddr != p.saddr || new_sport != p.sport;
     let fwd = Ct4Value {
         new_saddr,
         new_daddr: be.addr[0],

@@ -375,15 +375,44 @@ fn track6(p: &Packet6, plan: &mut Plan6) -> bool {
         proto: p.proto,
         pad: [0; 3],
     };
-    if plan.snat != 0 {
-        let mut tries = 0;
-        while tries < 8 && unsafe { CT6.get(&rkey) }.is_some() {
-            new_sport = ((32768 + random() % 28232) as u16).to_be();
-            rkey.dport = new_sport;
-            tries += 1;
+    // Another flow may own this (address, port) towards the backend (see tc4): choose
+    // another source port unless the entry is this very flow's; when every port tried is
+    // taken, reuse a finished flow's leftover but never a live flow's (drop instead).
+    let mut tries = 0;
+    loop {
+        let Some(r) = (unsafe { CT6.get(&rkey) }) else {
+            break;
+        };
+        if r.new_daddr == p.saddr
+            && r.new_dport == p.sport
+            && r.new_saddr == p.daddr
+            && r.new_sport == p.dport
+        {
+            break;
         }
+        if tries == 8 {
+            let owner = Ct6Key {
+                saddr: r.new_daddr,
+                daddr: r.new_saddr,
+                sport: r.new_dport,
+                dport: r.new_sport,
+                proto: p.proto,
+                pad: [0; 3],
+            };
+            match unsafe { CT6.get(&owner) } {
+                Some(f) if f.flags & CT_CLOSING == 0 => return false,
+                _ => break,
+            }
+        }
+        new_sport = ((32768 + random() % 28232) as u16).to_be();
+        rkey.dport = new_sport;
+        tries += 1;
     }
-    let flags = if plan.snat != 0 { CT_SNAT } else { 0 };
+    let flags = if plan.snat != 0 || new_sport != p.sport {
+        CT_SNAT
+    } else {
+        0
+    };
     let fwd = Ct6Value {
         new_saddr: plan.saddr,
         new_daddr: plan.daddr,
