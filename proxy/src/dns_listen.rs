@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// How often a serving listen address is checked to still be on the node.
+const ADDRESS_CHECK: Duration = Duration::from_secs(1);
+
 /// The dummy link DNS addresses are provisioned on.
 pub const LINK: &str = "switchyard-dns";
 
@@ -216,7 +219,34 @@ pub async fn serve(
         match attempt {
             Ok((listener, how)) => {
                 status.set(addr, Ok(how));
-                cancel.cancelled().await;
+                // The address must stay on the node: someone may delete it (`ip addr del`,
+                // a network manager). The sockets stay bound; putting it back is enough.
+                let mut check = tokio::time::interval(ADDRESS_CHECK);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        _ = check.tick() => {}
+                    }
+                    if addr.ip().is_unspecified() || is_local(addr.ip()) {
+                        continue;
+                    }
+                    status
+                        .errors
+                        .get_or_create(&AddressLabel {
+                            address: addr.to_string(),
+                        })
+                        .inc();
+                    match provision(addr.ip()) {
+                        Ok(how) => {
+                            tracing::warn!(%addr, "DNS listen address vanished from the node; put it back{how}");
+                            status.set(addr, Ok(how));
+                        }
+                        Err(e) => {
+                            tracing::error!(%addr, error = %e, "DNS listen address vanished from the node and cannot be put back; retrying");
+                            status.set(addr, Err(format!("provisioning {}: {e}", addr.ip())));
+                        }
+                    }
+                }
                 listener.stop().await;
                 return;
             }

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub tc_attach_mode: Family<ModeLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
     pub tc_reattached: Counter,
+    pub cgroup_reattached: Counter,
+    pub pins_restored: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub health_check_bind_errors: Counter,
@@ -144,6 +146,8 @@ impl Metrics {
             tc_attach_mode: Family::default(),
             dataplane_capacity_errors: Counter::default(),
             tc_reattached: Counter::default(),
+            cgroup_reattached: Counter::default(),
+            pins_restored: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             health_check_bind_errors: Counter::default(),
@@ -279,6 +283,16 @@ impl Metrics {
             "switchyard_tc_programs_reattached",
             "Per-packet programs found detached from an interface by a full sync and attached again",
             m.tc_reattached
+        );
+        add!(
+            "switchyard_cgroup_programs_reattached",
+            "Socket load balancer attachments found detached from the cgroup by a full sync and attached again",
+            m.cgroup_reattached
+        );
+        add!(
+            "switchyard_bpf_map_pins_restored",
+            "eBPF map pins found removed from bpffs by a full sync and pinned again",
+            m.pins_restored
         );
         add!(
             "switchyard_bpf_map_entries",

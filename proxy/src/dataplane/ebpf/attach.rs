@@ -122,7 +122,10 @@ impl EbpfDataplane {
                 .ok_or(DataplaneError::MissingProgram { program: name })?
                 .try_into()
                 .map_err(program_error(name, "loading", ""))?;
-            prog.load().map_err(program_error(name, "loading", ""))?;
+            // Loaded once; a re-attach (after someone detached it) reuses the program.
+            if prog.fd().is_err() {
+                prog.load().map_err(program_error(name, "loading", ""))?;
+            }
             // A bpf_link on a cgroup always coexists with other links (the kernel takes no
             // flags for it), so the new program runs beside the old one until the old link
             // goes and no connect() misses the socket load balancer during an upgrade.
@@ -144,6 +147,25 @@ impl EbpfDataplane {
             link.pin(&pin).map_err(pin_error(&pin))?;
         }
         Ok(())
+    }
+
+    /// Whether every socket load balancer link is still pinned and attached to the cgroup;
+    /// if not (someone ran `bpftool link detach`, or removed a pin), attach them all again.
+    pub(super) fn verify_cgroup_links(&mut self) -> Result<(), DataplaneError> {
+        let broken: Vec<&str> = CGROUP_PROGRAMS
+            .into_iter()
+            .filter(|name| cgroup_link_attached(&self.link_pin(name)) == Some(false))
+            .collect();
+        if broken.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            cgroup = %self.cfg.cgroup_path.display(),
+            programs = ?broken,
+            "socket load balancer no longer attached to the cgroup; re-attaching"
+        );
+        self.metrics.cgroup_reattached.inc();
+        self.attach_cgroup()
     }
 
     pub(super) fn load_tc(&mut self) -> Result<(), DataplaneError> {
@@ -333,6 +355,35 @@ impl EbpfDataplane {
             })
         }
     }
+}
+
+/// Whether the cgroup link pinned at `pin` is attached: `Some(false)` when the pin is gone or
+/// the link was detached (the kernel's fdinfo of a detached cgroup link says `cgroup_id: 0`),
+/// `None` when it cannot tell.
+fn cgroup_link_attached(pin: &std::path::Path) -> Option<bool> {
+    if !pin.exists() {
+        return Some(false);
+    }
+    let link = FdLink::from(PinnedLink::from_pin(pin).ok()?);
+    let id = link.info().ok()?.id();
+    // Our own descriptor to the link, found by its id.
+    let want = format!("link_id:\t{id}\n");
+    for entry in std::fs::read_dir("/proc/self/fdinfo").ok()?.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        if info.contains(&want) {
+            let cgroup_id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("cgroup_id:"))?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            drop(link);
+            return Some(cgroup_id != 0);
+        }
+    }
+    None
 }
 
 /// Whether the tc program with kernel id `id` is attached at `ifname`'s ingress.

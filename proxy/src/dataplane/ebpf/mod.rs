@@ -64,6 +64,9 @@ pub struct EbpfDataplane {
     tc_mode: attach::TcMode,
     metrics: Arc<Metrics>,
     counters: Option<stats::ServiceCounters>,
+    /// The pinned maps (file name under `pin_dir`, kernel id), to put back a pin someone
+    /// removed: without it a restart would start from empty maps and break every flow.
+    map_pins: Vec<(String, u32)>,
 }
 
 impl std::fmt::Debug for EbpfDataplane {
@@ -106,7 +109,44 @@ fn loader<'a>(pin_dir: &'a Path, capacity: &Capacity) -> aya::EbpfLoader<'a> {
     l
 }
 
+/// Every map pinned under `pin_dir`: its file name and kernel id.
+fn pinned_maps(pin_dir: &Path) -> Vec<(String, u32)> {
+    let Ok(dir) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("SY_"))
+        .filter_map(|e| {
+            let info = aya::maps::MapInfo::from_pin(e.path()).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), info.id()))
+        })
+        .collect()
+}
+
 impl EbpfDataplane {
+    /// Pin again every map whose pin someone removed (the programs still use the map; only
+    /// the next start would lose it).
+    fn repin_maps(&mut self) {
+        for (name, id) in &self.map_pins {
+            let path = self.cfg.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            let restored = aya::maps::MapData::from_id(*id)
+                .map_err(|e| e.to_string())
+                .and_then(|m| m.pin(&path).map_err(|e| e.to_string()));
+            match restored {
+                Ok(()) => {
+                    tracing::warn!(map = %name, path = %path.display(), "map pin was removed; pinned it again");
+                    self.metrics.pins_restored.inc();
+                }
+                Err(e) => {
+                    tracing::error!(map = %name, path = %path.display(), error = %e, "map pin was removed and cannot be restored: a restart would start from an empty map");
+                }
+            }
+        }
+    }
+
     /// Load the programs (reusing pinned maps), attach them, and take over the maps.
     pub fn start(cfg: EbpfConfig, metrics: Arc<Metrics>) -> Result<EbpfDataplane, DataplaneError> {
         if !nix::unistd::Uid::effective().is_root() {
@@ -154,6 +194,7 @@ impl EbpfDataplane {
                 reason,
             })
             .set(1);
+        let map_pins = pinned_maps(&cfg.pin_dir);
         let mut dp = EbpfDataplane {
             ebpf,
             writer,
@@ -162,6 +203,7 @@ impl EbpfDataplane {
             tc_mode,
             metrics,
             counters,
+            map_pins,
         };
         dp.attach_cgroup()?;
         dp.load_tc()?;
@@ -256,7 +298,14 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
-        self.sync_tc_links(links, verify)
+        let cgroup = if verify {
+            self.repin_maps();
+            self.verify_cgroup_links()
+        } else {
+            Ok(())
+        };
+        self.sync_tc_links(links, verify)?;
+        cgroup
     }
 
     fn dns_redirector(&self) -> Option<Box<dyn super::DnsRedirector>> {
