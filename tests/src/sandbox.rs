@@ -301,6 +301,9 @@ pub struct Sandbox {
     /// Run the daemon from this container image root filesystem (read-only, e.g. from
     /// `podman image mount`) as the DaemonSet does; `None`: the test build on the host.
     pub image_root: Option<PathBuf>,
+    /// Run this build of `switchyard` (e.g. another profile's, as an upgrade); `None`: the
+    /// one next to the test binaries.
+    pub daemon_binary: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -333,6 +336,7 @@ impl Sandbox {
             daemon: None,
             capabilities: None,
             image_root: None,
+            daemon_binary: None,
         };
         // Leftovers of an earlier run that was killed hard.
         sb.remove_leftovers();
@@ -564,7 +568,11 @@ impl Sandbox {
                 .arg("--");
         }
         let child = cmd
-            .arg(bin("switchyard"))
+            .arg(
+                self.daemon_binary
+                    .clone()
+                    .unwrap_or_else(|| bin("switchyard")),
+            )
             .args(["run", "--source"])
             .arg(format!("manifests:{}", manifests.display()))
             .args([

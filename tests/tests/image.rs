@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_model::fixtures::{self, Port};
+use switchyard_tests::client::CLUSTER_DNS_SERVER;
 use switchyard_tests::sandbox::{
     BackendSpec, EtcNetns, Sandbox, bin, daemonset_capabilities, require_root, sh,
 };
@@ -59,29 +60,6 @@ impl Drop for ImageMount {
             .output();
     }
 }
-
-/// The cluster's own DNS (kube-dns's endpoint): answers every A query with `answer`.
-const DNS_SERVER: &str = r"
-import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(('0.0.0.0', int(sys.argv[1])))
-n = 0
-while True:
-    q, peer = s.recvfrom(4096)
-    if len(q) < 17:
-        continue
-    i = 12
-    while q[i] != 0:
-        i += q[i] + 1
-    qtype = struct.unpack('>H', q[i + 1:i + 3])[0]
-    question = q[12:i + 5]
-    answer = b''
-    if qtype == 1:
-        answer = b'\xc0\x0c' + struct.pack('>HHIH', 1, 1, 5, 4) + socket.inet_aton(sys.argv[2])
-    s.sendto(q[:2] + b'\x81\x80' + struct.pack('>HHHH', 1, 1 if answer else 0, 0, 0) + question + answer, peer)
-    n += 1
-    open(sys.argv[3], 'w').write(str(n))
-";
 
 struct Killed(Child);
 impl Drop for Killed {
@@ -140,7 +118,7 @@ fn start(tag: &str, backend: &str) -> Pod {
     .unwrap();
     let dns = Command::new("ip")
         .args(["netns", "exec", &format!("{}-d1", sb.prefix)])
-        .args(["python3", "-c", DNS_SERVER, "10053", "10.96.0.80"])
+        .args(["python3", "-c", CLUSTER_DNS_SERVER, "10053", "10.96.0.80"])
         .arg(sb.dir.path().join("endpoint-queries"))
         .stdout(Stdio::null())
         .spawn()

@@ -1,4 +1,4 @@
-//! `cargo xtask …`: bootstrap, build-ebpf, test, vm-test, demo, bench.
+//! `cargo xtask …`: bootstrap, build-ebpf, test, vm-test, image, fuzz, soak, demo, bench.
 
 mod vm;
 
@@ -71,6 +71,22 @@ enum Cmd {
         seed: Option<u64>,
         /// Targets (default: all).
         targets: Vec<String>,
+    },
+    /// Restarts and upgrades under load (root): SIGTERM, SIGKILL and an upgrade from the
+    /// debug build to the release build, with short connections, long streams, an affinity
+    /// service and DNS lookups on every path, both backends; one table of failures. Then
+    /// kernel state damaged by hand (map entries, programs, pins, chains, the DNS address)
+    /// and the time to repair, at syncPeriod 30 s and 2 s.
+    Soak {
+        /// Milliseconds of load around each event.
+        #[arg(long, default_value_t = 10_000)]
+        load_ms: u64,
+        /// Rounds of the three events (upgrades alternate debug -> release -> debug).
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Backends (default: ebpf and iptables).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
     },
     /// Sandbox of network namespaces running examples/ on the eBPF backend, with traffic.
     Demo,
@@ -255,6 +271,33 @@ fn main() -> anyhow::Result<()> {
         } => {
             bootstrap()?;
             fuzz(seconds, seed, &targets)
+        }
+        Cmd::Soak {
+            load_ms,
+            rounds,
+            backends,
+        } => {
+            bootstrap()?;
+            // Two builds of the same tree, so the upgrade replaces one binary with another.
+            run(cargo().args(["build", "--bins"]))?;
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            let mut cmd = Command::new(root().join("target/release/sy-soak"));
+            cmd.arg("--from")
+                .arg(root().join("target/debug/switchyard"))
+                .arg("--to")
+                .arg(root().join("target/release/switchyard"))
+                .args(["--load-ms", &load_ms.to_string()])
+                .args(["--rounds", &rounds.to_string()]);
+            let mut tamper = Command::new(root().join("target/release/sy-soak"));
+            tamper.arg("tamper");
+            for b in &backends {
+                cmd.args(["--backend", b]);
+                tamper.args(["--backend", b]);
+            }
+            run(&mut cmd)?;
+            // Then the kernel state is damaged by hand and the repair timed, with the default
+            // syncPeriod and a short one.
+            run(&mut tamper)
         }
         Cmd::Demo => {
             bootstrap()?;

@@ -31,7 +31,23 @@ fn main() -> std::io::Result<()> {
         });
     }
     let port = get("--tcp").unwrap_or_else(|| "8080".into());
-    let listener = TcpListener::bind(format!("{bind}:{port}"))?;
+    // A deep accept queue: load tests open thousands of connections a second, and a busy
+    // machine must not turn a slow accept loop into dropped SYNs.
+    let addr: SocketAddr = format!("{bind}:{port}")
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{bind}:{port}: {e}")))?;
+    let listener = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        listener.set_only_v6(false)?;
+    }
+    listener.set_reuse_address(true)?;
+    listener.bind(&addr.into())?;
+    listener.listen(4096)?;
+    let listener: TcpListener = listener.into();
     // SCTP (one-to-one style, which reads and writes like TCP) where the kernel has it.
     if let Some(sctp) = sctp_listener(&format!("{bind}:{port}")) {
         let name = name.clone();

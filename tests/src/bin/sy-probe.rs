@@ -10,52 +10,11 @@
 //! With --hold it keeps one TCP connection open, reading a request line from stdin for each
 //! request, so a test can make requests on one connection across events.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-fn kind(e: &std::io::Error) -> &'static str {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "refused",
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout",
-        std::io::ErrorKind::ConnectionReset => "reset",
-        std::io::ErrorKind::PermissionDenied => "denied",
-        _ if e.raw_os_error() == Some(113) => "unreachable",
-        _ => "other",
-    }
-}
-
-fn http(s: &mut TcpStream, keep: bool) -> std::io::Result<String> {
-    let req = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: {}\r\n\r\n",
-        if keep { "keep-alive" } else { "close" }
-    );
-    s.write_all(req.as_bytes())?;
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 1024];
-    loop {
-        let n = s.read(&mut tmp)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(i) = text.find("\r\n\r\n") {
-            let len: usize = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= i + 4 + len {
-                return Ok(text[i + 4..i + 4 + len].trim().to_string());
-            }
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::UnexpectedEof,
-        "short response",
-    ))
-}
+use switchyard_tests::client::{error_kind, http};
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -97,7 +56,7 @@ fn main() -> std::io::Result<()> {
             for _ in std::io::stdin().lock().lines() {
                 match http(&mut s, true) {
                     Ok(body) => println!("ok {body}"),
-                    Err(e) => println!("err {}", kind(&e)),
+                    Err(e) => println!("err {}", error_kind(&e)),
                 }
                 out.lock().flush()?;
             }
@@ -130,7 +89,7 @@ fn main() -> std::io::Result<()> {
             });
             match r {
                 Ok(body) => println!("ok {body}"),
-                Err(e) => println!("err {}", kind(&e)),
+                Err(e) => println!("err {}", error_kind(&e)),
             }
             out.lock().flush()?;
             std::thread::sleep(interval);
@@ -159,7 +118,7 @@ fn main() -> std::io::Result<()> {
             })();
             match r {
                 Ok(body) => println!("ok {body}"),
-                Err(e) => println!("err {}", kind(&e)),
+                Err(e) => println!("err {}", error_kind(&e)),
             }
             out.lock().flush()?;
             std::thread::sleep(interval);
@@ -186,7 +145,7 @@ fn main() -> std::io::Result<()> {
             });
             match r {
                 Ok(body) => println!("ok {body}"),
-                Err(e) => println!("err {}", kind(&e)),
+                Err(e) => println!("err {}", error_kind(&e)),
             }
             out.lock().flush()?;
             std::thread::sleep(interval);
