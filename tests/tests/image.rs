@@ -193,6 +193,25 @@ impl Pod {
         }
     }
 
+    /// Until a pod's lookup is answered without the kube-dns endpoint seeing it (the
+    /// node-local resolver has DNS); how long that took.
+    fn wait_dns_local(&self, what: &str) -> Duration {
+        let t = Instant::now();
+        loop {
+            let n = self.endpoint_queries();
+            let got = self.in_pod("getent hosts web");
+            if got.contains("10.96.0.80") && self.endpoint_queries() == n {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: the node-local resolver never took the pod's DNS:\n{}",
+                self.sb.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The daemon runs the image's binary, chrooted into the image.
     fn assert_runs_from_image(&self) {
         let pid = self.sb.daemon_pid().unwrap();
@@ -285,6 +304,10 @@ fn a_rolling_update_keeps_connections_and_dns_answering() {
     };
     let before = ask();
     assert!(before.starts_with("ok a1"), "{before}");
+    // Serving DNS may at first mean the kube-dns endpoint answering (interception turns on
+    // once the resolver serves): wait for the pod's lookups to stay local.
+    p.wait_dns_local("first pod");
+    let base = p.endpoint_queries();
 
     // The pod's lookups, one every 100 ms, all through the update.
     let stop = Arc::new(AtomicBool::new(false));
@@ -314,7 +337,7 @@ fn a_rolling_update_keeps_connections_and_dns_answering() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         p.endpoint_queries(),
-        0,
+        base,
         "with the node-local resolver up, the pod's lookups are answered locally"
     );
 
@@ -325,7 +348,7 @@ fn a_rolling_update_keeps_connections_and_dns_answering() {
     std::thread::sleep(Duration::from_secs(1));
     let during = p.endpoint_queries();
     assert!(
-        during > 0,
+        during > base,
         "while no pod runs, the pod's lookups go to the kube-dns endpoints"
     );
     let dir = p.dir.clone();
@@ -341,21 +364,7 @@ fn a_rolling_update_keeps_connections_and_dns_answering() {
     }
     p.wait_serving("new pod");
     // The new pod's resolver takes the pod's DNS back.
-    let t = Instant::now();
-    loop {
-        let n = p.endpoint_queries();
-        let got = p.in_pod("getent hosts web");
-        if got.contains("10.96.0.80") && p.endpoint_queries() == n {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the new pod's resolver never took DNS back:\n{}",
-            p.sb.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let back = t.elapsed();
+    let back = p.wait_dns_local("new pod");
     stop.store(true, Ordering::Relaxed);
     let failures = looker.join().unwrap();
     assert_eq!(
