@@ -192,6 +192,31 @@ fn answer(s: &AppState, with_node: bool) -> Response {
         .as_ref()
         .map(|d| format!(", \"dns\": {}", serde_json::json!(d.detail())))
         .unwrap_or_default();
+    // (ours) The API watches failing right now: they never decide the code (as kube-proxy:
+    // the last good state stays programmed and periodic syncs keep landing; an API server
+    // outage must not drain every node from the load balancers), but they are named.
+    let watch = s
+        .store
+        .as_ref()
+        .map(|st| st.watch_failures())
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            let f: std::collections::BTreeMap<_, _> = f
+                .into_iter()
+                .map(|(k, w)| {
+                    (
+                        k,
+                        serde_json::json!({
+                            "failingForSeconds": w.since.elapsed().as_secs(),
+                            "errors": w.errors,
+                            "lastError": w.error,
+                        }),
+                    )
+                })
+                .collect();
+            format!(", \"apiWatch\": {}", serde_json::json!(f))
+        })
+        .unwrap_or_default();
     let problems = s.health.problems();
     let problems = if problems.is_empty() {
         String::new()
@@ -199,7 +224,7 @@ fn answer(s: &AppState, with_node: bool) -> Response {
         format!(", \"problems\": {}", serde_json::json!(problems))
     };
     let body = format!(
-        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}{dns}{problems}}}",
+        "{{\"lastUpdated\": {},\"currentTime\": {}, \"nodeEligible\": {eligible}{dns}{watch}{problems}}}",
         serde_json::Value::String(last),
         serde_json::Value::String(go_time(now)),
     );

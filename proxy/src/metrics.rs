@@ -97,12 +97,16 @@ pub struct Metrics {
     pub sync_errors: Counter,
     pub service_ports: Gauge,
     pub source_errors: Family<KindLabel, Counter>,
+    pub watch_errors: Family<KindLabel, Counter>,
+    pub watch_last_error: Family<KindLabel, Gauge<f64, AtomicU64>>,
     pub backend_selected: Family<BackendLabel, Gauge>,
     pub tc_attach_mode: Family<ModeLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
     pub tc_reattached: Counter,
     pub cgroup_reattached: Counter,
     pub pins_restored: Counter,
+    pub sockets_destroyed: Counter,
+    pub socket_destroy_errors: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub health_check_bind_errors: Counter,
@@ -142,12 +146,16 @@ impl Metrics {
             sync_errors: Counter::default(),
             service_ports: Gauge::default(),
             source_errors: Family::default(),
+            watch_errors: Family::default(),
+            watch_last_error: Family::default(),
             backend_selected: Family::default(),
             tc_attach_mode: Family::default(),
             dataplane_capacity_errors: Counter::default(),
             tc_reattached: Counter::default(),
             cgroup_reattached: Counter::default(),
             pins_restored: Counter::default(),
+            sockets_destroyed: Counter::default(),
+            socket_destroy_errors: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             health_check_bind_errors: Counter::default(),
@@ -265,6 +273,16 @@ impl Metrics {
             m.source_errors
         );
         add!(
+            "switchyard_api_watch_errors",
+            "Failed list or watch requests to the API server (retried with backoff; the last good state stays programmed)",
+            m.watch_errors
+        );
+        add!(
+            "switchyard_api_watch_last_error_timestamp_seconds",
+            "When a list or watch request to the API server last failed",
+            m.watch_last_error
+        );
+        add!(
             "switchyard_backend",
             "The dataplane backend in use (1) and why it was chosen",
             m.backend_selected
@@ -293,6 +311,16 @@ impl Metrics {
             "switchyard_bpf_map_pins_restored",
             "eBPF map pins found removed from bpffs by a full sync and pinned again",
             m.pins_restored
+        );
+        add!(
+            "switchyard_sockets_destroyed",
+            "Node sockets the socket load balancer had connected to an endpoint since removed, destroyed so their applications reconnect",
+            m.sockets_destroyed
+        );
+        add!(
+            "switchyard_socket_destroy_errors",
+            "Failures to list or destroy sockets connected to removed endpoints (retried at the next sync)",
+            m.socket_destroy_errors
         );
         add!(
             "switchyard_bpf_map_entries",

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use switchyard_model::{
     ChangeSet, DesiredState, EndpointSlice, Engine, ModelError, Node, Pod, ProxyConfig, Service,
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use switchyard_dns::PodDirectory;
 
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -104,7 +104,23 @@ pub struct Store {
     /// This node's pods (DNS only; apart from the proxy's state and its generation).
     pods: Mutex<BTreeMap<ObjectId, Pod>>,
     pod_directory: Arc<PodDirectory>,
+    /// Each kind's run of failed list/watch requests since its last event.
+    watch_failures: Mutex<BTreeMap<&'static str, WatchFailure>>,
 }
+
+/// A kind's list/watch failing: since when, how often, the last error.
+#[derive(Debug, Clone)]
+pub struct WatchFailure {
+    pub since: Instant,
+    pub last: Instant,
+    pub errors: u64,
+    pub error: String,
+}
+
+/// A run of failures is over once no request has failed for this long: kube's watcher backs
+/// off at most 30 s between attempts, and a watch that opened again sends no event until
+/// something changes.
+const WATCH_RECOVERED_AFTER: Duration = Duration::from_secs(40);
 
 impl Store {
     pub fn new(cfg: ProxyConfig, metrics: Arc<Metrics>) -> Arc<Store> {
@@ -124,6 +140,7 @@ impl Store {
             metrics,
             pods: Mutex::new(BTreeMap::new()),
             pod_directory: PodDirectory::new(),
+            watch_failures: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -191,6 +208,62 @@ impl Store {
     pub fn initialized(&self) -> bool {
         let inner = self.lock();
         inner.initialized()
+    }
+
+    /// A list or watch request for `kind` failed (the watcher retries with backoff; what is
+    /// programmed stays).
+    pub fn watch_error(&self, kind: Kind, error: &str) {
+        let now = Instant::now();
+        let label = KindLabel {
+            kind: kind.as_str().into(),
+        };
+        self.metrics.watch_errors.get_or_create(&label).inc();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.metrics
+            .watch_last_error
+            .get_or_create(&label)
+            .set(unix);
+        let mut f = self
+            .watch_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let e = f.entry(kind.as_str()).or_insert_with(|| WatchFailure {
+            since: now,
+            last: now,
+            errors: 0,
+            error: String::new(),
+        });
+        if e.last.elapsed() > WATCH_RECOVERED_AFTER {
+            e.since = now;
+            e.errors = 0;
+        }
+        e.last = now;
+        e.errors += 1;
+        error.clone_into(&mut e.error);
+    }
+
+    /// An event arrived for `kind`: its watch works.
+    pub fn watch_ok(&self, kind: Kind) {
+        let mut f = self
+            .watch_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !f.is_empty() {
+            f.remove(kind.as_str());
+        }
+    }
+
+    /// The kinds whose list/watch is failing now.
+    pub fn watch_failures(&self) -> BTreeMap<&'static str, WatchFailure> {
+        let mut f = self
+            .watch_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.retain(|_, w| w.last.elapsed() <= WATCH_RECOVERED_AFTER);
+        f.clone()
     }
 
     pub fn report(&self, kind: Kind, id: &ObjectId, err: &ModelError) {

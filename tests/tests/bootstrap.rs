@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use switchyard_model::fixtures::{self, Port};
 use switchyard_tests::fake_api::{FakeApi, Resource};
-use switchyard_tests::sandbox::{Netns, bin, in_netns, require_root, sh};
+use switchyard_tests::sandbox::{Netns, bin, http_get_in, in_netns, require_root, sh};
 
 struct Daemon(Child, std::path::PathBuf);
 
@@ -88,6 +88,22 @@ fn start(ns: &str, dir: &std::path::Path, args: &[&str]) -> Daemon {
     Daemon(child, log_path)
 }
 
+/// `switchyard cleanup` of the iptables backend in namespace `ns`.
+fn cleanup(ns: &str) {
+    let bin_path = bin("switchyard");
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        bin_path.to_str().unwrap(),
+        "cleanup",
+        "--backend",
+        "iptables",
+    ])
+    .unwrap();
+}
+
 fn rules(ns: &str) -> String {
     let save = ["iptables-save", "iptables-legacy-save", "iptables-nft-save"];
     save.iter()
@@ -97,7 +113,11 @@ fn rules(ns: &str) -> String {
 }
 
 fn wait_for_rules(ns: &str, d: &Daemon, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_for_rules_within(ns, d, needle, Duration::from_secs(20));
+}
+
+fn wait_for_rules_within(ns: &str, d: &Daemon, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if rules(ns).contains(needle) {
             return;
@@ -173,18 +193,7 @@ async fn the_daemon_reaches_the_api_server_at_a_direct_address_only() {
         assert!(d.log().contains("from=--master"), "{}", d.log());
     }
     api.delete(Resource::Service, "shop", "cart");
-    let bin_path = bin("switchyard");
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &ns.0,
-        bin_path.to_str().unwrap(),
-        "cleanup",
-        "--backend",
-        "iptables",
-    ])
-    .unwrap();
+    cleanup(&ns.0);
     assert!(!rules(&ns.0).contains("10.96.0.50"), "{}", rules(&ns.0));
 
     // 2. The kube-proxy ConfigMap as is, its kubeconfig naming the server.
@@ -244,4 +253,119 @@ fn in_cluster_failure_names_the_explicit_address_options() {
         err.contains("--master") && err.contains("KUBERNETES_SERVICE_HOST"),
         "{err}"
     );
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The API server refuses every watch for longer than the health timeout (2 × syncPeriod):
+/// what was programmed stays, periodic syncs keep landing, `/healthz` stays 200 (as
+/// kube-proxy's: an API outage must not drain every node from the load balancers) and
+/// names the failing watches, the errors are counted; once the server is back, what
+/// changed meanwhile is programmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_outage_longer_than_the_health_timeout_keeps_rules_and_health() {
+    require_root();
+    let ns = Netns::new("syb-out").unwrap();
+    let listener = in_netns(&ns.0, || std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let api = FakeApi::start_on(listener).unwrap();
+    populate(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        "syncPeriod: 2s\nminSyncPeriod: 0s\nhealthzBindAddress: 127.0.0.1:10256\nmetricsBindAddress: 127.0.0.1:10249\n",
+    )
+    .unwrap();
+    let d = start(
+        &ns.0,
+        dir.path(),
+        &["--master", &api.url(), "--config", cfg.to_str().unwrap()],
+    );
+    wait_for_rules(&ns.0, &d, "10.96.0.50/32");
+    let healthz = "127.0.0.1:10256".parse().unwrap();
+    let metrics_addr = "127.0.0.1:10249".parse().unwrap();
+    let scrape = || http_get_in(&ns.0, metrics_addr, "/metrics");
+    let last_sync = |m: &str| metric(m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+
+    // The outage: every open watch ends and every new one is refused (503).
+    api.refuse_watches(true);
+    api.drop_watches();
+    let synced_before = last_sync(&scrape());
+    // A change made during the outage, for the recovery to bring.
+    api.apply(
+        Resource::Service,
+        fixtures::to_json(&fixtures::service(
+            "shop",
+            "cart",
+            "10.96.0.51",
+            &[Port::tcp("http", 80)],
+        ))
+        .unwrap(),
+    );
+    let outage = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let mut answers = 0;
+    while t0.elapsed() < outage {
+        let r = http_get_in(&ns.0, healthz, "/healthz");
+        assert!(
+            r.starts_with("HTTP/1.1 200"),
+            "healthz after {:?} of API outage:\n{r}\n{}",
+            t0.elapsed(),
+            d.log()
+        );
+        answers += 1;
+        let rules = rules(&ns.0);
+        assert!(
+            rules.contains("10.96.0.50/32") && rules.contains("10.244.1.5:8080"),
+            "the last good state was lost after {:?}:\n{rules}",
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(answers >= 15, "{answers} healthz answers in {outage:?}");
+    let r = http_get_in(&ns.0, healthz, "/healthz");
+    assert!(
+        r.contains("\"apiWatch\"") && r.contains("\"Service\"") && r.contains("\"lastError\""),
+        "healthz does not name the failing watch:\n{r}\n{}\n{}",
+        scrape(),
+        d.log()
+    );
+    let m = scrape();
+    let errors = metric(&m, "switchyard_api_watch_errors_total{kind=\"Service\"}");
+    assert!(errors >= 2.0, "watch errors not counted ({errors}):\n{m}");
+    assert!(
+        metric(
+            &m,
+            "switchyard_api_watch_last_error_timestamp_seconds{kind=\"Service\"}"
+        ) > 0.0,
+        "{m}"
+    );
+    assert!(
+        last_sync(&m) > synced_before + 4.0,
+        "periodic syncs stopped during the outage: {synced_before} -> {}",
+        last_sync(&m)
+    );
+    assert!(
+        !rules(&ns.0).contains("10.96.0.51"),
+        "cart before the API came back"
+    );
+
+    // The server is back: the watcher's backoff (at most 30 s) finds it, and the Service
+    // created meanwhile is programmed; its watch no longer counts as failing.
+    api.refuse_watches(false);
+    let t1 = Instant::now();
+    wait_for_rules_within(&ns.0, &d, "10.96.0.51/32", Duration::from_secs(45));
+    eprintln!("programmed {:?} after the API came back", t1.elapsed());
+    let r = http_get_in(&ns.0, healthz, "/healthz");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.contains("\"Service\""), "{r}");
+    drop(d);
+    cleanup(&ns.0);
+    api.stop();
 }

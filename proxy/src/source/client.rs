@@ -76,7 +76,11 @@ pub async fn config(o: &ClientOptions) -> Result<(Config, String), SourceError> 
 
 /// A client for the configured API server, rate limited.
 pub async fn client(o: &ClientOptions) -> Result<Client, SourceError> {
-    let (config, origin) = config(o).await?;
+    let (mut config, origin) = config(o).await?;
+    // The watcher retries with its own backoff (0.8 s doubling to 30 s) and counts each
+    // failure; kube's request-level retry of 429/503/504 (15 attempts, up to minutes) would
+    // hide an API outage from both.
+    config.default_retry = false;
     tracing::info!(
         server = %config.cluster_url,
         from = %origin,

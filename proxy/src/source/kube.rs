@@ -50,6 +50,13 @@ async fn watch_kind<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
+    // A zero series from the start, so rates and alerts over it work before the first error.
+    let _ = store
+        .metrics()
+        .watch_errors
+        .get_or_create(&crate::metrics::KindLabel {
+            kind: kind.as_str().into(),
+        });
     let stream = watcher::watcher(api, cfg).default_backoff();
     pin_mut!(stream);
     let mut listing: Vec<(ObjectId, Result<Converted, ModelError>)> = Vec::new();
@@ -59,6 +66,9 @@ async fn watch_kind<K>(
             ev = stream.next() => ev,
         };
         let Some(ev) = ev else { return };
+        if ev.is_ok() {
+            store.watch_ok(kind);
+        }
         match ev {
             Ok(Event::Init) => listing.clear(),
             Ok(Event::InitApply(o)) => listing.push((id_of(&o), conv(&o))),
@@ -71,7 +81,8 @@ async fn watch_kind<K>(
             Ok(Event::Delete(o)) => store.delete(kind, &id_of(&o)),
             Err(e) => {
                 // The backoff retries; a 410 Gone restarts with a fresh list.
-                tracing::warn!(kind = kind.as_str(), error = %e, "watch error; retrying");
+                store.watch_error(kind, &e.to_string());
+                tracing::warn!(kind = kind.as_str(), error = %e, "watch error; retrying with backoff, the last good state stays programmed");
             }
         }
     }
