@@ -390,6 +390,10 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
 
 /// Convert a discovery/v1 EndpointSlice. Returns `Ok(None)` for slices the proxy does not
 /// use: FQDN slices and slices not owned by a Service (no `kubernetes.io/service-name`).
+/// `discovery/v1` validation: at most 1000 endpoints and 100 ports per EndpointSlice.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+pub const MAX_SLICE_PORTS: usize = 100;
+
 pub fn endpoint_slice(
     slice: &discovery::EndpointSlice,
 ) -> Result<Option<EndpointSlice>, ModelError> {
@@ -422,6 +426,29 @@ pub fn endpoint_slice(
             ));
         }
     };
+
+    // The API server's own validation limits: a slice beyond them did not come from a
+    // conforming server, and its size must not cost the other services their sync.
+    let n_ports = slice.ports.as_ref().map_or(0, Vec::len);
+    if n_ports > MAX_SLICE_PORTS {
+        return Err(ModelError::invalid(
+            KIND,
+            &obj,
+            "ports",
+            format!("{n_ports} ports; an EndpointSlice has at most {MAX_SLICE_PORTS}"),
+        ));
+    }
+    if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
+        return Err(ModelError::invalid(
+            KIND,
+            &obj,
+            "endpoints",
+            format!(
+                "{} endpoints; an EndpointSlice has at most {MAX_SLICE_ENDPOINTS}",
+                slice.endpoints.len()
+            ),
+        ));
+    }
 
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {

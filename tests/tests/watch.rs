@@ -294,3 +294,40 @@ async fn only_this_nodes_pods_reach_the_pod_directory() {
         h.api.requests()
     );
 }
+
+/// Objects of absurd size (beyond what the API server's validation admits) are refused with
+/// an error naming them, and the objects after them are processed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurdly_large_slices_are_refused_and_do_not_starve_the_rest() {
+    let h = start(seed).await;
+    let good = seeded();
+    converge(&h.store, &good, "initial list").await;
+
+    let mut huge = slice("a-2", "a", &["10.244.1.1"]);
+    let endpoints: Vec<Value> = (0..100_000u32)
+        .map(|i| json!({"addresses": [format!("10.{}.{}.{}", 100 + (i >> 16), (i >> 8) & 255, i & 255)]}))
+        .collect();
+    huge["endpoints"] = Value::Array(endpoints);
+    let mut wide = slice("b-2", "b", &["10.244.1.2"]);
+    let ports: Vec<Value> = (0..10_000u32)
+        .map(|i| json!({"name": format!("p{i}"), "port": 1000 + i, "protocol": "TCP"}))
+        .collect();
+    wide["ports"] = Value::Array(ports);
+    h.api.apply(Resource::EndpointSlice, huge);
+    h.api.apply(Resource::EndpointSlice, wide);
+    let t = std::time::Instant::now();
+    h.api
+        .apply(Resource::EndpointSlice, slice("a-3", "a", &["10.244.1.7"]));
+    let mut want = good.clone();
+    want.slices.insert("a-3".into(), "10.244.1.7".into());
+    converge(&h.store, &want, "after the absurd slices").await;
+    eprintln!(
+        "the slice after them was in the store {:?} later",
+        t.elapsed()
+    );
+    let metrics = h.store.metrics().encode();
+    assert!(
+        metrics.contains("switchyard_source_errors_total{kind=\"EndpointSlice\"} 2"),
+        "{metrics}"
+    );
+}
