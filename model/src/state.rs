@@ -154,6 +154,10 @@ pub struct ServicePortState {
     pub external_traffic_local: bool,
     /// Some usable endpoint exists somewhere in the cluster.
     pub has_any_endpoints: bool,
+    /// Every endpoint the slices list for this port, whatever its conditions (sorted):
+    /// established connections to one that is no longer balanced to (terminating, not
+    /// ready) keep draining; a flow to an endpoint not listed here is gone for good.
+    pub listed_endpoints: Vec<(IpAddr, u16)>,
     pub affinity_timeout_seconds: Option<u32>,
     pub source_ranges: Vec<IpNet>,
     pub health_check_node_port: Option<u16>,
@@ -491,6 +495,9 @@ pub fn compute_service(
             }
             cluster_backends.sort();
             local_backends.sort();
+            let mut listed_endpoints: Vec<(IpAddr, u16)> =
+                cands.iter().map(|c| (c.addr, c.port)).collect();
+            listed_endpoints.sort_unstable();
 
             out.push(ServicePortState {
                 key,
@@ -504,6 +511,7 @@ pub fn compute_service(
                 internal_traffic_local: itp_local,
                 external_traffic_local: etp_local,
                 has_any_endpoints,
+                listed_endpoints,
                 affinity_timeout_seconds: svc.session_affinity_timeout,
                 source_ranges: if svc.load_balancer_ips.is_empty() {
                     Vec::new()

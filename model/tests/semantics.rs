@@ -293,6 +293,32 @@ fn terminating_fallback_is_not_used_while_a_ready_endpoint_exists() {
 }
 
 #[test]
+fn every_listed_endpoint_counts_for_draining_whatever_its_conditions() {
+    // Only the ready one is balanced to, but connections to the terminating and not-serving
+    // ones keep draining: each is still listed.
+    let eps = format!("{TERMINATING_EPS}- addresses: [10.244.4.4]\n  nodeName: node-d\n");
+    let yaml = format!("{WEB}{}", slice("web-1", "web", "http", 8080, &eps));
+    let e = engine_with(&yaml, &[]);
+    let state = e.state();
+    let port = state.values().next().unwrap();
+    assert_eq!(port.cluster_backends.len(), 1);
+    let listed: Vec<String> = port
+        .listed_endpoints
+        .iter()
+        .map(|(a, p)| format!("{a}:{p}"))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "10.244.1.5:8080",
+            "10.244.2.7:8080",
+            "10.244.3.9:8080",
+            "10.244.4.4:8080"
+        ]
+    );
+}
+
+#[test]
 fn terminating_fallback_local_policy() {
     // iTP=Local: the only local endpoint is terminating but serving, so it is used, even
     // though a ready endpoint exists on another node.
@@ -747,4 +773,23 @@ fn host_addresses_for_masquerade_skip_loopback_and_link_local() {
             "fd00:30::10".parse().unwrap()
         ]
     );
+}
+
+#[test]
+fn a_slice_beyond_the_api_servers_limits_is_refused_naming_it() {
+    let eps: String = (0..1001)
+        .map(|i| format!("- addresses: [10.244.{}.{}]\n", i / 250, i % 250 + 1))
+        .collect();
+    let yaml = slice("web-big", "web", "http", 8080, &eps);
+    let err = manifest::parse("big.yaml", &yaml).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "EndpointSlice default/web-big: endpoints: 1001 endpoints; an EndpointSlice has at most 1000"
+        ),
+        "{err}"
+    );
+    let eps: String = (0..1000)
+        .map(|i| format!("- addresses: [10.244.{}.{}]\n", i / 250, i % 250 + 1))
+        .collect();
+    assert!(manifest::parse("ok.yaml", &slice("web-1", "web", "http", 8080, &eps)).is_ok());
 }

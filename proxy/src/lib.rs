@@ -13,6 +13,7 @@ pub mod healthcheck;
 pub mod metrics;
 pub mod netlink;
 pub mod nl;
+pub mod sockdiag;
 pub mod source;
 pub mod store;
 pub mod sync;

@@ -114,6 +114,104 @@ pub fn attr(buf: &[u8], ty: u16) -> Option<&[u8]> {
     attrs(buf).find(|(t, _)| *t == ty).map(|(_, v)| v)
 }
 
+/// A netlink socket of one protocol in the caller's network namespace, for request/answer
+/// exchanges (a dump, or one request acknowledged), as ctnetlink and sock_diag use it.
+pub struct Socket {
+    sock: netlink_sys::Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An errno from the kernel as an io::Error saying what was being done.
+pub fn errno(e: i32, what: &str) -> std::io::Error {
+    let os = std::io::Error::from_raw_os_error(e);
+    std::io::Error::new(os.kind(), format!("{what}: {os}"))
+}
+
+impl Socket {
+    /// Open, bind and connect to the kernel, with a 5 s receive timeout.
+    pub fn open(protocol: isize) -> std::io::Result<Socket> {
+        let mut sock = netlink_sys::Socket::new(protocol)?;
+        sock.bind_auto()?;
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+        nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(5, 0),
+        )
+        .map_err(std::io::Error::from)?;
+        Ok(Socket {
+            sock,
+            seq: 1,
+            buf: vec![0; 1 << 16],
+        })
+    }
+
+    /// The sequence number for the next request.
+    pub fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Send a dump request (`msg`, numbered `seq`) and hand each answer message to `each`
+    /// until `NLMSG_DONE`; an error message is returned as an error about `what`.
+    pub fn dump(
+        &mut self,
+        msg: &[u8],
+        seq: u32,
+        what: &str,
+        mut each: impl FnMut(&Msg<'_>),
+    ) -> std::io::Result<()> {
+        self.sock.send(msg, 0)?;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            for m in messages(&self.buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let e = m.error().unwrap_or(0);
+                        if e != 0 {
+                            return Err(errno(e, what));
+                        }
+                    }
+                    _ => each(&m),
+                }
+            }
+        }
+    }
+
+    /// Send a request that asks for an ACK; `false` when the kernel answers ENOENT (the
+    /// object was already gone), an error about `what` for any other errno.
+    pub fn acked(&mut self, msg: &[u8], seq: u32, what: &str) -> std::io::Result<bool> {
+        self.sock.send(msg, 0)?;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            for m in messages(&self.buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.error() {
+                    Some(0) => return Ok(true),
+                    Some(nix::libc::ENOENT) => return Ok(false),
+                    Some(err) => return Err(errno(err, what)),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

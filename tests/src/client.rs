@@ -14,6 +14,9 @@ pub fn error_kind(e: &std::io::Error) -> &'static str {
         std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "reset",
         std::io::ErrorKind::PermissionDenied => "denied",
         _ if e.raw_os_error() == Some(113) => "unreachable",
+        // ECONNABORTED, EDESTADDRREQ: the socket was destroyed (sock_diag) and disconnected.
+        std::io::ErrorKind::ConnectionAborted => "aborted",
+        _ if e.raw_os_error() == Some(89) => "aborted",
         _ => "other",
     }
 }

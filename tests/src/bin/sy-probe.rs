@@ -4,6 +4,8 @@
 //!
 //! sy-probe [--cgroup DIR] [--netns NAME] (--tcp|--udp|--sctp ADDR:PORT) [--count N]
 //!          [--timeout-ms MS] [--interval-ms MS] [--hold] [--sport PORT]
+//! With --udp --hold it keeps one connected UDP socket, one request per stdin line, and
+//! opens a new one for the request after an error (a client that reconnects).
 //! With --bind ADDR:PORT every TCP connection is made from that local address and port.
 //! With --sport every UDP request comes from that source port (a DNS-style client whose
 //! flow the kernel's conntrack keeps), otherwise each request uses a fresh port.
@@ -129,6 +131,43 @@ fn main() -> std::io::Result<()> {
             .parse()
             .map_err(|e| std::io::Error::other(format!("{target}: {e}")))?;
         let sport: u16 = get("--sport").and_then(|p| p.parse().ok()).unwrap_or(0);
+        if args.iter().any(|a| a == "--hold") {
+            // One connected socket for every request line on stdin, as a long-lived
+            // client keeps one; after an error the next request uses a new socket (the
+            // client reconnects).
+            let any = if addr.is_ipv6() { "::" } else { "0.0.0.0" };
+            let open = || -> std::io::Result<UdpSocket> {
+                let s = UdpSocket::bind((any, sport))?;
+                s.set_read_timeout(Some(timeout))?;
+                s.connect(addr)?;
+                Ok(s)
+            };
+            let first = open()?;
+            println!("connected {}", first.local_addr()?);
+            let mut sock = Some(first);
+            out.lock().flush()?;
+            for _ in std::io::stdin().lock().lines() {
+                let r = match sock.take() {
+                    Some(s) => Ok(s),
+                    None => open(),
+                }
+                .and_then(|s| {
+                    s.send(b"hello")?;
+                    let mut buf = [0u8; 512];
+                    let n = s.recv(&mut buf)?;
+                    Ok((s, String::from_utf8_lossy(&buf[..n]).trim().to_string()))
+                });
+                match r {
+                    Ok((s, body)) => {
+                        sock = Some(s);
+                        println!("ok {body}");
+                    }
+                    Err(e) => println!("err {}", error_kind(&e)),
+                }
+                out.lock().flush()?;
+            }
+            return Ok(());
+        }
         for _ in 0..count {
             let any = if addr.is_ipv6() { "::" } else { "0.0.0.0" };
             let r = UdpSocket::bind((any, sport)).and_then(|s| {

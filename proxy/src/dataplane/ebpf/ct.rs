@@ -1,15 +1,21 @@
-//! Stale UDP flows in the tc path's own flow maps (`SY_CT4`, `SY_CT6`), the eBPF twin of
-//! `crate::conntrack`: a UDP client that keeps its source port would otherwise follow its
-//! entry to a removed endpoint for as long as the LRU keeps it. After a sync that touches
-//! a UDP service port, forward entries whose endpoint is no longer in their service port
-//! (or whose service port is gone) are deleted together with their reverse entries, so the
-//! next datagram is balanced again. TCP entries are left alone: established connections
-//! drain on their endpoint, as with kube-proxy.
+//! Flows that outlive their endpoint in the tc path's own flow maps (`SY_CT4`, `SY_CT6`),
+//! the eBPF twin of `crate::conntrack`. A UDP client that keeps its source port would
+//! otherwise follow its entry to a removed endpoint for as long as the LRU keeps it, and a
+//! TCP client whose endpoint vanished without a FIN would retransmit into the void until it
+//! times out. After a sync that touches a UDP service port or drops an endpoint from a
+//! service port's slices, forward entries are deleted together with their reverse entries
+//! when their endpoint is gone: for UDP, no longer balanced to (kube-proxy's conntrack
+//! cleanup); for TCP and SCTP, no longer listed in the slices at all, so connections to a
+//! terminating or unready endpoint keep draining as with kube-proxy. The next packet of a
+//! deleted flow is balanced again: a UDP client moves to a live endpoint, a TCP client
+//! gets a reset from one at once.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
 use switchyard_ebpf_common::{CT_REVERSE, Ct4Key, Ct4Value, Ct6Key, Ct6Value};
-use switchyard_model::Protocol;
+use switchyard_model::engine::{ChangeSet, DesiredState};
+use switchyard_model::{Protocol, ServicePortState};
 
 use super::render::PortRender;
 use switchyard_model::ServicePortKey;
@@ -20,31 +26,54 @@ pub const IPPROTO_UDP: u8 = 17;
 /// both in network order.
 pub type Endpoint = ([u32; 4], u16);
 
-/// For each UDP service port's id, its endpoints.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UdpEndpoints(pub HashMap<u32, HashSet<Endpoint>>);
+fn endpoint(addr: IpAddr, port: u16) -> Endpoint {
+    match addr {
+        IpAddr::V4(a) => ([super::render::addr4(a), 0, 0, 0], port.to_be()),
+        IpAddr::V6(a) => (super::render::addr6(a), port.to_be()),
+    }
+}
 
-pub fn udp_endpoints<'a>(
+/// For each service port's id, the endpoints its flows may still use: for UDP the ones
+/// balanced to, for other protocols every endpoint its slices list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveEndpoints(pub HashMap<u32, HashSet<Endpoint>>);
+
+pub fn live_endpoints<'a>(
     ports: impl Iterator<Item = (&'a ServicePortKey, &'a PortRender)>,
-) -> UdpEndpoints {
+    state: &DesiredState,
+) -> LiveEndpoints {
     let mut out: HashMap<u32, HashSet<Endpoint>> = HashMap::new();
     for (k, p) in ports {
-        if k.protocol != Protocol::Udp {
-            continue;
-        }
         let eps = out.entry(p.service_id).or_default();
-        for s in &p.sets {
-            for (_, b) in &s.backends {
-                let addr = if b.family == 4 {
-                    [b.addr[0], 0, 0, 0]
-                } else {
-                    b.addr
-                };
-                eps.insert((addr, b.port));
+        if k.protocol == Protocol::Udp {
+            for s in &p.sets {
+                for (_, b) in &s.backends {
+                    let addr = if b.family == 4 {
+                        [b.addr[0], 0, 0, 0]
+                    } else {
+                        b.addr
+                    };
+                    eps.insert((addr, b.port));
+                }
             }
+        } else if let Some(sp) = state.ports.get(k) {
+            eps.extend(sp.listed_endpoints.iter().map(|&(a, p)| endpoint(a, p)));
         }
     }
-    UdpEndpoints(out)
+    LiveEndpoints(out)
+}
+
+/// Whether a ChangeSet can leave flows without their endpoint: a UDP service port touched,
+/// a service port removed, or an endpoint no longer listed.
+pub fn may_strand_flows(changes: &ChangeSet) -> bool {
+    let lost = |old: &ServicePortState, new: &ServicePortState| {
+        old.listed_endpoints
+            .iter()
+            .any(|e| new.listed_endpoints.binary_search(e).is_err())
+    };
+    crate::conntrack::touches_udp(changes)
+        || !changes.removed.is_empty()
+        || changes.changed.iter().any(|c| lost(&c.old, &c.new))
 }
 
 /// A flow entry of either family's map.
@@ -97,15 +126,15 @@ impl Flow for Ct6Value {
     }
 }
 
-/// The flows to delete: (forward key, reverse key) of each stale UDP flow.
-pub fn stale_udp<V: Flow>(
+/// The flows to delete: (forward key, reverse key) of each flow whose endpoint is gone.
+pub fn stale<V: Flow>(
     entries: impl IntoIterator<Item = (V::Key, V)>,
-    endpoints: &UdpEndpoints,
+    endpoints: &LiveEndpoints,
 ) -> Vec<(V::Key, V::Key)> {
     let mut out = Vec::new();
     for (k, v) in entries {
         let proto = V::proto(&k);
-        if proto != IPPROTO_UDP || v.is_reverse() {
+        if v.is_reverse() {
             continue;
         }
         let alive = endpoints
@@ -223,13 +252,13 @@ impl<V: Flow, T: FlowTable<V>> FlowTable<V> for FaultyFlows<T> {
     }
 }
 
-/// Delete one flow map's stale UDP flows (each with its reverse entry); how many.
+/// Delete one flow map's stale flows (each with its reverse entry); how many.
 pub fn sweep<V: Flow>(
     table: &mut dyn FlowTable<V>,
-    endpoints: &UdpEndpoints,
+    endpoints: &LiveEndpoints,
 ) -> Result<u64, FlowError> {
     let mut flows = 0;
-    for (fwd, rev) in stale_udp(table.entries()?, endpoints) {
+    for (fwd, rev) in stale(table.entries()?, endpoints) {
         // The forward entry goes last: while it is there, a failed sweep is found again.
         table.remove(&rev)?;
         if table.remove(&fwd)? {
@@ -239,11 +268,11 @@ pub fn sweep<V: Flow>(
     Ok(flows)
 }
 
-/// Delete the stale UDP flows of the kernel flow map `name`; how many.
+/// Delete the stale flows of the kernel flow map `name`; how many.
 pub fn sweep_map<V>(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
-    endpoints: &UdpEndpoints,
+    endpoints: &LiveEndpoints,
 ) -> Result<u64, FlowError>
 where
     V: Flow + aya::Pod,
@@ -286,20 +315,26 @@ mod tests {
     #[test]
     fn entries_to_removed_endpoints_or_services_go_with_their_reverse() {
         let eps =
-            UdpEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
+            LiveEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
         let live = fwd(1, 1000, 0x0af4_010b, 9125, 7);
         let gone_backend = fwd(1, 1001, 0x0af4_010c, 9125, 7);
         let gone_service = fwd(1, 1002, 0x0af4_010b, 9125, 8);
-        let mut tcp = fwd(1, 1003, 0x0af4_010c, 9125, 7);
-        tcp.0.proto = 6;
+        let mut tcp_gone = fwd(1, 1003, 0x0af4_010c, 9125, 7);
+        tcp_gone.0.proto = 6;
+        let mut tcp_live = fwd(1, 1004, 0x0af4_010b, 9125, 7);
+        tcp_live.0.proto = 6;
         let mut rev = gone_backend;
         rev.1.flags = CT_REVERSE;
-        let got = stale_udp([live, gone_backend, gone_service, tcp, rev], &eps);
+        let got = stale(
+            [live, gone_backend, gone_service, tcp_gone, tcp_live, rev],
+            &eps,
+        );
         assert_eq!(
             got,
             vec![
                 (gone_backend.0, gone_backend.1.reverse_key(IPPROTO_UDP)),
                 (gone_service.0, gone_service.1.reverse_key(IPPROTO_UDP)),
+                (tcp_gone.0, tcp_gone.1.reverse_key(6)),
             ]
         );
         assert_eq!(got[0].1.saddr, 0x0af4_010c);
@@ -309,7 +344,7 @@ mod tests {
     #[test]
     fn a_failed_remove_keeps_the_flow_for_the_next_sweep() {
         let eps =
-            UdpEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
+            LiveEndpoints([(7, [([0x0af4_010b, 0, 0, 0], 9125)].into_iter().collect())].into());
         let live = fwd(1, 1000, 0x0af4_010b, 9125, 7);
         let stale = fwd(1, 1001, 0x0af4_010c, 9125, 7);
         let mut rev = stale;

@@ -13,6 +13,7 @@ pub mod io;
 pub mod maglev;
 pub mod ports;
 pub mod render;
+pub mod socks;
 pub mod stats;
 pub mod writer;
 
@@ -225,11 +226,11 @@ impl EbpfDataplane {
         Ok(dp)
     }
 
-    /// Delete the tc path's UDP flows whose endpoint is gone (see `ct`), in both families'
+    /// Delete the tc path's flows whose endpoint is gone (see `ct`), in both families'
     /// flow maps. A failure fails the sync, so it is retried (the service maps are right
     /// meanwhile).
-    fn clear_stale_udp(&mut self) -> Result<(), DataplaneError> {
-        let endpoints = ct::udp_endpoints(self.writer.ports());
+    fn clear_stale_flows(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
+        let endpoints = ct::live_endpoints(self.writer.ports(), state);
         let started = std::time::Instant::now();
         let v4 = ct::sweep_map::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)?;
         let v6 = ct::sweep_map::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints)?;
@@ -239,12 +240,56 @@ impl EbpfDataplane {
         if v4 + v6 > 0 {
             tracing::info!(
                 flows = v4 + v6,
-                "deleted stale UDP flows from the tc flow maps"
+                "deleted flows to removed endpoints from the tc flow maps"
             );
             self.metrics.conntrack_deleted(false, v4);
             self.metrics.conntrack_deleted(true, v6);
         }
+        self.destroy_stale_sockets(&endpoints);
         Ok(())
+    }
+
+    /// Destroy the node's sockets the socket LB translated to an endpoint that is gone (see
+    /// `socks`). A failure is logged and counted, never fails the sync: the maps are right,
+    /// and the next sync tries again.
+    fn destroy_stale_sockets(&mut self, endpoints: &ct::LiveEndpoints) {
+        let translated = match socks::translated(&mut self.ebpf) {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics.socket_destroy_errors.inc();
+                tracing::warn!(error = %e, "reading the socket LB's translations");
+                return;
+            }
+        };
+        let fronts = socks::frontends(self.writer.ports());
+        // Sockets of the cluster DNS Service redirected to the node-local resolver.
+        let local: Vec<ct::Endpoint> = io::open_dns_redirect(&self.cfg.pin_dir)
+            .ok()
+            .and_then(|m| m.get(&0, 0).ok())
+            .filter(|r| r.addr4 != 0)
+            .map(|r| ([r.addr4, 0, 0, 0], r.port))
+            .into_iter()
+            .collect();
+        let stale = socks::stale(translated, &fronts, endpoints, &local);
+        if stale.is_empty() {
+            return;
+        }
+        match socks::destroy(&stale) {
+            Ok(done) => {
+                if !done.is_empty() {
+                    tracing::info!(
+                        sockets = done.len(),
+                        "destroyed sockets connected to removed endpoints; their applications reconnect"
+                    );
+                    self.metrics.sockets_destroyed.inc_by(done.len() as u64);
+                    socks::forget(&mut self.ebpf, &done);
+                }
+            }
+            Err(e) => {
+                self.metrics.socket_destroy_errors.inc();
+                tracing::warn!(error = %e, "destroying sockets connected to removed endpoints (kernel without CONFIG_INET_DIAG_DESTROY?); they keep their endpoint until the application reconnects");
+            }
+        }
     }
 
     fn report(&self, r: &Report) {
@@ -277,8 +322,8 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.apply(changes, state)?;
         self.report(&r);
-        if crate::conntrack::touches_udp(changes) {
-            self.clear_stale_udp()?;
+        if ct::may_strand_flows(changes) {
+            self.clear_stale_flows(state)?;
         }
         Ok(())
     }
@@ -286,7 +331,7 @@ impl Dataplane for EbpfDataplane {
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.full_sync(state)?;
         self.report(&r);
-        self.clear_stale_udp()
+        self.clear_stale_flows(state)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
