@@ -149,9 +149,120 @@ fn object(
     Ok(())
 }
 
-/// Parse a multi-document YAML text. The whole text is rejected on the first bad document so
-/// that a half-edited file never replaces a good one.
-pub fn parse(source_name: &str, text: &str) -> Result<Objects, ModelError> {
+/// What names an object in a manifest: its kind, namespace (none for Nodes) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectId {
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+impl ObjectId {
+    fn new(kind: &'static str, namespace: Option<&str>, name: &str) -> Self {
+        ObjectId {
+            kind,
+            namespace: namespace.map(str::to_string),
+            name: name.to_string(),
+        }
+    }
+
+    /// The object a raw document names, when its kind is one we read and it has a name
+    /// (read before, and whatever happens to, the rest of the document).
+    fn of(value: &serde_json::Value) -> Option<ObjectId> {
+        let kind = match value.get("kind")?.as_str()? {
+            "Service" => "Service",
+            "EndpointSlice" => "EndpointSlice",
+            "Node" => "Node",
+            "Pod" => "Pod",
+            _ => return None,
+        };
+        let meta = value.get("metadata")?;
+        let name = meta.get("name")?.as_str()?;
+        let namespace = (kind != "Node").then(|| {
+            meta.get("namespace")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("default")
+        });
+        Some(ObjectId::new(kind, namespace, name))
+    }
+}
+
+impl Objects {
+    /// Every object held, by what names it.
+    pub fn ids(&self) -> std::collections::BTreeSet<ObjectId> {
+        let mut ids = std::collections::BTreeSet::new();
+        self.each(|id, _| {
+            ids.insert(id);
+        });
+        ids
+    }
+
+    fn each(&self, mut f: impl FnMut(ObjectId, Object)) {
+        for s in &self.services {
+            let id = ObjectId::new("Service", Some(&s.key.namespace), &s.key.name);
+            f(id, Object::Service(Box::new(s.clone())));
+        }
+        for s in &self.slices {
+            let id = ObjectId::new("EndpointSlice", Some(&s.namespace), &s.name);
+            f(id, Object::EndpointSlice(Box::new(s.clone())));
+        }
+        for n in &self.nodes {
+            f(
+                ObjectId::new("Node", None, &n.name),
+                Object::Node(Box::new(n.clone())),
+            );
+        }
+        for p in &self.pods {
+            let id = ObjectId::new("Pod", Some(&p.namespace), &p.name);
+            f(id, Object::Pod(Box::new(p.clone())));
+        }
+    }
+
+    /// Add the objects of `earlier` that `keep` selects and that are not held already: the
+    /// last good versions of objects whose new documents are broken.
+    pub fn keep_from(&mut self, earlier: &Objects, keep: impl Fn(&ObjectId) -> bool) {
+        let held = self.ids();
+        let mut kept = Vec::new();
+        earlier.each(|id, o| {
+            if keep(&id) && !held.contains(&id) {
+                kept.push(o);
+            }
+        });
+        for o in kept {
+            self.push(o);
+        }
+    }
+}
+
+/// A document (or an item of a `List`) that could not be used, with the object it names
+/// when that much could be read.
+#[derive(Debug)]
+pub struct BadDocument {
+    pub object: Option<ObjectId>,
+    pub error: ModelError,
+}
+
+/// A manifest read document by document: what could be used, and each document that could
+/// not, named.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub objects: Objects,
+    pub bad: Vec<BadDocument>,
+}
+
+/// Parse a multi-document YAML text document by document, as `kubectl apply -f` takes a
+/// file: each good document is used and each bad one is reported. Only YAML that cannot be
+/// split into documents at all fails the whole text.
+pub fn parse_each(source_name: &str, text: &str) -> Result<Parsed, ModelError> {
     // A whole cluster's manifests are large but legitimate: raise the document and node
     // budgets; the alias/anchor protections stay as they are.
     let options = serde_saphyr::options! {
@@ -167,19 +278,50 @@ pub fn parse(source_name: &str, text: &str) -> Result<Objects, ModelError> {
             source_name: source_name.to_string(),
             source: Box::new(source),
         })?;
-    let mut out = Objects::default();
+    let mut out = Parsed::default();
     for (i, doc) in docs.into_iter().enumerate() {
         if doc.is_null() {
             continue;
         }
         if !doc.is_object() {
-            return Err(ModelError::Document {
-                source_name: source_name.to_string(),
-                document: i + 1,
-                reason: "not a mapping".into(),
+            out.bad.push(BadDocument {
+                object: None,
+                error: ModelError::Document {
+                    source_name: source_name.to_string(),
+                    document: i + 1,
+                    reason: "not a mapping".into(),
+                },
             });
+            continue;
         }
-        object(source_name, i + 1, doc, &mut out)?;
+        // A List's items are objects of their own: one bad item spoils only itself.
+        let items = match (
+            doc.get("apiVersion").and_then(serde_json::Value::as_str),
+            doc.get("kind").and_then(serde_json::Value::as_str),
+        ) {
+            (Some("v1"), Some("List")) => doc
+                .get("items")
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            _ => vec![doc],
+        };
+        for item in items {
+            let object = ObjectId::of(&item);
+            if let Err(error) = self::object(source_name, i + 1, item, &mut out.objects) {
+                out.bad.push(BadDocument { object, error });
+            }
+        }
     }
     Ok(out)
+}
+
+/// Parse a multi-document YAML text, all or nothing: the first bad document fails it (for
+/// callers with no last good state to fall back to).
+pub fn parse(source_name: &str, text: &str) -> Result<Objects, ModelError> {
+    let parsed = parse_each(source_name, text)?;
+    match parsed.bad.into_iter().next() {
+        Some(b) => Err(b.error),
+        None => Ok(parsed.objects),
+    }
 }

@@ -35,6 +35,14 @@ pub enum SourceError {
     },
     #[error(transparent)]
     Model(#[from] switchyard_model::ModelError),
+    #[error("{}", bad_object(object.as_deref(), *kept, source))]
+    BadObject {
+        object: Option<Box<switchyard_model::manifest::ObjectId>>,
+        /// Whether an earlier good version of the object stays in force.
+        kept: bool,
+        #[source]
+        source: Box<switchyard_model::ModelError>,
+    },
     #[error("watching {path}: {source}")]
     Watch {
         path: PathBuf,
@@ -199,4 +207,23 @@ pub enum DataplaneError {
     },
     #[error("backend {backend}: injected fault on call {call}")]
     Injected { backend: &'static str, call: usize },
+}
+
+/// A bad manifest document's message: the error, the object it names (when the error does
+/// not already) and what happens to it.
+fn bad_object(
+    object: Option<&switchyard_model::manifest::ObjectId>,
+    kept: bool,
+    source: &switchyard_model::ModelError,
+) -> String {
+    let msg = source.to_string();
+    let outcome = match (kept, object.is_some()) {
+        (true, true) => "its last good version stays in force",
+        (true, false) => "the file's earlier objects missing from it stay in force",
+        (false, _) => "not loaded",
+    };
+    match object.map(ToString::to_string) {
+        Some(o) if !msg.contains(&o) => format!("{msg} ({o}: {outcome})"),
+        _ => format!("{msg} ({outcome})"),
+    }
 }

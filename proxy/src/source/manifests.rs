@@ -1,8 +1,10 @@
 //! The manifest-directory source: every `*.yaml`, `*.yml` and `*.json` file in a directory,
-//! reloaded when the directory changes. A file that fails to parse is reported with the file,
-//! document and field, and its last good content stays in force.
+//! reloaded when the directory changes. Each document stands on its own (as with
+//! `kubectl apply -f`): a bad one is reported with the file, document, object and field, the
+//! good ones are used, and the bad object's last good version stays in force. A file that is
+//! not YAML at all keeps its whole last good content.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +63,33 @@ impl ManifestDir {
                     continue;
                 }
             };
-            match manifest::parse(&f.display().to_string(), &text) {
-                Ok(objs) => {
+            match manifest::parse_each(&f.display().to_string(), &text) {
+                Ok(parsed) => {
+                    let mut objs = parsed.objects;
+                    let earlier = self.last_good.get(f);
+                    if !parsed.bad.is_empty()
+                        && let Some(earlier) = earlier
+                    {
+                        // A bad document that names its object keeps that object's last
+                        // good version; one that cannot even be named might have been any
+                        // of them, so every earlier object not in the new text is kept.
+                        let unnamed = parsed.bad.iter().any(|b| b.object.is_none());
+                        let named: BTreeSet<_> =
+                            parsed.bad.iter().filter_map(|b| b.object.clone()).collect();
+                        objs.keep_from(earlier, |id| unnamed || named.contains(id));
+                    }
+                    let held = objs.ids();
+                    for b in parsed.bad {
+                        let kept = match &b.object {
+                            Some(o) => held.contains(o),
+                            None => earlier.is_some(),
+                        };
+                        errors.push(SourceError::BadObject {
+                            object: b.object.map(Box::new),
+                            kept,
+                            source: Box::new(b.error),
+                        });
+                    }
                     self.last_good.insert(f.clone(), objs);
                 }
                 Err(e) => errors.push(SourceError::Model(e)),
@@ -88,7 +115,14 @@ pub async fn run(
         let (objs, errors) = md.load()?;
         for e in &errors {
             store.metrics().source_error("manifest");
-            tracing::error!(error = %e, "invalid manifest; keeping the last good content of that file");
+            match e {
+                SourceError::BadObject { .. } => {
+                    tracing::error!(error = %e, "invalid manifest document");
+                }
+                _ => {
+                    tracing::error!(error = %e, "invalid manifest; keeping the last good content of that file");
+                }
+            }
         }
         let node = objs.node(node_name.as_deref());
         tracing::info!(
