@@ -130,6 +130,23 @@ impl SockDiag {
         Ok(out)
     }
 
+    /// A sock_diag socket in another network namespace (`netns`: a file such as
+    /// `/run/netns/NAME` or `/proc/PID/ns/net`). Entering it takes `CAP_SYS_ADMIN`; a
+    /// short-lived thread enters it, so this process's own threads stay where they are, and
+    /// the socket keeps answering for that namespace afterwards.
+    pub fn open_in(netns: &std::path::Path) -> std::io::Result<SockDiag> {
+        let f = std::fs::File::open(netns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                SockDiag::open()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sock_diag thread panicked")))
+        })
+    }
+
     /// Destroy one socket; `false` when it was already gone.
     pub fn destroy(&mut self, s: &Sock) -> std::io::Result<bool> {
         let seq = self.sock.next_seq();
@@ -138,6 +155,44 @@ impl SockDiag {
         self.sock
             .acked(&msg, seq, "destroying a socket (sock_diag)")
     }
+}
+
+/// The network namespaces of this node other than the caller's, each once: those
+/// bind-mounted under `/run/netns` (`ip netns`, and the CNI runtimes' pod namespaces:
+/// containerd's and CRI-O's `cni-*`), then those of the processes in `/proc` (all of the
+/// host's when its PIDs are visible).
+pub fn other_namespaces() -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let mut seen: std::collections::HashSet<(u64, u64)> =
+        id(std::path::Path::new("/proc/self/ns/net"))
+            .into_iter()
+            .collect();
+    let mut out = Vec::new();
+    let mounted = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path());
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    for p in mounted.chain(procs) {
+        if let Some(i) = id(&p)
+            && seen.insert(i)
+        {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -597,7 +597,7 @@ impl Sandbox {
     /// What a container runtime does for the DaemonSet's pod, with util-linux: a private
     /// mount namespace, a writable overlay over the image, the pod's mounts (/proc, the
     /// node's /sys with the bpffs and cgroup hostPaths, /dev, the xtables lock, /lib/modules,
-    /// the ConfigMap as /etc/switchyard, and here the manifest directory), chroot, and
+    /// /run/netns, the ConfigMap as /etc/switchyard, and here the manifest directory), chroot, and
     /// exactly the DaemonSet's capabilities; host network is the node namespace. The
     /// entrypoint is the image's `/usr/local/bin/switchyard`.
     fn start_daemon_from_image(
@@ -631,6 +631,8 @@ touch /run/xtables.lock "$m/run/xtables.lock"
 mount --bind /run/xtables.lock "$m/run/xtables.lock"
 mkdir -p "$m/lib/modules" "$m/etc/switchyard" "$m$MANIFESTS"
 if [ -d /lib/modules ]; then mount --bind -o ro /lib/modules "$m/lib/modules"; fi
+mkdir -p /run/netns "$m/run/netns"
+mount --rbind -o ro /run/netns "$m/run/netns"
 mount --bind "$POD/configmap" "$m/etc/switchyard"
 mount --bind "$MANIFESTS" "$m$MANIFESTS"
 exec chroot "$m" setpriv --bounding-set="-all,$CAPS" --inh-caps="-all,$CAPS" --ambient-caps="-all,$CAPS" -- \

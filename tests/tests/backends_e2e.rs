@@ -88,11 +88,21 @@ struct Cluster {
 
 impl Cluster {
     fn start(b: &Backend, scenario: u8, manifests: &str) -> Cluster {
+        Cluster::start_with(b, scenario, manifests, &|c| c)
+    }
+
+    /// With the DaemonSet's capabilities changed by `caps` (eBPF and iptables).
+    fn start_with(
+        b: &Backend,
+        scenario: u8,
+        manifests: &str,
+        caps: &dyn Fn(String) -> String,
+    ) -> Cluster {
         require_root();
         let mut sb = Sandbox::create(&format!("sy{}{scenario}", b.tag), &backends()).unwrap();
         // Exactly the DaemonSet's capabilities for eBPF and iptables.
         if b.name != "ipvs" {
-            sb.capabilities = Some(daemonset_capabilities());
+            sb.capabilities = Some(caps(daemonset_capabilities()));
         }
         let dir = sb.dir.path().join("manifests");
         std::fs::create_dir_all(&dir).unwrap();
@@ -1221,6 +1231,26 @@ fn tcp_flow_to_a_removed_endpoint(b: &Backend) {
 /// error and reconnects through the load balancer; iptables deletes the conntrack entry,
 /// so the next datagram is balanced again.
 fn connected_udp_client_moves_off_a_removed_endpoint(b: &Backend) {
+    connected_udp_client_moves(b, 20, None, true);
+}
+
+/// The same client in a pod's network namespace (and the socket LB's cgroup, as every
+/// pod is on a node): the daemon enters the pod's namespace to destroy the socket, with the
+/// DaemonSet's capabilities.
+#[test]
+fn connected_udp_client_in_a_pod_moves_off_a_removed_endpoint() {
+    connected_udp_client_moves(&EBPF, 22, Some("a2"), true);
+}
+
+/// Without `CAP_SYS_ADMIN` (the chart's `podSocketTermination: false`) the pod's namespace
+/// cannot be entered: the client stays on the removed endpoint, and the daemon says so
+/// (a warning naming the namespace, counted in `switchyard_socket_destroy_errors_total`).
+#[test]
+fn without_sys_admin_a_pods_stale_socket_is_reported_not_destroyed() {
+    connected_udp_client_moves(&EBPF, 23, Some("a2"), false);
+}
+
+fn connected_udp_client_moves(b: &Backend, scenario: u8, pod: Option<&str>, sys_admin: bool) {
     let dns = |eps: &[(&str, &str)]| {
         format!(
             "{}{}",
@@ -1228,7 +1258,16 @@ fn connected_udp_client_moves_off_a_removed_endpoint(b: &Backend) {
             slice("dns", eps)
         )
     };
-    let mut c = Cluster::start(b, 20, &dns(&ALL3));
+    let mut c = Cluster::start_with(b, scenario, &dns(&ALL3), &|caps: String| {
+        if sys_admin {
+            caps
+        } else {
+            caps.split(',')
+                .filter(|c| *c != "+sys_admin")
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    });
     c.until(
         "up",
         Duration::from_secs(20),
@@ -1239,11 +1278,12 @@ fn connected_udp_client_moves_off_a_removed_endpoint(b: &Backend) {
         all_ok,
     );
     let cg = c.sb.cgroup.to_string_lossy().to_string();
+    let netns = pod.map_or_else(|| c.sb.node_ns(), |p| format!("{}-{p}", c.sb.prefix));
     let mut held = Held::start(&[
         "--cgroup",
         &cg,
         "--netns",
-        &c.sb.node_ns(),
+        &netns,
         "--udp",
         "10.96.0.72:53",
         "--timeout-ms",
@@ -1280,6 +1320,20 @@ fn connected_udp_client_moves_off_a_removed_endpoint(b: &Backend) {
         std::thread::sleep(Duration::from_millis(50));
     };
     drop(held);
+    if !sys_admin {
+        let log = c.sb.daemon_log();
+        assert!(
+            moved.is_none(),
+            "without CAP_SYS_ADMIN the pod's socket cannot be destroyed: {answers:?}\n{log}"
+        );
+        assert!(
+            log.contains(
+                "cannot destroy sockets connected to removed endpoints in this network namespace"
+            ) && log.contains(&netns),
+            "the namespace left alone is not reported:\n{log}"
+        );
+        return;
+    }
     let Some(took) = moved else {
         panic!(
             "the connected client stayed on {first}: {answers:?}\nconntrack:\n{}\n{}",
@@ -1297,12 +1351,27 @@ fn connected_udp_client_moves_off_a_removed_endpoint(b: &Backend) {
             "the socket should have been destroyed: {answers:?}\n{}",
             c.sb.daemon_log()
         );
-        assert!(
-            c.sb.daemon_log()
-                .contains("destroyed sockets connected to removed endpoints"),
-            "{}",
-            c.sb.daemon_log()
-        );
+        // The client may reconnect before the daemon, still looking through the other
+        // namespaces for the rest of the stale sockets, logs what it did.
+        let logged = Instant::now();
+        while !c
+            .sb
+            .daemon_log()
+            .contains("destroyed sockets connected to removed endpoints")
+        {
+            assert!(
+                logged.elapsed() < Duration::from_secs(5),
+                "{}",
+                c.sb.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = c.sb.daemon_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("destroyed sockets connected to removed endpoints"))
+            .unwrap_or_default();
+        eprintln!("{line}");
     }
 }
 

@@ -232,8 +232,10 @@ impl Pod {
             .nth(1)
             .unwrap()
             .to_string();
-        // NET_BIND_SERVICE 10, NET_ADMIN 12, NET_RAW 13, SYS_MODULE 16, PERFMON 38, BPF 39.
-        let want: u64 = (1 << 10) | (1 << 12) | (1 << 13) | (1 << 16) | (1 << 38) | (1 << 39);
+        // NET_BIND_SERVICE 10, NET_ADMIN 12, NET_RAW 13, SYS_MODULE 16, SYS_ADMIN 21,
+        // PERFMON 38, BPF 39.
+        let want: u64 =
+            (1 << 10) | (1 << 12) | (1 << 13) | (1 << 16) | (1 << 21) | (1 << 38) | (1 << 39);
         assert_eq!(
             u64::from_str_radix(&eff, 16).unwrap(),
             want,

@@ -46,5 +46,5 @@ k8s-app: {{ include "switchyard.name" . }}
 privileged: false
 capabilities:
   drop: [ALL]
-  add: {{ concat (list "NET_ADMIN" "BPF" "PERFMON" "NET_RAW" "NET_BIND_SERVICE" "SYS_MODULE") .Values.extraCapabilities | toJson }}
+  add: {{ concat (list "NET_ADMIN" "BPF" "PERFMON" "NET_RAW" "NET_BIND_SERVICE" "SYS_MODULE") (ternary (list "SYS_ADMIN") (list) .Values.podSocketTermination) .Values.extraCapabilities | toJson }}
 {{- end -}}

@@ -274,16 +274,23 @@ impl EbpfDataplane {
         if stale.is_empty() {
             return;
         }
+        let began = std::time::Instant::now();
         match socks::destroy(&stale) {
-            Ok(done) => {
-                if !done.is_empty() {
+            Ok(d) => {
+                if !d.done.is_empty() {
                     tracing::info!(
-                        sockets = done.len(),
+                        sockets = d.done.len(),
+                        other_namespaces = d.searched,
+                        took_ms = began.elapsed().as_millis(),
                         "destroyed sockets connected to removed endpoints; their applications reconnect"
                     );
-                    self.metrics.sockets_destroyed.inc_by(done.len() as u64);
-                    socks::forget(&mut self.ebpf, &done);
+                    self.metrics.sockets_destroyed.inc_by(d.done.len() as u64);
                 }
+                for e in &d.errors {
+                    self.metrics.socket_destroy_errors.inc();
+                    tracing::warn!(netns = %e, "cannot destroy sockets connected to removed endpoints in this network namespace (entering one takes CAP_SYS_ADMIN and the host's /run/netns); its sockets keep their endpoint until the application reconnects");
+                }
+                socks::forget(&mut self.ebpf, &[d.done, d.gone].concat());
             }
             Err(e) => {
                 self.metrics.socket_destroy_errors.inc();

@@ -5,7 +5,8 @@
 //! `SY_SOCK_REVNAT4`/`6` (its cookie, the endpoint, the frontend it asked for); after a sync
 //! that may strand flows, the entries whose endpoint is no longer live for the frontend's
 //! service ports (`ct::LiveEndpoints`) name sockets to destroy, which is done through
-//! sock_diag in this network namespace (the node's: host processes and hostNetwork pods).
+//! sock_diag in the node's network namespace (host processes and hostNetwork pods) and then
+//! in the pods' (Cilium's behaviour).
 
 use std::collections::{HashMap, HashSet};
 
@@ -140,14 +141,27 @@ fn peer(s: &Sock) -> Endpoint {
     }
 }
 
-/// Destroy the sockets of this network namespace named by `stale` (cookie and peer must
-/// both match); the ones destroyed.
-pub fn destroy<S: std::hash::BuildHasher>(
+/// What destroying the stale sockets did.
+#[derive(Debug, Default)]
+pub struct Destroyed {
+    /// Destroyed, in this network namespace or another.
+    pub done: Vec<Translated>,
+    /// Found in no namespace: closed meanwhile (known only when every namespace was read).
+    pub gone: Vec<Translated>,
+    /// Namespaces that could not be read, each with why.
+    pub errors: Vec<String>,
+    /// Namespaces searched besides the node's.
+    pub searched: usize,
+}
+
+/// Destroy, in one namespace's sock_diag socket, the listed sockets `stale` names (cookie
+/// and peer must both match); `found` collects the cookies seen.
+fn destroy_in<S: std::hash::BuildHasher>(
+    diag: &mut SockDiag,
     stale: &HashMap<u64, Translated, S>,
-) -> std::io::Result<Vec<Translated>> {
-    let mut diag = SockDiag::open()?;
-    let mut done = Vec::new();
-    let mut seen = HashSet::new();
+    found: &mut HashSet<u64>,
+    done: &mut Vec<Translated>,
+) -> std::io::Result<()> {
     for family in [2u8, 10] {
         for proto in [IPPROTO_TCP, IPPROTO_UDP] {
             for s in diag.connected(family, proto)? {
@@ -159,13 +173,49 @@ pub fn destroy<S: std::hash::BuildHasher>(
                 if (unmap(addr), port) != t.endpoint {
                     continue;
                 }
-                if seen.insert(s.cookie) && diag.destroy(&s)? {
+                if found.insert(s.cookie) && diag.destroy(&s)? {
                     done.push(*t);
                 }
             }
         }
     }
-    Ok(done)
+    Ok(())
+}
+
+/// Destroy the sockets named by `stale`: first in this network namespace (the node's: host
+/// processes and hostNetwork pods), then, for those not found here, in every other one on
+/// the node (pods'; entering them takes `CAP_SYS_ADMIN`). Socket cookies are unique
+/// node-wide, so a cookie names one socket whichever namespace holds it.
+pub fn destroy<S: std::hash::BuildHasher>(
+    stale: &HashMap<u64, Translated, S>,
+) -> std::io::Result<Destroyed> {
+    let mut out = Destroyed::default();
+    let mut found = HashSet::new();
+    destroy_in(&mut SockDiag::open()?, stale, &mut found, &mut out.done)?;
+    if found.len() < stale.len() {
+        for ns in crate::sockdiag::other_namespaces() {
+            out.searched += 1;
+            let r = SockDiag::open_in(&ns)
+                .and_then(|mut d| destroy_in(&mut d, stale, &mut found, &mut out.done));
+            match r {
+                Ok(()) => {}
+                // A process that exited while we looked.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => out.errors.push(format!("{}: {e}", ns.display())),
+            }
+            if found.len() == stale.len() {
+                break;
+            }
+        }
+    }
+    if out.errors.is_empty() {
+        out.gone = stale
+            .values()
+            .filter(|t| !found.contains(&t.cookie))
+            .copied()
+            .collect();
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
