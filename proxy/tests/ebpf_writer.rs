@@ -276,7 +276,7 @@ fn capacity_overflow_names_the_service_and_keeps_the_rest() {
     assert!(
         r.capacity_errors[0]
             .reason
-            .contains("backend capacity 3 exhausted")
+            .contains("backend capacity 3 exhausted (raise maxBackends)")
     );
     // The last good state stays programmed.
     let v = inspect::view(&w.io.content);

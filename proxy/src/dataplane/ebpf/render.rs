@@ -85,10 +85,18 @@ impl PortRender {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{what} capacity {limit} exhausted")]
+#[error("{what} capacity {limit} exhausted (raise {})", setting(what))]
 pub struct Exhausted {
     pub what: &'static str,
     pub limit: u32,
+}
+
+/// The configuration setting that sizes the map behind `what`.
+fn setting(what: &str) -> &'static str {
+    match what {
+        "backend" | "slot" => "maxBackends",
+        _ => "maxServices",
+    }
 }
 
 /// Ids `1..=limit`, reused after release.
