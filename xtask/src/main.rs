@@ -49,8 +49,8 @@ enum Cmd {
         /// Which kernel: 6.1, 6.12 or all.
         #[arg(long, default_value = "6.1")]
         kernel: String,
-        /// Test binaries (integration test names of `tests/`) to run; default: the backend
-        /// scenario suite.
+        /// Test binaries (integration test names of `tests/`) to run, each `NAME` or
+        /// `NAME:FILTER` (only its tests matching FILTER); default: the backend scenario suite.
         #[arg(long = "test", default_value = "backends_e2e")]
         tests: Vec<String>,
         /// Arguments for each test binary (a name filter, `--skip X`, ...).
@@ -242,7 +242,11 @@ fn main() -> anyhow::Result<()> {
             // Both run, whatever the other's result: CI reports every failure at once.
             let vm = vm::run(
                 "6.1",
-                &["backends_e2e".to_string(), "kube_proxy_cleanup".to_string()],
+                &[
+                    "backends_e2e".to_string(),
+                    "kube_proxy_cleanup".to_string(),
+                    "soak:ipvs".to_string(),
+                ],
                 &[],
             );
             match (host, vm) {

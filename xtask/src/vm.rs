@@ -19,7 +19,8 @@ use crate::{cargo, root};
 /// The longest a whole VM run may take before it is stopped as hung.
 const VM_TIMEOUT: Duration = Duration::from_mins(55);
 
-/// Build the test binaries and return (name, executable) for `wanted`. Release builds:
+/// Build the test binaries and return (name, executable) for `wanted`: each a binary's name,
+/// or `NAME:FILTER` for only its tests matching FILTER, or `all`. Release builds:
 /// under software emulation the daemon's debug build is several times slower.
 fn test_binaries(wanted: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
     crate::run(cargo().args(["build", "--release", "--bins"]))?;
@@ -51,8 +52,12 @@ fn test_binaries(wanted: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
-        if wanted.iter().any(|w| w == name || w == "all") {
-            found.push((name.to_string(), PathBuf::from(exe)));
+        for w in wanted {
+            if w == "all" {
+                found.push((name.to_string(), PathBuf::from(exe)));
+            } else if w.split(':').next() == Some(name) {
+                found.push((w.clone(), PathBuf::from(exe)));
+            }
         }
     }
     for w in wanted.iter().filter(|w| *w != "all") {
@@ -103,10 +108,12 @@ fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> 
     let quoted_args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
     for (name, exe) in binaries {
         let rc = shell_quote(&shared.join(format!("rc-{name}")).to_string_lossy());
+        let filter = name.split_once(':').map(|(_, f)| shell_quote(f));
         guest.push_str(&format!(
-            "echo \"== {name}\" >> {log_q}\n{} --test-threads=1 {} >> {log_q} 2>&1\necho $? > {rc}\n",
+            "echo \"== {name}\" >> {log_q}\n{} --test-threads=1 {} {} >> {log_q} 2>&1\necho $? > {rc}\n",
             shell_quote(&exe.to_string_lossy()),
-            quoted_args.join(" ")
+            quoted_args.join(" "),
+            filter.unwrap_or_default()
         ));
     }
     let guest_path = work.join("guest.sh");

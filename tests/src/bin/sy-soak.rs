@@ -637,7 +637,8 @@ struct Tamper {
     /// Shell commands, run with PIN (the pin directory), NODE (the node namespace) and
     /// CGROUP set.
     script: &'static str,
-    /// When traffic is unaffected: how the repair shows (a path that exists again).
+    /// When traffic is unaffected: how the repair shows (a shell check, with the same
+    /// variables, that succeeds once the damaged state is back).
     restored: Option<&'static str>,
 }
 
@@ -681,7 +682,7 @@ for e in json.load(sys.stdin):
         backend: "ebpf",
         probe: Probe::NodePort,
         script: r"rm $PIN/SY_FRONTENDS4 $PIN/SY_BACKENDS",
-        restored: Some("SY_FRONTENDS4"),
+        restored: Some(r"test -e $PIN/SY_FRONTENDS4 && test -e $PIN/SY_BACKENDS"),
     },
     Tamper {
         what: "DNS listen address deleted",
@@ -701,12 +702,7 @@ for e in json.load(sys.stdin):
         what: "every SY- chain deleted",
         backend: "iptables",
         probe: Probe::NodePort,
-        script: r"set +e
-for t in iptables-legacy iptables-nft; do for tab in nat filter; do
-  ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j SY-' | sed 's/^-A/-D/' | while read -r r; do eval ip netns exec $NODE $t -w -t $tab $r; done
-  for c in $(ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | awk '/^-N SY-/ {print $2}'); do ip netns exec $NODE $t -w -t $tab -F $c; done
-  for c in $(ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | awk '/^-N SY-/ {print $2}'); do ip netns exec $NODE $t -w -t $tab -X $c; done
-done; done; true",
+        script: DELETE_SY_CHAINS,
         restored: None,
     },
     Tamper {
@@ -716,7 +712,46 @@ done; done; true",
         script: r"ip -n $NODE -o addr show | awk '/169\.254\.20\.10\// {print $2}' | while read -r d; do ip -n $NODE addr del 169.254.20.10/32 dev $d; done",
         restored: None,
     },
+    Tamper {
+        what: "IPVS virtual services deleted",
+        backend: "ipvs",
+        probe: Probe::PodClusterIp,
+        script: r"ip netns exec $NODE ipvsadm -C",
+        restored: None,
+    },
+    Tamper {
+        what: "VIPs removed from sy-ipvs0",
+        backend: "ipvs",
+        probe: Probe::PodClusterIp,
+        script: r"ip -n $NODE addr flush dev sy-ipvs0",
+        restored: None,
+    },
+    Tamper {
+        what: "every SY- chain deleted",
+        backend: "ipvs",
+        // IPVS forwards without the companion chains (they masquerade and filter): the
+        // repair shows as the chains being back.
+        probe: Probe::NodePort,
+        script: DELETE_SY_CHAINS,
+        restored: Some(
+            r"for t in iptables-nft iptables-legacy; do ip netns exec $NODE $t -w -t nat -S SY-SERVICES >/dev/null 2>&1 && exit 0; done; exit 1",
+        ),
+    },
 ];
+
+/// Every `SY-` chain and the jumps to it, in both iptables flavours and both tables.
+const DELETE_SY_CHAINS: &str = r"set +e
+for t in iptables-legacy iptables-nft; do for tab in nat filter; do
+  ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j SY-' | sed 's/^-A/-D/' | while read -r r; do eval ip netns exec $NODE $t -w -t $tab $r; done
+  for c in $(ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | awk '/^-N SY-/ {print $2}'); do ip netns exec $NODE $t -w -t $tab -F $c; done
+  for c in $(ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | awk '/^-N SY-/ {print $2}'); do ip netns exec $NODE $t -w -t $tab -X $c; done
+done; done; true";
+
+/// Whether this kernel has IPVS (loading the module if it is one).
+fn kernel_has_ipvs() -> bool {
+    let _ = Command::new("modprobe").args(["-q", "ip_vs"]).status();
+    std::path::Path::new("/proc/net/ip_vs").exists()
+}
 
 /// One row of the tamper table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -727,9 +762,12 @@ struct Repair {
     path: String,
     /// Whether the damage stopped traffic at all.
     broke: bool,
-    /// From the damage to traffic flowing again (or the pin restored), in ms; `None`: not
+    /// From the damage to traffic flowing again (or the state restored), in ms; `None`: not
     /// repaired within the limit.
     repaired_ms: Option<u64>,
+    /// Whether the repair was seen as the state being back (traffic does not need it).
+    #[serde(default)]
+    restored_check: bool,
 }
 
 fn tamper_backend(
@@ -738,7 +776,11 @@ fn tamper_backend(
     limit: Duration,
     only: Option<&str>,
 ) -> anyhow::Result<Vec<Repair>> {
-    let tag = if backend == "ebpf" { "te" } else { "ti" };
+    let tag = match backend {
+        "ebpf" => "te",
+        "ipvs" => "tv",
+        _ => "ti",
+    };
     let mut sb = Sandbox::create(
         &format!("syk{tag}"),
         &[
@@ -774,7 +816,15 @@ fn tamper_backend(
         let mut repaired = None;
         while at.elapsed() < limit {
             let ok = t.probe.ok(&sb);
-            let restored = t.restored.is_none_or(|p| sb.pin_dir.join(p).exists());
+            let restored = t.restored.is_none_or(|check| {
+                Command::new("bash")
+                    .args(["-c", check])
+                    .env("PIN", &sb.pin_dir)
+                    .env("NODE", sb.node_ns())
+                    .env("CGROUP", &sb.cgroup)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
             if !ok {
                 broke = true;
             } else if (broke || t.restored.is_some()) && restored {
@@ -796,6 +846,7 @@ fn tamper_backend(
             path: t.probe.name().into(),
             broke,
             repaired_ms: repaired.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            restored_check: t.restored.is_some(),
         };
         eprintln!("tamper: {row:?}");
         rows.push(row);
@@ -848,6 +899,15 @@ fn tamper_main(args: &[String]) -> anyhow::Result<()> {
     let mut backends = many("--backend");
     if backends.is_empty() {
         backends = vec!["ebpf".into(), "iptables".into()];
+        if kernel_has_ipvs() {
+            backends.push("ipvs".into());
+        } else {
+            eprintln!(
+                "tamper: ipvs NOT RUN on this kernel (no IPVS): `cargo xtask vm-test --test soak -- ipvs` runs it on Debian's 6.1"
+            );
+        }
+    } else if backends.iter().any(|b| b == "ipvs") && !kernel_has_ipvs() {
+        bail!("--backend ipvs: this kernel has no IPVS (CONFIG_IP_VS; /proc/net/ip_vs is missing)");
     }
     let mut periods = many("--sync-period");
     if periods.is_empty() {
