@@ -1,6 +1,10 @@
 //! A protocol-faithful fake Kubernetes API server for Services, EndpointSlices and Nodes:
-//! list and watch with resourceVersions, bookmarks, `410 Gone` for compacted history, and
-//! the ability to drop every open watch stream. Tests drive kube's real client against it.
+//! list and watch with resourceVersions, bookmarks, `410 Gone` for compacted history,
+//! paginated lists (`limit`/`continue`, `410` for an expired continue token), streaming lists
+//! (KEP-3157: a watch with `sendInitialEvents=true` sends the current objects, then a bookmark
+//! marked `k8s.io/initial-events-end`; refused with 422, as by a server without the WatchList
+//! feature, on request), and the ability to drop every open watch stream. Tests drive kube's
+//! real client against it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -70,6 +74,10 @@ struct ApiState {
     compacted_below: u64,
     /// While set, new watch requests are refused with 503 (the "API server is away").
     refuse_watches: bool,
+    /// While set, streaming lists are refused with 422 (a server without WatchList).
+    refuse_streaming_lists: bool,
+    /// The next list with a continue token gets 410 Expired (its snapshot is compacted).
+    expire_next_continue: bool,
     /// Every request path and query, in order.
     requests: Vec<String>,
 }
@@ -91,6 +99,10 @@ struct Params {
     field_selector: Option<String>,
     allow_watch_bookmarks: Option<bool>,
     timeout_seconds: Option<u64>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_: Option<String>,
+    send_initial_events: Option<bool>,
 }
 
 fn meta_str<'a>(o: &'a Value, field: &str) -> &'a str {
@@ -253,16 +265,35 @@ impl FakeApi {
         self.lock().refuse_watches = refuse;
     }
 
+    /// Refuse streaming lists (422), as a server without the WatchList feature does.
+    pub fn refuse_streaming_lists(&self, refuse: bool) {
+        self.lock().refuse_streaming_lists = refuse;
+    }
+
+    /// Answer the next paginated list's continue request with 410 Expired.
+    pub fn expire_next_continue(&self) {
+        self.lock().expire_next_continue = true;
+    }
+
     /// The requests served so far (`path?query`).
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
 
-    /// How many list (not watch) requests were served for `path`.
+    /// How many initial lists were served for `path`: list requests starting a list (not
+    /// continuing one), and streaming lists (watches with `sendInitialEvents=true`).
     pub fn list_count(&self, path: &str) -> usize {
         self.requests()
             .iter()
-            .filter(|r| r.starts_with(path) && !r.contains("watch=true") && !r.contains("watch=1"))
+            .filter(|r| r.starts_with(path))
+            .filter(|r| {
+                let watch = r.contains("watch=true") || r.contains("watch=1");
+                if watch {
+                    r.contains("sendInitialEvents=true")
+                } else {
+                    !r.contains("continue=")
+                }
+            })
             .count()
     }
 
@@ -296,20 +327,66 @@ async fn handle(State(api): State<FakeApi>, uri: Uri, Query(p): Query<Params>) -
 }
 
 fn list_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
-    let st = api.lock();
-    let items: Vec<Value> = st
+    let mut st = api.lock();
+    // A continue token: "RV/NAMESPACE/NAME", the snapshot and the last key served.
+    let (at_rv, after) = match p.continue_.as_deref().filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let mut parts = token.splitn(3, '/');
+            let (Some(rv), Some(ns), Some(name)) = (
+                parts.next().and_then(|r| r.parse::<u64>().ok()),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    axum::Json(status_error(400, "BadRequest", "invalid continue token")),
+                )
+                    .into_response();
+            };
+            if rv < st.compacted_below || std::mem::take(&mut st.expire_next_continue) {
+                return (
+                    StatusCode::GONE,
+                    axum::Json(status_error(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    )),
+                )
+                    .into_response();
+            }
+            (rv, Some((ns.to_string(), name.to_string())))
+        }
+        None => (st.rv, None),
+    };
+    let mut items: Vec<(&(Resource, String, String), &Value)> = st
         .objects
         .iter()
-        .filter(|((r, _, _), o)| {
-            *r == resource && field_selector_matches(p.field_selector.as_deref(), o)
+        .filter(|((r, ns, name), o)| {
+            *r == resource
+                && field_selector_matches(p.field_selector.as_deref(), o)
+                && after
+                    .as_ref()
+                    .is_none_or(|(ans, aname)| (ns, name) > (ans, aname))
         })
-        .map(|(_, o)| o.clone())
         .collect();
+    let mut next = None;
+    if let Some(limit) = p.limit.filter(|l| *l > 0)
+        && items.len() > limit
+    {
+        items.truncate(limit);
+        next = items
+            .last()
+            .map(|((_, ns, name), _)| format!("{at_rv}/{ns}/{name}"));
+    }
+    let mut meta = json!({"resourceVersion": at_rv.to_string()});
+    if let Some(c) = next {
+        meta["continue"] = json!(c);
+    }
     let body = json!({
         "kind": format!("{}List", resource.kind()),
         "apiVersion": resource.api_version(),
-        "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
+        "metadata": meta,
+        "items": items.into_iter().map(|(_, o)| o.clone()).collect::<Vec<_>>(),
     });
     axum::Json(body).into_response()
 }
@@ -326,21 +403,52 @@ fn watch_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
         .as_deref()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let (backlog, compacted, refuse, current) = {
+    let streaming = p.send_initial_events == Some(true);
+    // Subscribed under the state lock (events are broadcast under it): nothing falls between
+    // the backlog or the initial objects and the live events.
+    let (backlog, compacted, refuse, refuse_streaming, current, initial, live) = {
         let st = api.lock();
-        let backlog: Vec<StoredEvent> = st
-            .history
-            .iter()
-            .filter(|e| e.resource == resource && e.rv > from)
-            .cloned()
-            .collect();
+        let backlog: Vec<StoredEvent> = if streaming {
+            Vec::new()
+        } else {
+            st.history
+                .iter()
+                .filter(|e| e.resource == resource && e.rv > from)
+                .cloned()
+                .collect()
+        };
+        let initial: Vec<Value> = if streaming {
+            st.objects
+                .iter()
+                .filter(|((r, _, _), o)| {
+                    *r == resource && field_selector_matches(p.field_selector.as_deref(), o)
+                })
+                .map(|(_, o)| o.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         (
             backlog,
-            from < st.compacted_below && from != 0,
+            !streaming && from < st.compacted_below && from != 0,
             st.refuse_watches,
+            st.refuse_streaming_lists,
             st.rv,
+            initial,
+            api.events.subscribe(),
         )
     };
+    if streaming && refuse_streaming {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(status_error(
+                422,
+                "Invalid",
+                "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+            )),
+        )
+            .into_response();
+    }
     if refuse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -361,7 +469,7 @@ fn watch_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
             let _ = tx.send(Ok(line(&ev))).await;
         });
     } else {
-        let mut live = api.events.subscribe();
+        let mut live = live;
         let mut dropped = api.drop_gen.subscribe();
         let selector = p.field_selector.clone();
         let bookmarks = p.allow_watch_bookmarks.unwrap_or(false);
@@ -370,6 +478,22 @@ fn watch_response(api: &FakeApi, resource: Resource, p: &Params) -> Response {
         let api = api.clone();
         tokio::spawn(async move {
             let mut last = from;
+            if streaming {
+                for o in initial {
+                    let ev = json!({"type": "ADDED", "object": o});
+                    if tx.send(Ok(line(&ev))).await.is_err() {
+                        return;
+                    }
+                }
+                let bm = json!({"type": "BOOKMARK", "object": {
+                    "kind": resource.kind(), "apiVersion": resource.api_version(),
+                    "metadata": {"resourceVersion": current.to_string(),
+                                 "annotations": {"k8s.io/initial-events-end": "true"}}}});
+                if tx.send(Ok(line(&bm))).await.is_err() {
+                    return;
+                }
+                last = current;
+            }
             for e in backlog {
                 if !deliver(&tx, &e, resource, &mut last, selector.as_deref()).await {
                     return;

@@ -331,3 +331,120 @@ async fn absurdly_large_slices_are_refused_and_do_not_starve_the_rest() {
         "{metrics}"
     );
 }
+
+/// 1200 services, so a paginated list takes three pages of kube's 500.
+fn seed_many(api: &FakeApi) {
+    seed(api);
+    for i in 0..1200 {
+        api.apply(
+            Resource::Service,
+            svc(
+                &format!("s{i:04}"),
+                &format!("10.97.{}.{}", i / 250, i % 250 + 1),
+            ),
+        );
+    }
+}
+
+async fn converge_count(store: &Store, services: usize, what: &str) {
+    let start = Instant::now();
+    loop {
+        let got = held(store);
+        if got.initialized && got.services.len() == services {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: {} services held, want {services}",
+            got.services.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Where the server offers streaming lists (KEP-3157), the initial objects come on the
+/// watch: no list request at all, one watch per kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_lists_are_used_where_the_server_offers_them() {
+    let h = start(seed_many).await;
+    converge_count(&h.store, 1202, "streaming list").await;
+    let reqs = h.api.requests();
+    let lists: Vec<&String> = reqs
+        .iter()
+        .filter(|r| !r.contains("watch=true") && !r.contains("watch=1"))
+        .collect();
+    assert!(lists.is_empty(), "no list request expected: {lists:?}");
+    for path in [
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/api/v1/nodes",
+        "/api/v1/pods",
+    ] {
+        let watches: Vec<&String> = reqs.iter().filter(|r| r.starts_with(path)).collect();
+        assert_eq!(watches.len(), 1, "one watch for {path}: {watches:?}");
+        assert!(
+            watches[0].contains("sendInitialEvents=true")
+                && watches[0].contains("allowWatchBookmarks=true"),
+            "{watches:?}"
+        );
+    }
+    // Live events still arrive on the same watch.
+    h.api.apply(Resource::Service, svc("late", "10.96.0.9"));
+    converge_count(&h.store, 1203, "live event after a streaming list").await;
+}
+
+/// A server without streaming lists (422, as without the WatchList feature): the watcher
+/// falls back to paginated lists, 500 per page, and the store is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_streaming_lists_paginated_lists_are_used() {
+    let h = start(|api| {
+        api.refuse_streaming_lists(true);
+        seed_many(api);
+    })
+    .await;
+    converge_count(&h.store, 1202, "paginated list").await;
+    let reqs = h.api.requests();
+    let pages: Vec<&String> = reqs
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/services") && !r.contains("watch="))
+        .collect();
+    assert_eq!(pages.len(), 3, "three pages of 500: {pages:?}");
+    assert!(pages.iter().all(|p| p.contains("limit=500")), "{pages:?}");
+    assert_eq!(
+        pages.iter().filter(|p| p.contains("continue=")).count(),
+        2,
+        "{pages:?}"
+    );
+    assert_eq!(h.api.list_count("/api/v1/services"), 2, "{reqs:?}");
+}
+
+/// A continue token that expires mid-list (410): the list starts again from the first page
+/// and completes; nothing half-listed reaches the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_continue_token_restarts_the_list() {
+    let h = start(|api| {
+        api.refuse_streaming_lists(true);
+        api.expire_next_continue();
+        seed_many(api);
+    })
+    .await;
+    converge_count(&h.store, 1202, "list after an expired continue token").await;
+    let reqs = h.api.requests();
+    let firsts = reqs
+        .iter()
+        .filter(|r| {
+            r.starts_with("/api/v1/services") && !r.contains("watch=") && !r.contains("continue=")
+        })
+        .count();
+    // The refused streaming attempt, then two first pages: the one whose continuation
+    // expired, and the one that completed.
+    assert!(firsts >= 2, "the list must start again: {reqs:?}");
+    assert!(
+        h.store
+            .metrics()
+            .encode()
+            .contains("switchyard_api_watch_errors_total{kind=\"Service\"} 1"),
+        "{}",
+        h.store.metrics().encode()
+    );
+}

@@ -1,6 +1,9 @@
 //! The Kubernetes API source: kube's watcher for Services, EndpointSlices and this node's Node
-//! object, with the default backoff. A (re)list is handed to the store whole at `InitDone`,
-//! so objects deleted while the watch was down disappear; a 410 Gone makes the watcher relist.
+//! object, one watch per kind, with the default backoff. The initial list is a streaming list
+//! (KEP-3157) where the server offers it, else paginated lists; bookmarks are asked for, so a
+//! resumed watch starts from a recent resourceVersion. A (re)list is handed to the store whole
+//! at `InitDone`, so objects deleted while the watch was down disappear; a 410 Gone (an
+//! expired resourceVersion or continue token) makes the watcher relist.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -57,35 +60,68 @@ async fn watch_kind<K>(
         .get_or_create(&crate::metrics::KindLabel {
             kind: kind.as_str().into(),
         });
-    let stream = watcher::watcher(api, cfg).default_backoff();
-    pin_mut!(stream);
-    let mut listing: Vec<(ObjectId, Result<Converted, ModelError>)> = Vec::new();
+    // Streaming lists (KEP-3157: the initial objects come on the watch, from the API
+    // server's watch cache, without a list response held whole in its memory) when the
+    // server offers them; else kube's paginated lists (500 per page).
+    let mut streaming = true;
     loop {
-        let ev = tokio::select! {
-            () = cancel.cancelled() => return,
-            ev = stream.next() => ev,
+        let c = if streaming {
+            cfg.clone().streaming_lists()
+        } else {
+            cfg.clone()
         };
-        let Some(ev) = ev else { return };
-        if ev.is_ok() {
-            store.watch_ok(kind);
-        }
-        match ev {
-            Ok(Event::Init) => listing.clear(),
-            Ok(Event::InitApply(o)) => listing.push((id_of(&o), conv(&o))),
-            Ok(Event::InitDone) => {
-                let n = listing.len();
-                store.replace(kind, std::mem::take(&mut listing));
-                tracing::info!(kind = kind.as_str(), objects = n, "list complete");
+        let stream = watcher::watcher(api.clone(), c).default_backoff();
+        pin_mut!(stream);
+        let mut listing: Vec<(ObjectId, Result<Converted, ModelError>)> = Vec::new();
+        loop {
+            let ev = tokio::select! {
+                () = cancel.cancelled() => return,
+                ev = stream.next() => ev,
+            };
+            let Some(ev) = ev else { return };
+            if ev.is_ok() {
+                store.watch_ok(kind);
             }
-            Ok(Event::Apply(o)) => store.apply(kind, &id_of(&o), conv(&o)),
-            Ok(Event::Delete(o)) => store.delete(kind, &id_of(&o)),
-            Err(e) => {
-                // The backoff retries; a 410 Gone restarts with a fresh list.
-                store.watch_error(kind, &e.to_string());
-                tracing::warn!(kind = kind.as_str(), error = %e, "watch error; retrying with backoff, the last good state stays programmed");
+            match ev {
+                Ok(Event::Init) => listing.clear(),
+                Ok(Event::InitApply(o)) => listing.push((id_of(&o), conv(&o))),
+                Ok(Event::InitDone) => {
+                    let n = listing.len();
+                    store.replace(kind, std::mem::take(&mut listing));
+                    tracing::info!(
+                        kind = kind.as_str(),
+                        objects = n,
+                        streaming,
+                        "list complete"
+                    );
+                }
+                Ok(Event::Apply(o)) => store.apply(kind, &id_of(&o), conv(&o)),
+                Ok(Event::Delete(o)) => store.delete(kind, &id_of(&o)),
+                Err(e) if streaming && streaming_refused(&e) => {
+                    tracing::info!(kind = kind.as_str(), error = %e, "the API server does not serve streaming lists (WatchList): using paginated lists");
+                    streaming = false;
+                    break;
+                }
+                Err(e) => {
+                    // The backoff retries; a 410 Gone restarts with a fresh list.
+                    store.watch_error(kind, &e.to_string());
+                    tracing::warn!(kind = kind.as_str(), error = %e, "watch error; retrying with backoff, the last good state stays programmed");
+                }
             }
         }
     }
+}
+
+/// Whether a watch error says the server refuses streaming lists: a Bad Request or an
+/// Invalid (422) for `sendInitialEvents`/`resourceVersionMatch` on a watch, which is how
+/// servers without the WatchList feature (or older than 1.27) answer.
+fn streaming_refused(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    matches!(code, 400 | 422)
 }
 
 /// Watch all three kinds until cancelled; with `pods`, also this node's pods (for DNS's
