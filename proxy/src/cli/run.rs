@@ -97,6 +97,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (dataplane, reason) = select(args.backend, &ctx)?;
     tracing::info!(backend = dataplane.name(), %reason, "dataplane backend selected");
+    let backend_name = dataplane.name();
+    tracing::info!(
+        backend = backend_name,
+        min_sync_period = ?settings.min_sync_period_for(backend_name),
+        sync_period = ?settings.sync_period,
+        "sync timing"
+    );
     if let Some(w) = settings
         .kube_proxy
         .as_ref()
@@ -255,7 +262,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::clone(&store),
         dataplane,
         SyncTiming {
-            min_sync_period: settings.min_sync_period,
+            min_sync_period: settings.min_sync_period_for(backend_name),
             sync_period: settings.sync_period,
             retry: std::time::Duration::from_secs(1),
         },

@@ -27,6 +27,7 @@ pub struct Config {
     pub cluster_cidr: String,
     pub node_port_addresses: Vec<String>,
     pub sync_period: String,
+    /// Empty: the backend's default (eBPF none, iptables and IPVS kube-proxy's 1 s).
     pub min_sync_period: String,
     pub masquerade_all: bool,
     pub masquerade_bit: i32,
@@ -133,7 +134,7 @@ impl Default for Config {
             cluster_cidr: String::new(),
             node_port_addresses: Vec::new(),
             sync_period: "30s".into(),
-            min_sync_period: "1s".into(),
+            min_sync_period: String::new(),
             masquerade_all: false,
             masquerade_bit: 14,
             healthz_bind_address: "0.0.0.0:10256".into(),
@@ -257,13 +258,28 @@ impl Default for DnsConfig {
     }
 }
 
+impl Settings {
+    /// The debounce between syncs for `backend`: the configured `minSyncPeriod`, else
+    /// kube-proxy's 1 s for the rule-writing backends (a full iptables-restore costs
+    /// seconds at scale) and none for eBPF, whose syncs write only the changed map entries:
+    /// a change goes in at once, and changes arriving while a sync runs go in the next.
+    pub fn min_sync_period_for(&self, backend: &str) -> Duration {
+        self.min_sync_period.unwrap_or(if backend == "ebpf" {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1).min(self.sync_period)
+        })
+    }
+}
+
 /// The validated form the daemon uses: every value parsed once into its type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub cluster_cidrs: Vec<IpNet>,
     pub node_port_addresses: NodePortAddresses,
     pub sync_period: Duration,
-    pub min_sync_period: Duration,
+    /// `None`: the backend's default (`Settings::min_sync_period_for`).
+    pub min_sync_period: Option<Duration>,
     pub masquerade_all: bool,
     pub masquerade_bit: u8,
     pub healthz_bind_address: Option<SocketAddr>,
@@ -572,12 +588,14 @@ impl Config {
             .map_err(|r| invalid("nodePortAddresses", r))?;
         let sync_period =
             parse_duration(&self.sync_period).map_err(|r| invalid("syncPeriod", r))?;
-        let min_sync_period =
-            parse_duration(&self.min_sync_period).map_err(|r| invalid("minSyncPeriod", r))?;
+        let min_sync_period = (!self.min_sync_period.trim().is_empty())
+            .then(|| parse_duration(&self.min_sync_period))
+            .transpose()
+            .map_err(|r| invalid("minSyncPeriod", r))?;
         if sync_period.is_zero() {
             return Err(invalid("syncPeriod", "must be greater than 0"));
         }
-        if min_sync_period > sync_period {
+        if min_sync_period.is_some_and(|m| m > sync_period) {
             return Err(invalid(
                 "minSyncPeriod",
                 format!(
@@ -781,7 +799,16 @@ mod tests {
         let s = c.validate().unwrap();
         assert_eq!(s.cluster_cidrs.len(), 2);
         assert!(s.node_port_addresses.primary);
-        assert_eq!(s.min_sync_period, Duration::from_millis(500));
+        assert_eq!(s.min_sync_period, Some(Duration::from_millis(500)));
+        assert_eq!(
+            s.min_sync_period_for("iptables"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(s.min_sync_period_for("ebpf"), Duration::from_millis(500));
+        let d = Config::default().validate().unwrap();
+        assert_eq!(d.min_sync_period_for("ebpf"), Duration::ZERO);
+        assert_eq!(d.min_sync_period_for("iptables"), Duration::from_secs(1));
+        assert_eq!(d.min_sync_period_for("ipvs"), Duration::from_secs(1));
         assert_eq!(s.dns.listen[0].port(), 53);
     }
 
