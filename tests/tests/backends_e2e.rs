@@ -1357,7 +1357,7 @@ fn connected_udp_client_moves(b: &Backend, scenario: u8, pod: Option<&str>, sys_
         while !c
             .sb
             .daemon_log()
-            .contains("destroyed sockets connected to removed endpoints")
+            .contains("sockets connected to removed endpoints; their applications reconnect")
         {
             assert!(
                 logged.elapsed() < Duration::from_secs(5),
@@ -1369,7 +1369,9 @@ fn connected_udp_client_moves(b: &Backend, scenario: u8, pod: Option<&str>, sys_
         let log = c.sb.daemon_log();
         let line = log
             .lines()
-            .find(|l| l.contains("destroyed sockets connected to removed endpoints"))
+            .find(|l| {
+                l.contains("sockets connected to removed endpoints; their applications reconnect")
+            })
             .unwrap_or_default();
         eprintln!("{line}");
     }

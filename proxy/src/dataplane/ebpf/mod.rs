@@ -17,7 +17,7 @@ pub mod socks;
 pub mod stats;
 pub mod writer;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -68,6 +68,9 @@ pub struct EbpfDataplane {
     /// The pinned maps (file name under `pin_dir`, kernel id), to put back a pin someone
     /// removed: without it a restart would start from empty maps and break every flow.
     map_pins: Vec<(String, u32)>,
+    /// The search of pods' network namespaces for stale sockets, when one runs: it takes a
+    /// few milliseconds per namespace, so it runs beside the sync loop, not in it.
+    pod_sockets: Option<std::thread::JoinHandle<socks::Destroyed>>,
 }
 
 impl std::fmt::Debug for EbpfDataplane {
@@ -205,6 +208,7 @@ impl EbpfDataplane {
             metrics,
             counters,
             map_pins,
+            pod_sockets: None,
         };
         dp.attach_cgroup()?;
         dp.load_tc()?;
@@ -253,6 +257,7 @@ impl EbpfDataplane {
     /// `socks`). A failure is logged and counted, never fails the sync: the maps are right,
     /// and the next sync tries again.
     fn destroy_stale_sockets(&mut self, endpoints: &ct::LiveEndpoints) {
+        self.collect_pod_search();
         let translated = match socks::translated(&mut self.ebpf) {
             Ok(t) => t,
             Err(e) => {
@@ -274,28 +279,72 @@ impl EbpfDataplane {
         if stale.is_empty() {
             return;
         }
-        let began = std::time::Instant::now();
-        match socks::destroy(&stale) {
-            Ok(d) => {
-                if !d.done.is_empty() {
+        match socks::destroy_here(&stale) {
+            Ok((done, found)) => {
+                if !done.is_empty() {
                     tracing::info!(
-                        sockets = d.done.len(),
-                        other_namespaces = d.searched,
-                        took_ms = began.elapsed().as_millis(),
-                        "destroyed sockets connected to removed endpoints; their applications reconnect"
+                        sockets = done.len(),
+                        "destroyed node sockets connected to removed endpoints; their applications reconnect"
                     );
-                    self.metrics.sockets_destroyed.inc_by(d.done.len() as u64);
+                    self.metrics.sockets_destroyed.inc_by(done.len() as u64);
+                    socks::forget(&mut self.ebpf, &done);
                 }
-                for e in &d.errors {
-                    self.metrics.socket_destroy_errors.inc();
-                    tracing::warn!(netns = %e, "cannot destroy sockets connected to removed endpoints in this network namespace (entering one takes CAP_SYS_ADMIN and the host's /run/netns); its sockets keep their endpoint until the application reconnects");
+                let rest: HashMap<u64, socks::Translated> = stale
+                    .into_iter()
+                    .filter(|(c, _)| !found.contains(c))
+                    .collect();
+                if !rest.is_empty() && self.pod_sockets.is_none() {
+                    self.search_pods(rest);
                 }
-                socks::forget(&mut self.ebpf, &[d.done, d.gone].concat());
             }
             Err(e) => {
                 self.metrics.socket_destroy_errors.inc();
                 tracing::warn!(error = %e, "destroying sockets connected to removed endpoints (kernel without CONFIG_INET_DIAG_DESTROY?); they keep their endpoint until the application reconnects");
             }
+        }
+    }
+
+    /// Look for the remaining stale sockets in the pods' network namespaces, on a thread of
+    /// its own; a later sync forgets what it destroyed or found closed.
+    fn search_pods(&mut self, rest: HashMap<u64, socks::Translated>) {
+        let metrics = Arc::clone(&self.metrics);
+        let spawned = std::thread::Builder::new()
+            .name("sy-pod-sockets".into())
+            .spawn(move || {
+                let began = std::time::Instant::now();
+                let d = socks::destroy_elsewhere(&rest);
+                if !d.done.is_empty() {
+                    tracing::info!(
+                        sockets = d.done.len(),
+                        namespaces = d.searched,
+                        took_ms = began.elapsed().as_millis(),
+                        "destroyed pods' sockets connected to removed endpoints; their applications reconnect"
+                    );
+                    metrics.sockets_destroyed.inc_by(d.done.len() as u64);
+                }
+                for e in &d.errors {
+                    metrics.socket_destroy_errors.inc();
+                    tracing::warn!(netns = %e, "cannot destroy sockets connected to removed endpoints in this network namespace (entering one takes CAP_SYS_ADMIN and the host's /run/netns); its sockets keep their endpoint until the application reconnects");
+                }
+                d
+            });
+        match spawned {
+            Ok(h) => self.pod_sockets = Some(h),
+            Err(e) => {
+                self.metrics.socket_destroy_errors.inc();
+                tracing::warn!(error = %e, "cannot start the search of pods' namespaces for stale sockets");
+            }
+        }
+    }
+
+    /// Forget the reverse translations of what a finished pod search destroyed or found
+    /// closed.
+    fn collect_pod_search(&mut self) {
+        if !self.pod_sockets.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+            return;
+        }
+        if let Some(Ok(d)) = self.pod_sockets.take().map(std::thread::JoinHandle::join) {
+            socks::forget(&mut self.ebpf, &[d.done, d.gone].concat());
         }
     }
 

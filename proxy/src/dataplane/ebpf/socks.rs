@@ -144,7 +144,7 @@ fn peer(s: &Sock) -> Endpoint {
 /// What destroying the stale sockets did.
 #[derive(Debug, Default)]
 pub struct Destroyed {
-    /// Destroyed, in this network namespace or another.
+    /// Destroyed.
     pub done: Vec<Translated>,
     /// Found in no namespace: closed meanwhile (known only when every namespace was read).
     pub gone: Vec<Translated>,
@@ -182,30 +182,37 @@ fn destroy_in<S: std::hash::BuildHasher>(
     Ok(())
 }
 
-/// Destroy the sockets named by `stale`: first in this network namespace (the node's: host
-/// processes and hostNetwork pods), then, for those not found here, in every other one on
-/// the node (pods'; entering them takes `CAP_SYS_ADMIN`). Socket cookies are unique
-/// node-wide, so a cookie names one socket whichever namespace holds it.
-pub fn destroy<S: std::hash::BuildHasher>(
+/// Destroy the sockets named by `stale` in this network namespace (the node's: host
+/// processes and hostNetwork pods): those destroyed, and every cookie found here.
+pub fn destroy_here<S: std::hash::BuildHasher>(
     stale: &HashMap<u64, Translated, S>,
-) -> std::io::Result<Destroyed> {
+) -> std::io::Result<(Vec<Translated>, HashSet<u64>)> {
+    let mut found = HashSet::new();
+    let mut done = Vec::new();
+    destroy_in(&mut SockDiag::open()?, stale, &mut found, &mut done)?;
+    Ok((done, found))
+}
+
+/// Destroy the sockets named by `stale` in every other network namespace on the node
+/// (pods'; entering them takes `CAP_SYS_ADMIN`). Socket cookies are unique node-wide, so a
+/// cookie names one socket whichever namespace holds it.
+pub fn destroy_elsewhere<S: std::hash::BuildHasher>(
+    stale: &HashMap<u64, Translated, S>,
+) -> Destroyed {
     let mut out = Destroyed::default();
     let mut found = HashSet::new();
-    destroy_in(&mut SockDiag::open()?, stale, &mut found, &mut out.done)?;
-    if found.len() < stale.len() {
-        for ns in crate::sockdiag::other_namespaces() {
-            out.searched += 1;
-            let r = SockDiag::open_in(&ns)
-                .and_then(|mut d| destroy_in(&mut d, stale, &mut found, &mut out.done));
-            match r {
-                Ok(()) => {}
-                // A process that exited while we looked.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => out.errors.push(format!("{}: {e}", ns.display())),
-            }
-            if found.len() == stale.len() {
-                break;
-            }
+    for ns in crate::sockdiag::other_namespaces() {
+        if found.len() == stale.len() {
+            break;
+        }
+        out.searched += 1;
+        let r = SockDiag::open_in(&ns)
+            .and_then(|mut d| destroy_in(&mut d, stale, &mut found, &mut out.done));
+        match r {
+            Ok(()) => {}
+            // A process that exited, or a namespace deleted, while we looked.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => out.errors.push(format!("{}: {e}", ns.display())),
         }
     }
     if out.errors.is_empty() {
@@ -215,7 +222,7 @@ pub fn destroy<S: std::hash::BuildHasher>(
             .copied()
             .collect();
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
