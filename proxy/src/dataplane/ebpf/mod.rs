@@ -340,7 +340,11 @@ impl EbpfDataplane {
     /// Forget the reverse translations of what a finished pod search destroyed or found
     /// closed.
     fn collect_pod_search(&mut self) {
-        if !self.pod_sockets.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+        if !self
+            .pod_sockets
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
             return;
         }
         if let Some(Ok(d)) = self.pod_sockets.take().map(std::thread::JoinHandle::join) {
