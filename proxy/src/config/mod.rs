@@ -352,7 +352,13 @@ pub enum ValueError {
     NotANumber { value: String },
     #[error("{value:?}: unknown unit {unit:?}")]
     UnknownUnit { value: String, unit: String },
+    #[error("{value:?}: too long (at most {} h, as Go's durations)", MAX_DURATION.as_secs() / 3600)]
+    TooLong { value: String },
 }
+
+/// Go's `time.Duration` limit (an int64 of nanoseconds, about 292 years), which kube-proxy's
+/// durations share.
+const MAX_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
 
 /// Merge `top` into `base`: nested mappings merge, anything else replaces.
 fn overlay(
@@ -455,7 +461,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
                 });
             }
         };
-        total += Duration::from_secs_f64(secs);
+        total = Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| ValueError::TooLong { value: value() })?;
     }
     Ok(total)
 }
@@ -915,5 +925,21 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_duration_beyond_gos_range_is_an_error_not_a_panic() {
+        // Found by the config fuzz target (fuzz/regressions/config).
+        let long = format!("{}s", "1".repeat(100));
+        assert_eq!(
+            parse_duration(&long).unwrap_err().to_string(),
+            format!("{long:?}: too long (at most 2562047 h, as Go's durations)")
+        );
+        assert!(parse_duration("2562047h").is_ok());
+        assert!(parse_duration("2562048h").is_err());
+        assert!(parse_duration("2562047h2562047h").is_err());
+        let cfg = format!("minSyncPeriod: {long}\n");
+        let err = Config::parse(&cfg).and_then(Config::validate).unwrap_err();
+        assert!(err.to_string().contains("minSyncPeriod"), "{err}");
     }
 }
