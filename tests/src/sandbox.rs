@@ -68,6 +68,12 @@ pub fn daemonset_capabilities() -> String {
         .join(",")
 }
 
+/// Whether this kernel has IPVS (loading the module where it is one).
+pub fn kernel_has_ipvs() -> bool {
+    let _ = Command::new("modprobe").args(["-q", "ip_vs"]).status();
+    Path::new("/proc/net/ip_vs").exists()
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),

@@ -2382,19 +2382,11 @@ suite! {
     ipvs => IPVS,
 }
 
-/// Whether this kernel has IPVS (loading the module where it can).
-fn kernel_has_ipvs() -> bool {
-    let _ = std::process::Command::new("modprobe")
-        .args(["-q", "ip_vs"])
-        .status();
-    std::path::Path::new("/proc/net/ip_vs").exists()
-}
-
 /// Whether `b` can run on this kernel. IPVS is missing from this machine's own kernel: its
 /// scenarios run in `cargo xtask vm-test` (Debian's kernels, which CI runs too) and say so
 /// here; inside that VM a missing IPVS fails.
 fn runnable(b: &Backend) -> bool {
-    if b.name != "ipvs" || kernel_has_ipvs() {
+    if b.name != "ipvs" || switchyard_tests::sandbox::kernel_has_ipvs() {
         return true;
     }
     assert!(
@@ -2536,7 +2528,7 @@ fn reserved_ports(sb: &Sandbox) -> String {
 #[test]
 fn ipvs_without_kernel_support_refuses_and_says_why() {
     require_root();
-    if kernel_has_ipvs() {
+    if switchyard_tests::sandbox::kernel_has_ipvs() {
         eprintln!("this kernel has IPVS: the ipvs scenarios run instead");
         return;
     }

@@ -200,8 +200,7 @@ fn iptables_damage_to_chains_and_the_dns_address_is_repaired() {
 /// `sy-ipvs0`, the companion `SY-` chains deleted.
 #[test]
 fn ipvs_damage_to_virtual_services_vips_and_chains_is_repaired() {
-    let _ = Command::new("modprobe").args(["-q", "ip_vs"]).status();
-    if !std::path::Path::new("/proc/net/ip_vs").exists() {
+    if !switchyard_tests::sandbox::kernel_has_ipvs() {
         assert!(
             std::env::var_os("SY_VM_KERNEL").is_none(),
             "IPVS is missing from the VM's kernel"

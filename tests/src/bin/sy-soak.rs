@@ -747,12 +747,6 @@ for t in iptables-legacy iptables-nft; do for tab in nat filter; do
   for c in $(ip netns exec $NODE $t -w -t $tab -S 2>/dev/null | awk '/^-N SY-/ {print $2}'); do ip netns exec $NODE $t -w -t $tab -X $c; done
 done; done; true";
 
-/// Whether this kernel has IPVS (loading the module if it is one).
-fn kernel_has_ipvs() -> bool {
-    let _ = Command::new("modprobe").args(["-q", "ip_vs"]).status();
-    std::path::Path::new("/proc/net/ip_vs").exists()
-}
-
 /// One row of the tamper table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Repair {
@@ -899,14 +893,15 @@ fn tamper_main(args: &[String]) -> anyhow::Result<()> {
     let mut backends = many("--backend");
     if backends.is_empty() {
         backends = vec!["ebpf".into(), "iptables".into()];
-        if kernel_has_ipvs() {
+        if switchyard_tests::sandbox::kernel_has_ipvs() {
             backends.push("ipvs".into());
         } else {
             eprintln!(
                 "tamper: ipvs NOT RUN on this kernel (no IPVS): `cargo xtask vm-test --test soak -- ipvs` runs it on Debian's 6.1"
             );
         }
-    } else if backends.iter().any(|b| b == "ipvs") && !kernel_has_ipvs() {
+    } else if backends.iter().any(|b| b == "ipvs") && !switchyard_tests::sandbox::kernel_has_ipvs()
+    {
         bail!("--backend ipvs: this kernel has no IPVS (CONFIG_IP_VS; /proc/net/ip_vs is missing)");
     }
     let mut periods = many("--sync-period");

@@ -106,25 +106,24 @@ pub fn translated(ebpf: &mut aya::Ebpf) -> Result<Vec<Translated>, aya::maps::Ma
 pub fn forget(ebpf: &mut aya::Ebpf, gone: &[Translated]) {
     use switchyard_ebpf_common::maps as m;
     let cookies: HashSet<u64> = gone.iter().map(|t| t.cookie).collect();
-    if let Some(map) = ebpf.map_mut(m::SOCK_REVNAT4)
-        && let Ok(mut map) = aya::maps::HashMap::<_, SockRev4Key, SockRev4Value>::try_from(map)
+    forget_in::<SockRev4Key, SockRev4Value>(ebpf, m::SOCK_REVNAT4, &cookies, |k| k.cookie);
+    forget_in::<SockRev6Key, SockRev6Value>(ebpf, m::SOCK_REVNAT6, &cookies, |k| k.cookie);
+}
+
+/// Remove the entries of one reverse-translation map whose key has one of `cookies`.
+fn forget_in<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    cookies: &HashSet<u64>,
+    cookie: fn(&K) -> u64,
+) {
+    if let Some(map) = ebpf.map_mut(name)
+        && let Ok(mut map) = aya::maps::HashMap::<_, K, V>::try_from(map)
     {
-        let keys: Vec<SockRev4Key> = map
+        let keys: Vec<K> = map
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| cookies.contains(&k.cookie))
-            .collect();
-        for k in keys {
-            let _ = map.remove(&k);
-        }
-    }
-    if let Some(map) = ebpf.map_mut(m::SOCK_REVNAT6)
-        && let Ok(mut map) = aya::maps::HashMap::<_, SockRev6Key, SockRev6Value>::try_from(map)
-    {
-        let keys: Vec<SockRev6Key> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| cookies.contains(&k.cookie))
+            .filter(|k| cookies.contains(&cookie(k)))
             .collect();
         for k in keys {
             let _ = map.remove(&k);
