@@ -117,8 +117,12 @@ impl SyncLoop {
         loop {
             if pending || need_full {
                 // Debounce: at most one sync per minSyncPeriod; events in between coalesce.
-                if let Some(t) = last_sync {
-                    let earliest = t + self.timing.min_sync_period;
+                // (Only when that is still ahead: a timer rounds up to the next millisecond
+                // tick, which would add up to a millisecond to every change at minSyncPeriod 0.)
+                if let Some(earliest) = last_sync
+                    .map(|t| t + self.timing.min_sync_period)
+                    .filter(|e| *e > Instant::now())
+                {
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = sleep_until(earliest.into()) => {}
