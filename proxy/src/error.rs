@@ -143,6 +143,13 @@ pub enum DataplaneError {
         ebpf: Box<DataplaneError>,
         iptables: Box<DataplaneError>,
     },
+    #[error("backend {backend}: starting the {what} thread")]
+    Thread {
+        backend: &'static str,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("backend {backend}: {action} {}", path.display())]
     Filesystem {
         backend: &'static str,

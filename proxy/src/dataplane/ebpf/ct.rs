@@ -44,23 +44,36 @@ pub fn live_endpoints<'a>(
 ) -> LiveEndpoints {
     let mut out: HashMap<u32, HashSet<Endpoint>> = HashMap::new();
     for (k, p) in ports {
-        let eps = out.entry(p.service_id).or_default();
-        if k.protocol == Protocol::Udp {
-            for s in &p.sets {
-                for (_, b) in &s.backends {
-                    let addr = if b.family == 4 {
-                        [b.addr[0], 0, 0, 0]
-                    } else {
-                        b.addr
-                    };
-                    eps.insert((addr, b.port));
-                }
-            }
-        } else if let Some(sp) = state.ports.get(k) {
-            eps.extend(sp.listed_endpoints.iter().map(|&(a, p)| endpoint(a, p)));
-        }
+        out.entry(p.service_id)
+            .or_default()
+            .extend(port_live(k, p, state));
     }
     LiveEndpoints(out)
+}
+
+/// The endpoints one service port's flows may still use (see `LiveEndpoints`).
+pub fn port_live(k: &ServicePortKey, p: &PortRender, state: &DesiredState) -> Vec<Endpoint> {
+    if k.protocol == Protocol::Udp {
+        p.sets
+            .iter()
+            .flat_map(|s| &s.backends)
+            .map(|(_, b)| {
+                let addr = if b.family == 4 {
+                    [b.addr[0], 0, 0, 0]
+                } else {
+                    b.addr
+                };
+                (addr, b.port)
+            })
+            .collect()
+    } else {
+        state.ports.get(k).map_or_else(Vec::new, |sp| {
+            sp.listed_endpoints
+                .iter()
+                .map(|&(a, p)| endpoint(a, p))
+                .collect()
+        })
+    }
 }
 
 /// Whether a ChangeSet can leave flows without their endpoint: a UDP service port touched,
@@ -270,7 +283,7 @@ pub fn sweep<V: Flow>(
 
 /// Delete the stale flows of the kernel flow map `name`; how many.
 pub fn sweep_map<V>(
-    ebpf: &mut aya::Ebpf,
+    ebpf: &mut impl super::io::MapSource,
     name: &'static str,
     endpoints: &LiveEndpoints,
 ) -> Result<u64, FlowError>

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use switchyard_ebpf_common::maps as m_name;
+
 use switchyard_ebpf_common::{
     BackendValue, Cidr4, Cidr6, Config, Config6, Frontend4Key, Frontend6Key, FrontendValue,
     SetValue, SlotKey, SourceRange4, SourceRange6,
@@ -302,6 +304,92 @@ impl AyaMaps {
             local6: pinned(dir, m::LOCAL_CIDRS6, Map::LpmTrie)?,
             ranges6: pinned(dir, m::SOURCE_RANGES6, Map::LpmTrie)?,
         })
+    }
+}
+
+impl AyaMaps {
+    /// The backends a frontend's set points at now, by point lookups (no map walk: cheap at
+    /// any map size). `None` when the frontend or its set is absent.
+    pub fn backends_of4(&self, key: &Frontend4Key) -> Result<Option<Vec<BackendValue>>, MapError> {
+        fn absent<T>(r: Result<T, aya::maps::MapError>) -> Result<Option<T>, aya::maps::MapError> {
+            match r {
+                Ok(v) => Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        let Some(fe) = absent(self.fe4.get(key, 0)).map_err(err(m_name::FRONTENDS4, "get"))? else {
+            return Ok(None);
+        };
+        let Some(set) = absent(self.sets.get(&fe.set_id, 0)).map_err(err(m_name::SETS, "get"))?
+        else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for slot in set.slot_base..set.slot_base.saturating_add(set.count) {
+            let k = SlotKey {
+                set_id: fe.set_id,
+                slot,
+            };
+            let Some(id) = absent(self.slots.get(&k, 0)).map_err(err(m_name::SLOTS, "get"))? else {
+                continue;
+            };
+            if let Some(b) =
+                absent(self.backends.get(&id, 0)).map_err(err(m_name::BACKENDS, "get"))?
+            {
+                out.push(b);
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Where the flow and socket maps are taken from: the loaded object, or pins opened by
+/// another thread (the janitor's own handles).
+pub trait MapSource {
+    fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map>;
+}
+
+impl MapSource for aya::Ebpf {
+    fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
+        aya::Ebpf::map_mut(self, name)
+    }
+}
+
+/// Maps opened from their pins under one directory; a map without a pin is absent.
+#[derive(Debug)]
+pub struct PinnedMaps(std::collections::HashMap<&'static str, aya::maps::Map>);
+
+impl PinnedMaps {
+    pub fn open(dir: &std::path::Path, names: &[&'static str]) -> Result<PinnedMaps, MapError> {
+        let mut maps = std::collections::HashMap::new();
+        for &name in names {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let data = aya::maps::MapData::from_pin(&path).map_err(err(name, "open pin"))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(err(name, "open pin"))?;
+            maps.insert(name, map);
+        }
+        Ok(PinnedMaps(maps))
+    }
+}
+
+impl PinnedMaps {
+    /// The names asked for that had no pin.
+    pub fn missing<'a>(&self, names: &[&'a str]) -> Vec<&'a str> {
+        names
+            .iter()
+            .filter(|n| !self.0.contains_key(*n))
+            .copied()
+            .collect()
+    }
+}
+
+impl MapSource for PinnedMaps {
+    fn map_mut(&mut self, name: &str) -> Option<&mut aya::maps::Map> {
+        self.0.get_mut(name)
     }
 }
 

@@ -10,6 +10,7 @@ pub mod ct;
 pub mod host;
 pub mod inspect;
 pub mod io;
+pub mod janitor;
 pub mod maglev;
 pub mod ports;
 pub mod render;
@@ -17,12 +18,11 @@ pub mod socks;
 pub mod stats;
 pub mod writer;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use switchyard_ebpf_common::maps as m;
-use switchyard_ebpf_common::{Ct4Value, Ct6Value};
 use switchyard_model::{ChangeSet, DesiredState};
 
 pub use self::attach::glob;
@@ -68,9 +68,8 @@ pub struct EbpfDataplane {
     /// The pinned maps (file name under `pin_dir`, kernel id), to put back a pin someone
     /// removed: without it a restart would start from empty maps and break every flow.
     map_pins: Vec<(String, u32)>,
-    /// The search of pods' network namespaces for stale sockets, when one runs: it takes a
-    /// few milliseconds per namespace, so it runs beside the sync loop, not in it.
-    pod_sockets: Option<std::thread::JoinHandle<socks::Destroyed>>,
+    /// Clears flows and sockets stranded on removed endpoints, beside the sync loop.
+    janitor: janitor::Janitor,
 }
 
 impl std::fmt::Debug for EbpfDataplane {
@@ -199,6 +198,13 @@ impl EbpfDataplane {
             })
             .set(1);
         let map_pins = pinned_maps(&cfg.pin_dir);
+        let janitor = janitor::Janitor::start(&cfg.pin_dir, Arc::clone(&metrics)).map_err(|e| {
+            DataplaneError::Thread {
+                backend: "ebpf",
+                what: "stale-flow janitor",
+                source: e,
+            }
+        })?;
         let mut dp = EbpfDataplane {
             ebpf,
             writer,
@@ -208,7 +214,7 @@ impl EbpfDataplane {
             metrics,
             counters,
             map_pins,
-            pod_sockets: None,
+            janitor,
         };
         dp.attach_cgroup()?;
         dp.load_tc()?;
@@ -228,128 +234,6 @@ impl EbpfDataplane {
             }
         }
         Ok(dp)
-    }
-
-    /// Delete the tc path's flows whose endpoint is gone (see `ct`), in both families'
-    /// flow maps. A failure fails the sync, so it is retried (the service maps are right
-    /// meanwhile).
-    fn clear_stale_flows(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
-        let endpoints = ct::live_endpoints(self.writer.ports(), state);
-        let started = std::time::Instant::now();
-        let v4 = ct::sweep_map::<Ct4Value>(&mut self.ebpf, m::CT4, &endpoints)?;
-        let v6 = ct::sweep_map::<Ct6Value>(&mut self.ebpf, m::CT6, &endpoints)?;
-        self.metrics
-            .conntrack_duration
-            .observe(started.elapsed().as_secs_f64());
-        if v4 + v6 > 0 {
-            tracing::info!(
-                flows = v4 + v6,
-                "deleted flows to removed endpoints from the tc flow maps"
-            );
-            self.metrics.conntrack_deleted(false, v4);
-            self.metrics.conntrack_deleted(true, v6);
-        }
-        self.destroy_stale_sockets(&endpoints);
-        Ok(())
-    }
-
-    /// Destroy the node's sockets the socket LB translated to an endpoint that is gone (see
-    /// `socks`). A failure is logged and counted, never fails the sync: the maps are right,
-    /// and the next sync tries again.
-    fn destroy_stale_sockets(&mut self, endpoints: &ct::LiveEndpoints) {
-        self.collect_pod_search();
-        let translated = match socks::translated(&mut self.ebpf) {
-            Ok(t) => t,
-            Err(e) => {
-                self.metrics.socket_destroy_errors.inc();
-                tracing::warn!(error = %e, "reading the socket LB's translations");
-                return;
-            }
-        };
-        let fronts = socks::frontends(self.writer.ports());
-        // Sockets of the cluster DNS Service redirected to the node-local resolver.
-        let local: Vec<ct::Endpoint> = io::open_dns_redirect(&self.cfg.pin_dir)
-            .ok()
-            .and_then(|m| m.get(&0, 0).ok())
-            .filter(|r| r.addr4 != 0)
-            .map(|r| ([r.addr4, 0, 0, 0], r.port))
-            .into_iter()
-            .collect();
-        let stale = socks::stale(translated, &fronts, endpoints, &local);
-        if stale.is_empty() {
-            return;
-        }
-        match socks::destroy_here(&stale) {
-            Ok((done, found)) => {
-                if !done.is_empty() {
-                    tracing::info!(
-                        sockets = done.len(),
-                        "destroyed node sockets connected to removed endpoints; their applications reconnect"
-                    );
-                    self.metrics.sockets_destroyed.inc_by(done.len() as u64);
-                    socks::forget(&mut self.ebpf, &done);
-                }
-                let rest: HashMap<u64, socks::Translated> = stale
-                    .into_iter()
-                    .filter(|(c, _)| !found.contains(c))
-                    .collect();
-                if !rest.is_empty() && self.pod_sockets.is_none() {
-                    self.search_pods(rest);
-                }
-            }
-            Err(e) => {
-                self.metrics.socket_destroy_errors.inc();
-                tracing::warn!(error = %e, "destroying sockets connected to removed endpoints (kernel without CONFIG_INET_DIAG_DESTROY?); they keep their endpoint until the application reconnects");
-            }
-        }
-    }
-
-    /// Look for the remaining stale sockets in the pods' network namespaces, on a thread of
-    /// its own; a later sync forgets what it destroyed or found closed.
-    fn search_pods(&mut self, rest: HashMap<u64, socks::Translated>) {
-        let metrics = Arc::clone(&self.metrics);
-        let spawned = std::thread::Builder::new()
-            .name("sy-pod-sockets".into())
-            .spawn(move || {
-                let began = std::time::Instant::now();
-                let d = socks::destroy_elsewhere(&rest);
-                if !d.done.is_empty() {
-                    tracing::info!(
-                        sockets = d.done.len(),
-                        namespaces = d.searched,
-                        took_ms = began.elapsed().as_millis(),
-                        "destroyed pods' sockets connected to removed endpoints; their applications reconnect"
-                    );
-                    metrics.sockets_destroyed.inc_by(d.done.len() as u64);
-                }
-                for e in &d.errors {
-                    metrics.socket_destroy_errors.inc();
-                    tracing::warn!(netns = %e, "cannot destroy sockets connected to removed endpoints in this network namespace (entering one takes CAP_SYS_ADMIN and the host's /run/netns); its sockets keep their endpoint until the application reconnects");
-                }
-                d
-            });
-        match spawned {
-            Ok(h) => self.pod_sockets = Some(h),
-            Err(e) => {
-                self.metrics.socket_destroy_errors.inc();
-                tracing::warn!(error = %e, "cannot start the search of pods' namespaces for stale sockets");
-            }
-        }
-    }
-
-    /// Forget the reverse translations of what a finished pod search destroyed or found
-    /// closed.
-    fn collect_pod_search(&mut self) {
-        if !self
-            .pod_sockets
-            .as_ref()
-            .is_some_and(std::thread::JoinHandle::is_finished)
-        {
-            return;
-        }
-        if let Some(Ok(d)) = self.pod_sockets.take().map(std::thread::JoinHandle::join) {
-            socks::forget(&mut self.ebpf, &[d.done, d.gone].concat());
-        }
     }
 
     fn report(&self, r: &Report) {
@@ -382,16 +266,16 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.apply(changes, state)?;
         self.report(&r);
-        if ct::may_strand_flows(changes) {
-            self.clear_stale_flows(state)?;
-        }
+        self.janitor
+            .changed(changes, |k| self.writer.port(k), state);
         Ok(())
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.full_sync(state)?;
         self.report(&r);
-        self.clear_stale_flows(state)
+        self.janitor.full(self.writer.ports(), state);
+        Ok(())
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {

@@ -14,6 +14,7 @@ use switchyard_ebpf_common::{SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Va
 use switchyard_model::ServicePortKey;
 
 use super::ct::{Endpoint, LiveEndpoints};
+use super::io::MapSource;
 use super::render::PortRender;
 use crate::sockdiag::{IPPROTO_TCP, IPPROTO_UDP, Sock, SockDiag};
 
@@ -34,16 +35,20 @@ pub fn frontends<'a>(
 ) -> Frontends {
     let mut out: HashMap<Endpoint, Vec<u32>> = HashMap::new();
     for (_, p) in ports {
-        for (k, _) in &p.frontends4 {
-            out.entry(([k.addr, 0, 0, 0], k.port))
-                .or_default()
-                .push(p.service_id);
-        }
-        for (k, _) in &p.frontends6 {
-            out.entry((k.addr, k.port)).or_default().push(p.service_id);
+        for f in port_frontends(p) {
+            out.entry(f).or_default().push(p.service_id);
         }
     }
     Frontends(out)
+}
+
+/// The (address, port) pairs of one service port's frontends.
+pub fn port_frontends(p: &PortRender) -> Vec<Endpoint> {
+    p.frontends4
+        .iter()
+        .map(|(k, _)| ([k.addr, 0, 0, 0], k.port))
+        .chain(p.frontends6.iter().map(|(k, _)| (k.addr, k.port)))
+        .collect()
 }
 
 /// The translated sockets whose endpoint is live for none of the frontend's service ports
@@ -80,7 +85,7 @@ pub fn unmap(a: [u32; 4]) -> [u32; 4] {
 }
 
 /// Every entry of both reverse-translation maps (v4-mapped ones in IPv4 form).
-pub fn translated(ebpf: &mut aya::Ebpf) -> Result<Vec<Translated>, aya::maps::MapError> {
+pub fn translated(ebpf: &mut impl MapSource) -> Result<Vec<Translated>, aya::maps::MapError> {
     use switchyard_ebpf_common::maps as m;
     let mut out = Vec::new();
     if let Some(map) = ebpf.map_mut(m::SOCK_REVNAT4) {
@@ -103,7 +108,7 @@ pub fn translated(ebpf: &mut aya::Ebpf) -> Result<Vec<Translated>, aya::maps::Ma
 }
 
 /// Forget the reverse translation of destroyed sockets.
-pub fn forget(ebpf: &mut aya::Ebpf, gone: &[Translated]) {
+pub fn forget(ebpf: &mut impl MapSource, gone: &[Translated]) {
     use switchyard_ebpf_common::maps as m;
     let cookies: HashSet<u64> = gone.iter().map(|t| t.cookie).collect();
     forget_in::<SockRev4Key, SockRev4Value>(ebpf, m::SOCK_REVNAT4, &cookies, |k| k.cookie);
@@ -112,7 +117,7 @@ pub fn forget(ebpf: &mut aya::Ebpf, gone: &[Translated]) {
 
 /// Remove the entries of one reverse-translation map whose key has one of `cookies`.
 fn forget_in<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut aya::Ebpf,
+    ebpf: &mut impl MapSource,
     name: &str,
     cookies: &HashSet<u64>,
     cookie: fn(&K) -> u64,
