@@ -7,7 +7,7 @@ say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 APT_PKGS=(iproute2 iptables ipset nftables bpftool dnsutils dnsperf knot conntrack curl wrk nginx-light jq python3 util-linux
-  podman debootstrap binutils ipvsadm)
+  podman debootstrap binutils ipvsadm gcc linux-libc-dev)
 
 need_apt=()
 for p in "${APT_PKGS[@]}"; do

@@ -80,6 +80,8 @@ struct ApiState {
     expire_next_continue: bool,
     /// Every request path and query, in order.
     requests: Vec<String>,
+    /// When the first request arrived (a client's cold start begins there).
+    first_request_at: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +282,11 @@ impl FakeApi {
         self.lock().requests.clone()
     }
 
+    /// When the first request arrived, if one has.
+    pub fn first_request_at(&self) -> Option<std::time::SystemTime> {
+        self.lock().first_request_at
+    }
+
     /// How many initial lists were served for `path`: list requests starting a list (not
     /// continuing one), and streaming lists (watches with `sendInitialEvents=true`).
     pub fn list_count(&self, path: &str) -> usize {
@@ -306,6 +313,8 @@ async fn handle(State(api): State<FakeApi>, uri: Uri, Query(p): Query<Params>) -
     {
         let mut st = api.lock();
         st.requests.push(uri.to_string());
+        st.first_request_at
+            .get_or_insert_with(std::time::SystemTime::now);
     }
     let Some(resource) = Resource::from_path(uri.path()) else {
         return (

@@ -25,6 +25,9 @@ enum Bench {
     Dns,
     /// iptables full sync and one-service update at 1k/5k/10k services, both flavors (root).
     Iptables,
+    /// 1k/10k/100k services: cold start, one change, memory after churn, DNS, conn/s, each
+    /// beside its peer (root; `-- --quick` for 1k only, `-- --sizes=N,N --churn-secs=S`).
+    Scale,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +97,9 @@ enum Cmd {
     Bench {
         #[arg(value_enum)]
         which: Bench,
+        /// Passed to the benchmark (`scale`: `--quick`, `--sizes=N,N`, `--churn-secs=S`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -311,24 +317,35 @@ fn main() -> anyhow::Result<()> {
             let demo = root().join("target/debug/sy-demo");
             run(Command::new(demo).arg(root().join("examples")))
         }
-        Cmd::Bench { which } => match which {
+        Cmd::Bench { which, args } => match which {
             Bench::Model => {
                 run(cargo().args(["bench", "-p", "switchyard-model", "--bench", "model"]))
             }
             Bench::Ebpf => {
                 bootstrap()?;
                 run(cargo().args(["build", "--release", "--bins"]))?;
-                run(&mut Command::new(root().join("target/release/sy-bench")))
+                run(Command::new(root().join("target/release/sy-bench")).args(&args))
             }
             Bench::Iptables => {
                 bootstrap()?;
                 run(cargo().args(["build", "--release", "--bins"]))?;
-                run(Command::new(root().join("target/release/sy-bench")).arg("iptables"))
+                run(Command::new(root().join("target/release/sy-bench"))
+                    .arg("iptables")
+                    .args(&args))
             }
             Bench::Dns => {
                 bootstrap()?;
                 run(cargo().args(["build", "--release", "--bins"]))?;
-                run(Command::new(root().join("target/release/sy-bench")).arg("dns"))
+                run(Command::new(root().join("target/release/sy-bench"))
+                    .arg("dns")
+                    .args(&args))
+            }
+            Bench::Scale => {
+                bootstrap()?;
+                run(cargo().args(["build", "--release", "--bins"]))?;
+                run(Command::new(root().join("target/release/sy-bench"))
+                    .arg("scale")
+                    .args(args))
             }
         },
     }

@@ -22,6 +22,9 @@ use switchyard_tests::sandbox::{
     VethEnd, add_netns, bin, cgroup2_root, http_get_in, require_root, sh, veth,
 };
 
+#[path = "../bench/scale.rs"]
+mod scale;
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     #[allow(
@@ -260,27 +263,36 @@ impl Topo {
     }
 
     fn start_daemon(&mut self, manifests: &Path, backend: &str) -> anyhow::Result<()> {
+        let config = format!(
+            "clusterCIDR: {CLUSTER_CIDR}\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
+            self.tag
+        );
+        self.start_daemon_with(
+            &[
+                "--source".into(),
+                format!("manifests:{}", manifests.display()),
+            ],
+            backend,
+            &config,
+        )
+    }
+
+    /// The daemon in the node namespace with this source (`--source ...` or `--master ...`)
+    /// and config file text.
+    fn start_daemon_with(
+        &mut self,
+        source: &[String],
+        backend: &str,
+        config: &str,
+    ) -> anyhow::Result<()> {
         let cfg = self.work.path().join("config.yaml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "clusterCIDR: {CLUSTER_CIDR}\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
-                self.tag
-            ),
-        )?;
+        std::fs::write(&cfg, config)?;
         let log = std::fs::File::create(self.work.path().join("daemon.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.node()))
             .arg(bin("switchyard"))
-            .args([
-                "run",
-                "--backend",
-                backend,
-                "--node-name",
-                "node-0",
-                "--source",
-            ])
-            .arg(format!("manifests:{}", manifests.display()))
+            .args(["run", "--backend", backend, "--node-name", "node-0"])
+            .args(source)
             .arg("--cgroup-path")
             .arg(&self.cgroup)
             .arg("--config")
@@ -480,7 +492,18 @@ enum Path_ {
 
 /// Wait (at most `max`) until the machine is about idle (under 10% busy over a second), so a
 /// daemon's start-up syncs are over before a measurement, as the peers' conn_rate.sh does.
+/// Set by a smoke run: no waiting for an idle machine, and namespaces of its own names (a
+/// smoke run may run beside a benchmark).
+static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn smoke() -> bool {
+    SMOKE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn wait_idle(max: Duration) {
+    if smoke() {
+        return;
+    }
     let sample = || -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let v: Vec<u64> = stat
@@ -505,6 +528,10 @@ fn wait_idle(max: Duration) {
     }
 }
 
+/// One row of the connection-rate table: (path, (conn/s, p50 ms, p99 ms), conn/s vs direct,
+/// p99 vs direct).
+type ConnRow = (String, (f64, f64, f64), f64, f64);
+
 fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     println!(
         "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one\n"
@@ -514,124 +541,136 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     );
     println!("| path | N services | conn/s | p50 ms | p99 ms | conn/s vs direct | p99 vs direct |");
     println!("|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        for (name, r, vs, p99_vs) in conn_rows(n, secs, true)? {
+            println!(
+                "| {name} | {n} | {:.0} | {:.3} | {:.3} | {vs:.2} | {p99_vs:.2} |",
+                r.0, r.1, r.2
+            );
+        }
+    }
+    Ok(())
+}
+
+/// New connections/s to the last of `n` services, each path in fresh namespaces; the
+/// kube-proxy rules and Switchyard's iptables backend only with `all_paths`.
+fn conn_rows(n: u32, secs: u32, all_paths: bool) -> anyhow::Result<Vec<ConnRow>> {
     let gen_iptables =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_iptables.py");
     // The peer is the point of the table: without it there is nothing to compare with.
-    if !gen_iptables.exists() {
+    if all_paths && !gen_iptables.exists() {
         bail!(
             "{} is missing: the kube-proxy peer row needs shared/peers beside the checkout",
             gen_iptables.display()
         );
     }
-    for &n in sizes {
-        let last = peer_service(n - 1, 10);
-        let vip = format!("{}:{}", last.vip, last.port);
-        let vip_url = format!("http://{vip}/");
-        let direct_url = format!("http://{}:{}/", last.eps[0], last.port);
-        let manifests = peer_model_manifests(n, 10);
-        let mut rows: Vec<(String, (f64, f64, f64), bool)> = Vec::new();
-        for path in [
+    let last = peer_service(n - 1, 10);
+    let vip = format!("{}:{}", last.vip, last.port);
+    let vip_url = format!("http://{vip}/");
+    let direct_url = format!("http://{}:{}/", last.eps[0], last.port);
+    let manifests = peer_model_manifests(n, 10);
+    let mut rows: Vec<(String, (f64, f64, f64), bool)> = Vec::new();
+    let paths: &[Path_] = if all_paths {
+        &[
             Path_::Direct,
             Path_::KubeProxyLegacy,
             Path_::Ebpf,
             Path_::IptablesLegacy,
-        ] {
-            wait_idle(Duration::from_mins(2));
-            let mut t = Topo::new(&format!("sybn{n}"), &last.eps)?;
-            let dir = t.work.path().join("manifests");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("cluster.yaml"), &manifests)?;
-            match path {
-                Path_::Direct => {
-                    rows.push((
-                        "direct, client ns -> endpoint (routed)".into(),
-                        t.wrk(false, &direct_url, secs)?,
-                        false,
-                    ));
-                    rows.push((
-                        "direct, node ns -> endpoint".into(),
-                        t.wrk(true, &direct_url, secs)?,
-                        true,
-                    ));
-                }
-                Path_::KubeProxyLegacy => {
-                    let script = format!(
-                        "python3 {} {n} 10 | ip netns exec {} iptables-legacy-restore -w 5",
-                        gen_iptables.display(),
-                        t.node()
-                    );
-                    let out = Command::new("sh").args(["-c", &script]).output()?;
-                    if !out.status.success() {
-                        bail!(
-                            "loading the kube-proxy rules: {}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
-                    }
-                    wait_ok(&t, false, &vip)?;
-                    wait_idle(Duration::from_mins(2));
-                    let _ = t.wrk(false, &vip_url, 1)?;
-                    rows.push((
-                        "kube-proxy iptables-legacy rules (peer), client ns -> ClusterIP".into(),
-                        t.wrk(false, &vip_url, secs)?,
-                        false,
-                    ));
-                    t.node_sh("iptables-legacy -t nat -F; iptables-legacy -t nat -X; iptables-legacy -F; iptables-legacy -X");
-                }
-                Path_::Ebpf => {
-                    t.start_daemon(&dir, "ebpf")?;
-                    wait_ok(&t, false, &vip)?;
-                    wait_ok(&t, true, &vip)?;
-                    wait_idle(Duration::from_mins(2));
-                    let _ = t.wrk(false, &vip_url, 1)?;
-                    rows.push((
-                        "Switchyard eBPF tc path, client ns -> ClusterIP".into(),
-                        t.wrk(false, &vip_url, secs)?,
-                        false,
-                    ));
-                    rows.push((
-                        "Switchyard eBPF socket LB, node ns -> ClusterIP".into(),
-                        t.wrk(true, &vip_url, secs)?,
-                        true,
-                    ));
-                }
-                Path_::IptablesLegacy => {
-                    t.start_daemon(&dir, "iptables")?;
-                    wait_ok(&t, false, &vip)?;
-                    wait_idle(Duration::from_mins(2));
-                    let _ = t.wrk(false, &vip_url, 1)?;
-                    rows.push((
-                        "Switchyard iptables-legacy, client ns -> ClusterIP".into(),
-                        t.wrk(false, &vip_url, secs)?,
-                        false,
-                    ));
-                    t.stop_daemon();
-                    t.node_sh(&format!(
-                        "{} cleanup --backend iptables",
-                        bin("switchyard").display()
-                    ));
-                }
+        ]
+    } else {
+        &[Path_::Direct, Path_::Ebpf]
+    };
+    for &path in paths {
+        wait_idle(Duration::from_mins(2));
+        let tag = if smoke() { "sybm" } else { "sybn" };
+        let mut t = Topo::new(&format!("{tag}{n}"), &last.eps)?;
+        let dir = t.work.path().join("manifests");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cluster.yaml"), &manifests)?;
+        match path {
+            Path_::Direct => {
+                rows.push((
+                    "direct, client ns -> endpoint (routed)".into(),
+                    t.wrk(false, &direct_url, secs)?,
+                    false,
+                ));
+                rows.push((
+                    "direct, node ns -> endpoint".into(),
+                    t.wrk(true, &direct_url, secs)?,
+                    true,
+                ));
             }
-            drop(t);
+            Path_::KubeProxyLegacy => {
+                let script = format!(
+                    "python3 {} {n} 10 | ip netns exec {} iptables-legacy-restore -w 5",
+                    gen_iptables.display(),
+                    t.node()
+                );
+                let out = Command::new("sh").args(["-c", &script]).output()?;
+                if !out.status.success() {
+                    bail!(
+                        "loading the kube-proxy rules: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                wait_ok(&t, false, &vip)?;
+                wait_idle(Duration::from_mins(2));
+                let _ = t.wrk(false, &vip_url, 1)?;
+                rows.push((
+                    "kube-proxy iptables-legacy rules (peer), client ns -> ClusterIP".into(),
+                    t.wrk(false, &vip_url, secs)?,
+                    false,
+                ));
+                t.node_sh("iptables-legacy -t nat -F; iptables-legacy -t nat -X; iptables-legacy -F; iptables-legacy -X");
+            }
+            Path_::Ebpf => {
+                t.start_daemon(&dir, "ebpf")?;
+                wait_ok(&t, false, &vip)?;
+                wait_ok(&t, true, &vip)?;
+                wait_idle(Duration::from_mins(2));
+                let _ = t.wrk(false, &vip_url, 1)?;
+                rows.push((
+                    "Switchyard eBPF tc path, client ns -> ClusterIP".into(),
+                    t.wrk(false, &vip_url, secs)?,
+                    false,
+                ));
+                rows.push((
+                    "Switchyard eBPF socket LB, node ns -> ClusterIP".into(),
+                    t.wrk(true, &vip_url, secs)?,
+                    true,
+                ));
+            }
+            Path_::IptablesLegacy => {
+                t.start_daemon(&dir, "iptables")?;
+                wait_ok(&t, false, &vip)?;
+                wait_idle(Duration::from_mins(2));
+                let _ = t.wrk(false, &vip_url, 1)?;
+                rows.push((
+                    "Switchyard iptables-legacy, client ns -> ClusterIP".into(),
+                    t.wrk(false, &vip_url, secs)?,
+                    false,
+                ));
+                t.stop_daemon();
+                t.node_sh(&format!(
+                    "{} cleanup --backend iptables",
+                    bin("switchyard").display()
+                ));
+            }
         }
-        let base = |node: bool| {
-            rows.iter()
-                .find(|(name, _, from_node)| name.starts_with("direct") && *from_node == node)
-                .map(|r| r.1)
-                .ok_or_else(|| anyhow::anyhow!("no direct row to compare with ({n} services)"))
-        };
-        for (name, r, from_node) in &rows {
-            let b = base(*from_node)?;
-            println!(
-                "| {name} | {n} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} |",
-                r.0,
-                r.1,
-                r.2,
-                r.0 / b.0,
-                r.2 / b.2
-            );
-        }
+        drop(t);
     }
-    Ok(())
+    let base = |node: bool| {
+        rows.iter()
+            .find(|(name, _, from_node)| name.starts_with("direct") && *from_node == node)
+            .map(|r| r.1)
+            .ok_or_else(|| anyhow::anyhow!("no direct row to compare with ({n} services)"))
+    };
+    let mut out = Vec::new();
+    for (name, r, from_node) in &rows {
+        let b = base(*from_node)?;
+        out.push((name.clone(), *r, r.0 / b.0, r.2 / b.2));
+    }
+    Ok(out)
 }
 
 /// The peers' synthetic cluster (shared/peers/cluster_model.py + gen_zone.py) as manifests, so
@@ -777,7 +816,19 @@ impl Drop for NsGuard {
     }
 }
 
-fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
+/// Knot on 5300 serving the peers' zone for `n` services, and one Switchyard (DNS only, from
+/// the same cluster as manifests) per `(port, cluster domain)`, forwarding to Knot, each in
+/// one fresh namespace and ready (answering svc0).
+struct DnsServers {
+    work: tempfile::TempDir,
+    ns: String,
+    guard: NsGuard,
+    /// The peers' query mix for the zone.
+    queries: PathBuf,
+    mdir: PathBuf,
+}
+
+fn dns_servers(n: u32, instances: &[(u16, &str)]) -> anyhow::Result<DnsServers> {
     let work = tempfile::tempdir()?;
     let ns = format!("sybdns{}", std::process::id());
     sh(&["ip", "netns", "add", &ns])?;
@@ -824,7 +875,7 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
         &cfg,
         "healthzBindAddress: ''\nmetricsBindAddress: ''\ndns:\n  upstream: ['127.0.0.1:5300']\n  cacheMaxTtl: 300\n",
     )?;
-    for (port, domain) in [(5302u16, "cluster.local"), (5303, "cluster2.local")] {
+    for &(port, domain) in instances {
         guard.1.push(
             Command::new("ip")
                 .args(["netns", "exec", &ns])
@@ -850,7 +901,7 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
         );
     }
     // Ready when each answers svc0.
-    for port in [5300u16, 5302, 5303] {
+    for port in std::iter::once(5300u16).chain(instances.iter().map(|i| i.0)) {
         let start = Instant::now();
         loop {
             let out = Command::new("ip")
@@ -877,6 +928,23 @@ fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    Ok(DnsServers {
+        work,
+        ns,
+        guard,
+        queries,
+        mdir,
+    })
+}
+
+fn dns_bench(n: u32, secs: u32) -> anyhow::Result<()> {
+    let DnsServers {
+        work,
+        ns,
+        mut guard,
+        queries,
+        mdir,
+    } = dns_servers(n, &[(5302, "cluster.local"), (5303, "cluster2.local")])?;
     // The forwarded-name mix: only names the upstream answers (positive A).
     let fwd_q = work.path().join("fwd_queries.txt");
     let fwd: String = (0..n.min(2000))
@@ -1292,7 +1360,7 @@ fn kube_proxy_restore(tool: &str, n: u32) -> anyhow::Result<(Option<Duration>, O
             ),
         ])?;
     }
-    let ns = format!("sybkp{n}");
+    let ns = format!("{}{n}", if smoke() { "sybkm" } else { "sybkp" });
     let _ = sh(&["ip", "netns", "del", &ns]);
     sh(&["ip", "netns", "add", &ns])?;
     let timed = |file: &Path| -> anyhow::Result<Option<Duration>> {
@@ -1326,6 +1394,9 @@ fn kube_proxy_restore(tool: &str, n: u32) -> anyhow::Result<(Option<Duration>, O
 fn main() -> anyhow::Result<()> {
     require_root();
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "scale") {
+        return scale::run(&args);
+    }
     if args.iter().any(|a| a == "iptables") {
         let quick = args.iter().any(|a| a == "--quick");
         let sizes: &[u32] = if quick {
