@@ -146,20 +146,25 @@ const FUZZ_TARGETS: [&str; 5] = ["dns_request", "manifest", "selector", "config"
 /// crashed it), new inputs kept under target/fuzz/, for `seconds` each. A crash fails the run
 /// and leaves its input in target/fuzz/artifacts/T/: commit it to fuzz/regressions/T with
 /// the fix.
-fn fuzz(seconds: u64, seed: Option<u64>, targets: &[String]) -> anyhow::Result<()> {
+///
+/// `dev`: an unoptimized build (with overflow checks), several minutes quicker to build: for
+/// CI's brief replay of the corpus, where build time dominates; exploring wants `-O`.
+fn fuzz(seconds: u64, seed: Option<u64>, targets: &[String], dev: bool) -> anyhow::Result<()> {
+    let profile: &[&str] = if dev {
+        &["--dev"]
+    } else {
+        &["-O", "--debug-assertions"]
+    };
     let targets: Vec<String> = if targets.is_empty() {
         FUZZ_TARGETS.iter().map(ToString::to_string).collect()
     } else {
         targets.to_vec()
     };
     let root = root();
-    run(Command::new("cargo").current_dir(root.join("fuzz")).args([
-        "+nightly",
-        "fuzz",
-        "build",
-        "-O",
-        "--debug-assertions",
-    ]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("fuzz"))
+        .args(["+nightly", "fuzz", "build"])
+        .args(profile))?;
     let mut failed = Vec::new();
     for t in &targets {
         let work = root.join("target/fuzz/corpus").join(t);
@@ -171,7 +176,9 @@ fn fuzz(seconds: u64, seed: Option<u64>, targets: &[String]) -> anyhow::Result<(
         let started = std::time::Instant::now();
         let r = run(Command::new("cargo")
             .current_dir(root.join("fuzz"))
-            .args(["+nightly", "fuzz", "run", "-O", "--debug-assertions", t])
+            .args(["+nightly", "fuzz", "run"])
+            .args(profile)
+            .arg(t)
             .arg(&work)
             .arg(root.join("fuzz/corpus").join(t))
             .arg(&regressions)
@@ -227,7 +234,7 @@ fn main() -> anyhow::Result<()> {
             image()?;
             // Every fuzz target, briefly, over its corpus and regressions (a fixed seed:
             // the same exploration on every CI run; `cargo xtask fuzz` explores afresh).
-            let fuzzed = fuzz(15, Some(1), &[]);
+            let fuzzed = fuzz(15, Some(1), &[], true);
             let started = std::time::Instant::now();
             let host = match (
                 run(cargo().args(["test", "--no-fail-fast"]).args(&args)),
@@ -282,7 +289,7 @@ fn main() -> anyhow::Result<()> {
             targets,
         } => {
             bootstrap()?;
-            fuzz(seconds, seed, &targets)
+            fuzz(seconds, seed, &targets, false)
         }
         Cmd::Soak {
             load_ms,
