@@ -396,3 +396,29 @@ fn maglev_sets_fill_the_table_and_keep_surviving_backends_in_place() {
     );
     assert!(!after.contains(&removed));
 }
+
+/// Endpoint churn releases what it no longer uses: more replacements than the backend map
+/// holds, each programmed, and the maps stay consistent with only the live backends.
+#[test]
+fn endpoint_churn_beyond_the_backend_capacity_releases_every_replaced_backend() {
+    let mut e = Engine::new(ProxyConfig::default());
+    let mut w = writer(FakeMaps::default());
+    for i in 0..5000u32 {
+        let a = format!("10.244.{}.{}", i / 250, i % 250 + 1);
+        let b = format!("10.245.{}.{}", i / 250, i % 250 + 1);
+        let cs = load(&mut e, &svc_yaml(&["10.244.255.1", &a, &b], ""));
+        let r = w.apply(&cs, e.state()).unwrap();
+        assert!(
+            r.capacity_errors.is_empty(),
+            "change {i}: {:?}",
+            r.capacity_errors
+        );
+    }
+    consistent(&w.io.content).unwrap();
+    assert_eq!(
+        w.io.content.backends.len(),
+        3,
+        "{:?}",
+        w.io.content.backends
+    );
+}
