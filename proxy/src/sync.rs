@@ -14,6 +14,7 @@ use crate::admin::Health;
 use crate::dataplane::Dataplane;
 use crate::metrics::TrafficPolicyLabel;
 use crate::store::{Store, SyncOutput};
+use switchyard_model::ServicePortState;
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -229,20 +230,46 @@ impl SyncLoop {
                 } else {
                     metrics.sync_partial_duration.observe(took.as_secs_f64());
                 }
-                let (mut internal, mut external) = (0, 0);
-                for p in out.state.values() {
+                // Counted over every port by a full sync, adjusted by the changes otherwise
+                // (a walk of 100k ports per endpoint change was a sixth of the sync thread).
+                let no_local = |p: &ServicePortState| {
                     if p.local_backends.is_empty() {
-                        internal += i64::from(p.internal_traffic_local);
-                        external += i64::from(p.external_traffic_local);
+                        (
+                            i64::from(p.internal_traffic_local),
+                            i64::from(p.external_traffic_local),
+                        )
+                    } else {
+                        (0, 0)
+                    }
+                };
+                let (mut internal, mut external) = (0, 0);
+                let mut count = |p: &ServicePortState, sign: i64| {
+                    let (i, e) = no_local(p);
+                    internal += sign * i;
+                    external += sign * e;
+                };
+                if full {
+                    out.state.values().for_each(|p| count(p, 1));
+                } else {
+                    let c = &out.changes;
+                    c.added.iter().for_each(|p| count(p, 1));
+                    c.removed.iter().for_each(|p| count(p, -1));
+                    for ch in &c.changed {
+                        count(&ch.old, -1);
+                        count(&ch.new, 1);
                     }
                 }
                 for (policy, n) in [("internal", internal), ("external", external)] {
-                    metrics
+                    let g = metrics
                         .no_local_endpoints
                         .get_or_create(&TrafficPolicyLabel {
                             traffic_policy: policy.into(),
-                        })
-                        .set(n);
+                        });
+                    if full {
+                        g.set(n);
+                    } else {
+                        g.inc_by(n);
+                    }
                 }
                 if let Some(since) = out.pending_since {
                     metrics

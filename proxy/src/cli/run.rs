@@ -279,8 +279,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map(Ok),
         );
         let store = Arc::clone(&store);
+        // Recomputed (a walk of every port) only when a health-checked port or the node's
+        // addresses changed, not for every endpoint change.
+        let last_addresses = std::sync::Mutex::new(None);
         Box::new(move |out| {
             let addresses = store.read(switchyard_model::Engine::node_port_listen);
+            let checked =
+                |p: &switchyard_model::ServicePortState| p.health_check_node_port.is_some();
+            let c = &out.changes;
+            let touched = c.added.iter().chain(&c.removed).any(|p| checked(p))
+                || c.changed
+                    .iter()
+                    .any(|ch| checked(&ch.old) || checked(&ch.new));
+            let mut last = last_addresses
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !touched && last.as_ref() == Some(&addresses) {
+                return;
+            }
+            *last = Some(addresses.clone());
             tx.send_replace(crate::healthcheck::wanted(&out.state, addresses));
         })
     });
