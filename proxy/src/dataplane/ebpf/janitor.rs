@@ -7,7 +7,7 @@
 //! its own handles of the pinned maps, and sweeps on its thread. Requests that queue up
 //! while a sweep runs are merged into one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -114,7 +114,7 @@ impl Janitor {
 }
 
 fn run(dir: &Path, rx: &mpsc::Receiver<Request>, metrics: &Metrics) {
-    let mut index: HashMap<ServicePortKey, PortSummary> = HashMap::new();
+    let mut index = Index::default();
     let names = [m::CT4, m::CT6, m::SOCK_REVNAT4, m::SOCK_REVNAT6];
     let mut maps = match PinnedMaps::open(dir, &names) {
         Ok(maps) if maps.missing(&names).is_empty() => maps,
@@ -150,13 +150,15 @@ fn run(dir: &Path, rx: &mpsc::Receiver<Request>, metrics: &Metrics) {
         for r in first.into_iter().chain(rx.try_iter()) {
             pending |= r.sweep;
             match r.job {
-                Job::Replace(all) => index = all,
+                Job::Replace(all) => {
+                    index = Index::default();
+                    for (k, s) in all {
+                        index.set(k, Some(s));
+                    }
+                }
                 Job::Update(update) => {
                     for (k, s) in update {
-                        match s {
-                            Some(s) => index.insert(k, s),
-                            None => index.remove(&k),
-                        };
+                        index.set(k, s);
                     }
                 }
             }
@@ -170,26 +172,48 @@ fn run(dir: &Path, rx: &mpsc::Receiver<Request>, metrics: &Metrics) {
     }
 }
 
-fn clear(
-    maps: &mut PinnedMaps,
-    index: &HashMap<ServicePortKey, PortSummary>,
-    dir: &Path,
-    metrics: &Metrics,
-) {
-    let mut live: HashMap<u32, HashSet<Endpoint>> = HashMap::new();
-    let mut fronts: HashMap<Endpoint, Vec<u32>> = HashMap::new();
-    for s in index.values() {
-        live.entry(s.service_id)
-            .or_default()
-            .extend(s.live.iter().copied());
-        for f in &s.frontends {
-            fronts.entry(*f).or_default().push(s.service_id);
+/// The ports' summaries, with the live endpoints per service port id and the ids behind
+/// each frontend kept up to date as they change (not rebuilt for every sweep: a million
+/// endpoints at 100k services).
+#[derive(Default)]
+struct Index {
+    ports: HashMap<ServicePortKey, PortSummary>,
+    live: LiveEndpoints,
+    fronts: socks::Frontends,
+}
+
+impl Index {
+    fn set(&mut self, k: ServicePortKey, s: Option<PortSummary>) {
+        if let Some(old) = self.ports.remove(&k) {
+            self.live.0.remove(&old.service_id);
+            for f in &old.frontends {
+                if let Some(ids) = self.fronts.0.get_mut(f) {
+                    ids.retain(|id| *id != old.service_id);
+                    if ids.is_empty() {
+                        self.fronts.0.remove(f);
+                    }
+                }
+            }
+        }
+        if let Some(s) = s {
+            self.live
+                .0
+                .entry(s.service_id)
+                .or_default()
+                .extend(s.live.iter().copied());
+            for f in &s.frontends {
+                self.fronts.0.entry(*f).or_default().push(s.service_id);
+            }
+            self.ports.insert(k, s);
         }
     }
-    let live = LiveEndpoints(live);
+}
+
+fn clear(maps: &mut PinnedMaps, index: &Index, dir: &Path, metrics: &Metrics) {
+    let live = &index.live;
     let started = Instant::now();
-    let swept = ct::sweep_map::<Ct4Value>(maps, m::CT4, &live)
-        .and_then(|v4| Ok((v4, ct::sweep_map::<Ct6Value>(maps, m::CT6, &live)?)));
+    let swept = ct::sweep_map::<Ct4Value>(maps, m::CT4, live)
+        .and_then(|v4| Ok((v4, ct::sweep_map::<Ct6Value>(maps, m::CT6, live)?)));
     metrics
         .conntrack_duration
         .observe(started.elapsed().as_secs_f64());
@@ -209,7 +233,7 @@ fn clear(
             tracing::error!(error = %e, "clearing flows to removed endpoints (retried after the next change)");
         }
     }
-    destroy_stale_sockets(maps, &live, &socks::Frontends(fronts), dir, metrics);
+    destroy_stale_sockets(maps, live, &index.fronts, dir, metrics);
 }
 
 /// Destroy the sockets the socket LB translated to an endpoint that is gone (see `socks`):
