@@ -42,6 +42,8 @@ const API_PORT: u16 = 6443;
 struct Opts {
     /// shared/peers is beside the checkout (the peers' programs and generators).
     peers: bool,
+    /// Only the API server part: cold start, one change, churn (quick re-measurements).
+    api_only: bool,
     sizes: Vec<u32>,
     churn: Duration,
     changes: u32,
@@ -91,6 +93,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     };
     let opts = Opts {
         peers,
+        api_only: args.iter().any(|a| a == "--api-only"),
         sizes,
         churn: Duration::from_secs(churn_secs),
         changes: match arg("--changes=") {
@@ -460,24 +463,27 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     drop(t);
 
     // 2. The same cluster from manifests.
-    wait_idle(Duration::from_mins(2));
-    let mut t = Topo::new(&tag, &last.eps)?;
-    let dir = t.work.path().join("manifests");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("cluster.yaml"), peer_model_manifests(n, 10))?;
-    let spawned = SystemTime::now();
-    t.start_daemon_with(
-        &["--source".into(), format!("manifests:{}", dir.display())],
-        "ebpf",
-        &config(&tag, n),
-    )?;
-    let cold_manifests = wait_programmed(&mut t, n)? - unix(spawned);
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_manifests = rss(&t)?;
-    drop(t);
+    let manifests = if o.api_only {
+        None
+    } else {
+        wait_idle(Duration::from_mins(2));
+        let mut t = Topo::new(&tag, &last.eps)?;
+        let dir = t.work.path().join("manifests");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cluster.yaml"), peer_model_manifests(n, 10))?;
+        let spawned = SystemTime::now();
+        t.start_daemon_with(
+            &["--source".into(), format!("manifests:{}", dir.display())],
+            "ebpf",
+            &config(&tag, n),
+        )?;
+        let cold = wait_programmed(&mut t, n)? - unix(spawned);
+        std::thread::sleep(Duration::from_secs(2));
+        Some((cold, rss(&t)?))
+    };
 
     // 3. kube-proxy's iptables-legacy restore of the same cluster.
-    let kp = if o.peers {
+    let kp = if o.peers && !o.api_only {
         wait_idle(Duration::from_mins(2));
         Some(kube_proxy_restore("iptables-legacy", n)?.0)
     } else {
@@ -492,13 +498,17 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
         )
     });
     for (figure, took) in [
-        ("cold start, API server (list + watch) → maps", cold_api),
-        ("cold start, manifests → maps", cold_manifests),
+        (
+            "cold start, API server (list + watch) → maps",
+            Some(cold_api),
+        ),
+        ("cold start, manifests → maps", manifests.map(|m| m.0)),
         (
             "first full sync, maps + program links (daemon's metric)",
-            full_sync,
+            Some(full_sync),
         ),
     ] {
+        let Some(took) = took else { continue };
         rows.push(Row {
             figure,
             n,
@@ -514,25 +524,27 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             },
         });
     }
-    rows.push(Row {
-        figure: "cold start vs kube-proxy iptables-legacy restore",
-        n,
-        ours: secs(cold_api),
-        peer: match kp {
-            None => NO_PEERS.into(),
-            Some(None) => format!("> {PEER_TIMEOUT} s"),
-            Some(Some(d)) => secs(d.as_secs_f64()),
-        },
-        ratio: match kp {
-            None => "-".into(),
-            Some(None) => format!(
-                "< {:.3}×",
-                cold_api / Duration::from_secs(PEER_TIMEOUT).as_secs_f64()
-            ),
-            Some(Some(d)) => format!("{:.3}×", cold_api / d.as_secs_f64()),
-        },
-        goal: String::new(),
-    });
+    if !o.api_only {
+        rows.push(Row {
+            figure: "cold start vs kube-proxy iptables-legacy restore",
+            n,
+            ours: secs(cold_api),
+            peer: match kp {
+                None => NO_PEERS.into(),
+                Some(None) => format!("> {PEER_TIMEOUT} s"),
+                Some(Some(d)) => secs(d.as_secs_f64()),
+            },
+            ratio: match kp {
+                None => "-".into(),
+                Some(None) => format!(
+                    "< {:.3}×",
+                    cold_api / Duration::from_secs(PEER_TIMEOUT).as_secs_f64()
+                ),
+                Some(Some(d)) => format!("{:.3}×", cold_api / d.as_secs_f64()),
+            },
+            goal: String::new(),
+        });
+    }
     rows.push(Row {
         figure: "one endpoint change, watch event → maps, p50 / p99",
         n,
@@ -567,10 +579,11 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
         _ => "",
     };
     for (figure, v) in [
-        ("RSS after cold start (API server)", rss_cold),
-        ("RSS after churn", rss_churn),
-        ("RSS after cold start (manifests)", rss_manifests),
+        ("RSS after cold start (API server)", Some(rss_cold)),
+        ("RSS after churn", Some(rss_churn)),
+        ("RSS after cold start (manifests)", manifests.map(|m| m.1)),
     ] {
+        let Some(v) = v else { continue };
         rows.push(Row {
             figure,
             n,
@@ -591,6 +604,9 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
         ratio: "-".into(),
         goal: "1% of slices per minute".into(),
     });
+    if o.api_only {
+        return Ok(rows);
+    }
     if o.peers {
         rows.extend(dns_rows(n, o.secs)?);
     } else {
