@@ -28,7 +28,9 @@ fn scale_benchmark_smoke_run_at_1k_services() {
             .lines()
             .find(|l| l.starts_with(&format!("| {figure}")) && l.contains("| 1000 |"))
             .unwrap_or_else(|| panic!("no `{figure}` row at 1000 services:\n{stdout}"));
-        line.split('|').map(|c| c.trim().to_string()).collect()
+        let cells: Vec<String> = line.split('|').map(|c| c.trim().to_string()).collect();
+        assert!(!cells[3].starts_with("failed"), "{figure}: {cells:?}");
+        cells
     };
     // A figure of ours that is a measurement (a number), and, with the peers, its peer's.
     let number = |cell: &str| -> f64 {

@@ -485,7 +485,9 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     // 3. kube-proxy's iptables-legacy restore of the same cluster.
     let kp = if o.peers && !o.api_only {
         wait_idle(Duration::from_mins(2));
-        Some(kube_proxy_restore("iptables-legacy", n)?.0)
+        // The peers' generator stops at what 172.30.0.0/16 holds (about 65k services): the
+        // row then says why, and the figures measured so far are kept.
+        Some(kube_proxy_restore("iptables-legacy", n).map(|r| r.0))
     } else {
         None
     };
@@ -529,18 +531,19 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             figure: "cold start vs kube-proxy iptables-legacy restore",
             n,
             ours: secs(cold_api),
-            peer: match kp {
+            peer: match &kp {
                 None => NO_PEERS.into(),
-                Some(None) => format!("> {PEER_TIMEOUT} s"),
-                Some(Some(d)) => secs(d.as_secs_f64()),
+                Some(Err(e)) => format!("not run: {}", e.root_cause()),
+                Some(Ok(None)) => format!("> {PEER_TIMEOUT} s"),
+                Some(Ok(Some(d))) => secs(d.as_secs_f64()),
             },
-            ratio: match kp {
-                None => "-".into(),
-                Some(None) => format!(
+            ratio: match &kp {
+                None | Some(Err(_)) => "-".into(),
+                Some(Ok(None)) => format!(
                     "< {:.3}×",
                     cold_api / Duration::from_secs(PEER_TIMEOUT).as_secs_f64()
                 ),
-                Some(Some(d)) => format!("{:.3}×", cold_api / d.as_secs_f64()),
+                Some(Ok(Some(d))) => format!("{:.3}×", cold_api / d.as_secs_f64()),
             },
             goal: String::new(),
         });
@@ -607,8 +610,20 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     if o.api_only {
         return Ok(rows);
     }
+    // A failure of a later part names itself in its row; the figures above are kept.
+    let failed = |figure: &'static str, e: &anyhow::Error| Row {
+        figure,
+        n,
+        ours: format!("failed: {e:#}"),
+        peer: "-".into(),
+        ratio: "-".into(),
+        goal: String::new(),
+    };
     if o.peers {
-        rows.extend(dns_rows(n, o.secs)?);
+        match dns_rows(n, o.secs) {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(failed("DNS QPS, cluster zone (p99)", &e)),
+        }
     } else {
         rows.push(Row {
             figure: "DNS QPS, cluster zone (p99)",
@@ -619,7 +634,14 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             goal: "≥ 1.0×".into(),
         });
     }
-    for (name, r, vs, _) in conn_rows(n, o.secs, false)? {
+    let conn = match conn_rows(n, o.secs, false) {
+        Ok(c) => c,
+        Err(e) => {
+            rows.push(failed("new connections/s", &e));
+            Vec::new()
+        }
+    };
+    for (name, r, vs, _) in conn {
         if name.starts_with("Switchyard") {
             rows.push(Row {
                 figure: if name.contains("socket LB") {
