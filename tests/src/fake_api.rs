@@ -163,6 +163,11 @@ impl FakeApi {
         };
         let app = Router::new().fallback(handle).with_state(api.clone());
         let cancel = api.shutdown.clone();
+        // As the real API server (Go sets TCP_NODELAY by default): without it a watch event
+        // written in two segments waits out the client's delayed ACK (40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { cancel.cancelled().await })
