@@ -310,7 +310,7 @@ impl Allocator {
 }
 
 /// The address a backend value was made from (`addr4`/`addr6` undone).
-fn backend_addr(b: &BackendValue) -> IpAddr {
+pub fn backend_addr(b: &BackendValue) -> IpAddr {
     if b.family == 4 {
         IpAddr::V4(std::net::Ipv4Addr::from(b.addr[0].to_ne_bytes()))
     } else {

@@ -400,17 +400,12 @@ impl<M: MapIo> Writer<M> {
                 }
                 for (_, b) in &set.backends {
                     if let Some(bid) = backend_ids.get(&(kid, b.addr, b.port)) {
-                        let addr = if b.family == 4 {
-                            IpAddr::V4(std::net::Ipv4Addr::from(b.addr[0].to_ne_bytes()))
-                        } else {
-                            let mut o = [0u8; 16];
-                            for (i, w) in b.addr.iter().enumerate() {
-                                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                            }
-                            IpAddr::V6(std::net::Ipv6Addr::from(o))
-                        };
-                        self.alloc
-                            .adopt_backend(kid, addr, u16::from_be(b.port), *bid);
+                        self.alloc.adopt_backend(
+                            kid,
+                            super::render::backend_addr(b),
+                            u16::from_be(b.port),
+                            *bid,
+                        );
                     }
                 }
             }
