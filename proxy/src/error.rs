@@ -165,6 +165,38 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    #[error(
+        "backend ebpf: map {map} already holds {entries} entries but {setting} now sizes it for {to}: set {setting} to at least {needed} (the pinned maps were left as they were)"
+    )]
+    MapTooSmall {
+        map: &'static str,
+        setting: &'static str,
+        entries: usize,
+        to: u32,
+        needed: u64,
+    },
+    #[error(
+        "backend ebpf: map {map} would need {entries} entries, past the kernel's limit of {limit} for a hash map: {setting} can be at most {max_setting}"
+    )]
+    MapTooLarge {
+        map: &'static str,
+        setting: &'static str,
+        entries: u32,
+        limit: u64,
+        max_setting: u64,
+    },
+    #[error(
+        "backend ebpf: map {map} preallocates {need_mib} MiB of kernel memory ({entries} entries x {cpus} CPUs), but this memory cgroup ({cgroup}) has {free_mib} MiB left under memory.max: lower {setting} or raise the memory limit"
+    )]
+    MapMemory {
+        map: &'static str,
+        setting: &'static str,
+        entries: u32,
+        cpus: usize,
+        need_mib: u64,
+        free_mib: u64,
+        cgroup: String,
+    },
     #[error("backend ebpf: program {program} is missing from the kernel object")]
     MissingProgram { program: &'static str },
     #[error("backend ebpf: program {program}: {step} {target}")]

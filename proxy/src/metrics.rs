@@ -102,6 +102,7 @@ pub struct Metrics {
     pub backend_selected: Family<BackendLabel, Gauge>,
     pub tc_attach_mode: Family<ModeLabel, Gauge>,
     pub dataplane_capacity_errors: Counter,
+    pub dataplane_unprogrammed: Gauge,
     pub tc_reattached: Counter,
     pub cgroup_reattached: Counter,
     pub pins_restored: Counter,
@@ -151,6 +152,7 @@ impl Metrics {
             backend_selected: Family::default(),
             tc_attach_mode: Family::default(),
             dataplane_capacity_errors: Counter::default(),
+            dataplane_unprogrammed: Gauge::default(),
             tc_reattached: Counter::default(),
             cgroup_reattached: Counter::default(),
             pins_restored: Counter::default(),
@@ -296,6 +298,11 @@ impl Metrics {
             "switchyard_dataplane_capacity_errors",
             "Service ports not programmed because a map was full (the log names them)",
             m.dataplane_capacity_errors
+        );
+        add!(
+            "switchyard_dataplane_unprogrammed_service_ports",
+            "Service ports not programmed right now because a map is full (/healthz names the setting to raise)",
+            m.dataplane_unprogrammed
         );
         add!(
             "switchyard_tc_programs_reattached",

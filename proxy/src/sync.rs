@@ -209,14 +209,19 @@ impl SyncLoop {
             let problem = links
                 .as_ref()
                 .map(|r| r.as_ref().err().map(|e| crate::error::chain(e)));
-            (state.and(links.unwrap_or(Ok(()))), problem)
+            let capacity = dp.capacity_problem();
+            (state.and(links.unwrap_or(Ok(()))), problem, capacity)
         })
         .await;
         // An interface without its program is a black hole for traffic from outside the
         // node: unhealthy at once (not only after the health timeout), until it attaches.
-        let result = result.map(|(r, problem)| {
-            if let (Some(h), Some(p)) = (&self.health, problem) {
-                h.set_problem("interfaces", p);
+        // So is a service that did not fit the maps (as a failed sync is for kube-proxy).
+        let result = result.map(|(r, problem, capacity)| {
+            if let Some(h) = &self.health {
+                if let Some(p) = problem {
+                    h.set_problem("interfaces", p);
+                }
+                h.set_problem("capacity", capacity);
             }
             r
         });

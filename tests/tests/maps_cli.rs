@@ -55,3 +55,165 @@ fn maps_shows_the_running_daemons_frontends_and_backends() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v.as_array().is_some_and(|a| !a.is_empty()), "{json}");
 }
+
+fn web(n: u8) -> String {
+    fixtures::service(
+        "t",
+        &format!("web{n}"),
+        &format!("10.96.0.{}", 80 + n),
+        &[Port::tcp("http", 80).to(8080)],
+    ) + &fixtures::slice(
+        "t",
+        &format!("web{n}"),
+        &format!("web{n}-1"),
+        &[Port::tcp("http", 8080)],
+        &[("10.244.1.11", Some("node-a"))],
+    )
+}
+
+/// `max_entries` of a pinned map, from bpftool.
+fn max_entries(pin: &std::path::Path) -> u64 {
+    let out = sh(&[
+        "bpftool",
+        "-j",
+        "map",
+        "show",
+        "pinned",
+        pin.to_str().unwrap(),
+    ])
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["max_entries"].as_u64().unwrap()
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what} within {secs} s\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Pinned maps are reused across restarts (that keeps connections), so a changed
+/// `maxServices` must resize them, carrying their entries over; a size too small for what
+/// they hold must stop the start naming the value needed, with the maps left as they were.
+/// A cluster larger than the maps is reported by `/healthz` and a metric, naming the setting.
+#[test]
+fn max_services_resizes_the_pinned_maps_and_a_full_map_is_reported() {
+    require_root();
+    let mut sb = Sandbox::create(
+        "sym3",
+        &[BackendSpec::new("a1", Ipv4Addr::new(10, 244, 1, 11))],
+    )
+    .unwrap();
+    let dir = sb.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |n: u8| {
+        let all: String = (0..n).map(web).collect();
+        std::fs::write(dir.join("all.yaml"), all).unwrap();
+    };
+    write(5);
+    let b = bin("switchyard");
+    let pins = sb.pin_dir.display().to_string();
+    let maps =
+        || sh(&[b.to_str().unwrap(), "maps", "--pin-dir", &pins]).unwrap_or_else(|e| e.to_string());
+    let all = |n: u8| {
+        let m = maps();
+        (0..n).all(|i| m.contains(&format!("10.96.0.{}:80", 80 + i)))
+    };
+    let cfg = |max: u32| {
+        format!(
+            "healthzBindAddress: 127.0.0.1:10256\nmetricsBindAddress: 127.0.0.1:10249\nmaxServices: {max}\n"
+        )
+    };
+    let ns = sb.node_ns();
+    let get = |path: &str, port: u16| {
+        switchyard_tests::sandbox::http_get_in(
+            &ns,
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            path,
+        )
+    };
+
+    sb.start_daemon(&dir, "ebpf", &cfg(8)).unwrap();
+    wait_for(
+        "five services programmed",
+        20,
+        || all(5),
+        || sb.daemon_log(),
+    );
+    assert_eq!(max_entries(&sb.pin_dir.join("SY_SETS")), 24);
+    sb.stop_daemon();
+
+    // Raised: the maps grow and keep what they held.
+    sb.start_daemon(&dir, "ebpf", &cfg(64)).unwrap();
+    wait_for(
+        "the resize logged",
+        20,
+        || sb.daemon_log().contains("entries carried over"),
+        || sb.daemon_log(),
+    );
+    assert_eq!(max_entries(&sb.pin_dir.join("SY_SETS")), 192);
+    assert_eq!(max_entries(&sb.pin_dir.join("SY_FRONTENDS4")), 512);
+    let log = sb.daemon_log();
+    assert!(
+        log.lines().any(|l| l.contains("SY_SETS")
+            && l.contains("carried over")
+            && !l.contains("entries=0")),
+        "{log}"
+    );
+    assert!(all(5), "{}", maps());
+    sb.stop_daemon();
+
+    // Lowered below what the maps hold: the start fails naming the setting and the value
+    // that fits, and the pinned maps are untouched.
+    sb.start_daemon(&dir, "ebpf", &cfg(1)).unwrap();
+    wait_for(
+        "the daemon to exit",
+        20,
+        || !sb.daemon_running(),
+        String::new,
+    );
+    let log = sb.daemon_log();
+    assert!(
+        log.contains("already holds") && log.contains("set maxServices to at least 2"),
+        "{log}"
+    );
+    assert_eq!(max_entries(&sb.pin_dir.join("SY_SETS")), 192);
+    assert!(all(5), "{}", maps());
+
+    // Room for three service ports (ids 1..maxServices-1): /healthz names the others and
+    // the setting to raise, and a metric counts them.
+    sb.start_daemon(&dir, "ebpf", &cfg(4)).unwrap();
+    wait_for(
+        "/healthz naming the full map",
+        30,
+        || {
+            let h = get("/healthz", 10256);
+            h.contains("capacity") && h.contains("raise maxServices")
+        },
+        || get("/healthz", 10256) + &sb.daemon_log(),
+    );
+    let h = get("/healthz", 10256);
+    assert!(h.starts_with("HTTP/1.1 503"), "{h}");
+    let metrics = get("/metrics", 10249);
+    let unprogrammed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_dataplane_unprogrammed_service_ports "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(unprogrammed, 2, "{metrics}");
+    // Room again: /healthz recovers with the next change.
+    write(3);
+    wait_for(
+        "healthy again",
+        40,
+        || get("/healthz", 10256).starts_with("HTTP/1.1 200"),
+        || get("/healthz", 10256) + &sb.daemon_log(),
+    );
+    assert!(all(3), "{}", maps());
+}

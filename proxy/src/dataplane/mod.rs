@@ -24,6 +24,11 @@ pub trait Dataplane: Send {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError>;
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError>;
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
+    /// What this backend could not program for lack of capacity right now (for `/healthz`);
+    /// `None` when everything fits.
+    fn capacity_problem(&self) -> Option<String> {
+        None
+    }
     /// The node's network interfaces are now `links` (names). Backends with per-interface
     /// programs attach to new ones; with `verify` (full syncs) they also check that every
     /// interface that should carry a program still does and re-attach where it does not.

@@ -14,6 +14,7 @@ pub mod janitor;
 pub mod maglev;
 pub mod ports;
 pub mod render;
+pub mod resize;
 pub mod socks;
 pub mod stats;
 pub mod writer;
@@ -22,7 +23,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use switchyard_ebpf_common::maps as m;
 use switchyard_model::{ChangeSet, DesiredState};
 
 pub use self::attach::glob;
@@ -89,27 +89,41 @@ pub fn load_maps(
 ) -> Result<(aya::Ebpf, AyaMaps), DataplaneError> {
     host::ensure_bpffs(pin_dir)?;
     host::create_dir(pin_dir)?;
-    let mut ebpf =
-        loader(pin_dir, capacity)
-            .load(OBJECT)
-            .map_err(|source| DataplaneError::LoadObject {
-                source: Box::new(source),
-            })?;
+    let mut ebpf = load_sized(pin_dir, capacity, false)?;
     let maps = AyaMaps::take(&mut ebpf)?;
     Ok((ebpf, maps))
 }
 
-fn loader<'a>(pin_dir: &'a Path, capacity: &Capacity) -> aya::EbpfLoader<'a> {
-    let services = capacity.services;
+fn loader<'a>(pin_dir: &'a Path, sized: &[resize::SizedMap]) -> aya::EbpfLoader<'a> {
     let mut l = aya::EbpfLoader::new();
-    l.default_map_pin_directory(pin_dir)
-        .map_max_entries(m::FRONTENDS4, services.saturating_mul(8))
-        .map_max_entries(m::FRONTENDS6, services.saturating_mul(8))
-        .map_max_entries(m::SETS, services.saturating_mul(3))
-        .map_max_entries(m::SLOTS, capacity.slots)
-        .map_max_entries(m::BACKENDS, capacity.backends)
-        .map_max_entries(m::COUNTERS, services);
+    l.default_map_pin_directory(pin_dir);
+    for s in sized {
+        l.map_max_entries(s.name, s.max_entries);
+    }
     l
+}
+
+/// Load the kernel object with the maps sized for `capacity`: pins of another size are
+/// replaced by maps of the configured size holding the same entries (`resize`).
+fn load_sized(
+    pin_dir: &Path,
+    capacity: &Capacity,
+    counters: bool,
+) -> Result<aya::Ebpf, DataplaneError> {
+    let sized = resize::sized_maps(capacity, counters);
+    resize::check_limits(&sized)?;
+    let moved = resize::set_aside(pin_dir, &sized)?;
+    let ebpf = match loader(pin_dir, &sized).load(OBJECT) {
+        Ok(e) => e,
+        Err(source) => {
+            resize::undo(&moved);
+            return Err(DataplaneError::LoadObject {
+                source: Box::new(source),
+            });
+        }
+    };
+    resize::carry_over(&moved)?;
+    Ok(ebpf)
 }
 
 /// Every map pinned under `pin_dir`: its file name and kernel id.
@@ -171,11 +185,7 @@ impl EbpfDataplane {
         }
         host::ensure_bpffs(&cfg.pin_dir)?;
         host::create_dir(&cfg.pin_dir.join("links"))?;
-        let mut ebpf = loader(&cfg.pin_dir, &cfg.capacity)
-            .load(OBJECT)
-            .map_err(|source| DataplaneError::LoadObject {
-                source: Box::new(source),
-            })?;
+        let mut ebpf = load_sized(&cfg.pin_dir, &cfg.capacity, cfg.service_counters)?;
         let maps = AyaMaps::take(&mut ebpf)?;
         let writer = Writer::new(
             maps,
@@ -237,10 +247,12 @@ impl EbpfDataplane {
     }
 
     fn report(&self, r: &Report) {
-        for e in &r.capacity_errors {
-            self.metrics.dataplane_capacity_errors.inc();
-            tracing::error!(service_port = %e.service_port, reason = %e.reason, "service not programmed");
-        }
+        self.metrics
+            .dataplane_capacity_errors
+            .inc_by(r.capacity_errors.len() as u64);
+        self.metrics
+            .dataplane_unprogrammed
+            .set(i64::try_from(self.writer.unprogrammed().len()).unwrap_or(i64::MAX));
         for (map, used, max) in self.writer.fill() {
             let label = crate::metrics::MapLabel { map: map.into() };
             let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -269,6 +281,15 @@ impl Dataplane for EbpfDataplane {
         self.janitor
             .changed(changes, |k| self.writer.port(k), state);
         Ok(())
+    }
+
+    fn capacity_problem(&self) -> Option<String> {
+        let u = self.writer.unprogrammed();
+        let (port, reason) = u.iter().next()?;
+        Some(match u.len() {
+            1 => format!("service port {port} not programmed: {reason}"),
+            n => format!("{n} service ports not programmed, {port} the first: {reason}"),
+        })
     }
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {

@@ -64,6 +64,9 @@ pub struct Writer<M> {
     adopted: bool,
     config: Option<Config>,
     config6: Option<Config6>,
+    /// Service ports left unprogrammed (or at their previous state) for lack of capacity,
+    /// with the reason; retried by their next change and by every full sync.
+    unprogrammed: BTreeMap<String, String>,
 }
 
 impl<M> std::fmt::Debug for Writer<M> {
@@ -139,7 +142,26 @@ impl<M: MapIo> Writer<M> {
             adopted: false,
             config: None,
             config6: None,
+            unprogrammed: BTreeMap::new(),
         }
+    }
+
+    /// Note a port that did not fit, logging it only the first time.
+    fn not_programmed(&mut self, key: &ServicePortKey, reason: &Exhausted, report: &mut Report) {
+        let (port, reason) = (key.to_string(), reason.to_string());
+        if self.unprogrammed.get(&port) != Some(&reason) {
+            tracing::error!(service_port = %port, %reason, "cannot program service: map capacity exhausted; its previous state (if any) stays");
+        }
+        report.capacity_errors.push(CapacityError {
+            service_port: port.clone(),
+            reason: reason.clone(),
+        });
+        self.unprogrammed.insert(port, reason);
+    }
+
+    /// The service ports not programmed for lack of capacity right now, with the reason.
+    pub fn unprogrammed(&self) -> &BTreeMap<String, String> {
+        &self.unprogrammed
     }
 
     fn write(&mut self, op: &Op, report: &mut Report) -> Result<(), MapError> {
@@ -213,16 +235,15 @@ impl<M: MapIo> Writer<M> {
             Some(s) => match self.render(s, old.as_ref()) {
                 Ok(r) => Some(r),
                 Err(reason) => {
-                    tracing::error!(service_port = %key, %reason, "cannot program service: map capacity exhausted; its previous state stays");
-                    report.capacity_errors.push(CapacityError {
-                        service_port: key.to_string(),
-                        reason: reason.to_string(),
-                    });
+                    self.not_programmed(key, &reason, report);
                     return Ok(());
                 }
             },
             None => None,
         };
+        if !self.unprogrammed.is_empty() {
+            self.unprogrammed.remove(&key.to_string());
+        }
         let empty = PortRender::default();
         let o = old.as_ref().unwrap_or(&empty);
         let n = new_r.as_ref().unwrap_or(&empty);
@@ -429,6 +450,7 @@ impl<M: MapIo> Writer<M> {
 
         // Render everything (keeping what was programmed for ports that no longer fit).
         let mut desired: HashMap<ServicePortKey, PortRender> = HashMap::new();
+        let mut failed = BTreeSet::new();
         self.live_slots = 0;
         for s in state.values() {
             let old = self.ports.get(&s.key).cloned();
@@ -438,11 +460,8 @@ impl<M: MapIo> Writer<M> {
                     desired.insert(s.key.clone(), r);
                 }
                 Err(reason) => {
-                    tracing::error!(service_port = %s.key, %reason, "cannot program service: map capacity exhausted");
-                    report.capacity_errors.push(CapacityError {
-                        service_port: s.key.to_string(),
-                        reason: reason.to_string(),
-                    });
+                    self.not_programmed(&s.key, &reason, &mut report);
+                    failed.insert(s.key.to_string());
                     if let Some(o) = old {
                         desired.insert(s.key.clone(), o);
                     }
@@ -454,6 +473,7 @@ impl<M: MapIo> Writer<M> {
                 self.alloc.release_unused(k, old, None);
             }
         }
+        self.unprogrammed.retain(|k, _| failed.contains(k));
 
         // Global settings.
         let c = self.config_for(state);
