@@ -11,7 +11,8 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, Prepared};
+use crate::error::DataplaneError;
 use crate::metrics::TrafficPolicyLabel;
 use crate::store::{Store, SyncOutput};
 use switchyard_model::ServicePortState;
@@ -115,8 +116,12 @@ impl SyncLoop {
         let mut next_full = Instant::now();
         let mut retry = self.timing.retry;
         let mut pending = true;
+        // A periodic full sync reads the kernel state in the background while changes keep
+        // landing (`reading`), then syncs from what it read (`prepared`).
+        let mut reading: Option<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>> = None;
+        let mut prepared: Option<Prepared> = None;
         loop {
-            if pending || need_full {
+            if pending || need_full || prepared.is_some() {
                 // Debounce: at most one sync per minSyncPeriod; events in between coalesce.
                 // (Only when that is still ahead: a timer rounds up to the next millisecond
                 // tick, which would add up to a millisecond to every change at minSyncPeriod 0.)
@@ -129,9 +134,12 @@ impl SyncLoop {
                         () = sleep_until(earliest.into()) => {}
                     }
                 }
-                let full = need_full || Instant::now() >= next_full;
+                let full = need_full || prepared.is_some();
+                // A forced full sync (start, or after a failure) reads the maps itself.
+                let from = if need_full { None } else { prepared.take() };
+                prepared = None;
                 let generation = *changed.borrow_and_update();
-                let result = self.sync_once(full).await;
+                let result = self.sync_once(full, from).await;
                 self.progress.send_replace(generation);
                 match result {
                     Ok(()) => {
@@ -157,6 +165,16 @@ impl SyncLoop {
                 pending = false;
                 continue;
             }
+            if reading.is_none() && Instant::now() >= next_full {
+                self.queued();
+                match self.start_read().await {
+                    Some(handle) => reading = Some(handle),
+                    None => {
+                        need_full = true;
+                        continue;
+                    }
+                }
+            }
             tokio::select! {
                 () = cancel.cancelled() => return,
                 r = changed.changed() => {
@@ -164,15 +182,48 @@ impl SyncLoop {
                     pending = true;
                     self.queued();
                 }
-                () = sleep_until(next_full.into()) => {
-                    need_full = true;
-                    self.queued();
+                () = sleep_until(next_full.into()), if reading.is_none() => {}
+                r = async {
+                    match reading.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                }, if reading.is_some() => {
+                    reading = None;
+                    match r {
+                        Ok(Ok(p)) => prepared = Some(p),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %crate::error::chain(&e), "reading the maps for a periodic full sync; reading them again under the sync");
+                            need_full = true;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the periodic full sync's read panicked; reading again under the sync");
+                            need_full = true;
+                        }
+                    }
                 }
             }
         }
     }
 
-    async fn sync_once(&self, full: bool) -> Result<(), ()> {
+    /// Start the read half of a periodic full sync in the background, when the backend
+    /// has one (see `Dataplane::full_sync_reader`).
+    async fn start_read(
+        &self,
+    ) -> Option<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>> {
+        let dp = Arc::clone(&self.dataplane);
+        let reader = tokio::task::spawn_blocking(move || {
+            dp.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .full_sync_reader()
+        })
+        .await
+        .ok()
+        .flatten()?;
+        Some(tokio::task::spawn_blocking(reader))
+    }
+
+    async fn sync_once(&self, full: bool, prepared: Option<Prepared>) -> Result<(), ()> {
         let Some(out) = self.store.sync() else {
             return Ok(());
         };
@@ -200,7 +251,10 @@ impl SyncLoop {
             // either failure fails the sync (retried, counted, reported by /healthz).
             let links = (full || links_changed).then(|| dp.sync_links(&links, full));
             let state = if full {
-                dp.full_sync(&state)
+                match prepared {
+                    Some(p) => dp.full_sync_prepared(&state, p),
+                    None => dp.full_sync(&state),
+                }
             } else if changes.is_empty() {
                 Ok(())
             } else {

@@ -422,3 +422,58 @@ fn endpoint_churn_beyond_the_backend_capacity_releases_every_replaced_backend() 
         w.io.content.backends
     );
 }
+
+/// A periodic full sync reads the maps without the writer while changes keep landing, then
+/// syncs from that read: the writes made meanwhile are replayed onto it, so a set flipped to
+/// its other slot half in between is not flipped back onto deleted slots, and the result is
+/// exactly what a full sync reading the maps at that moment would leave (nothing to fix).
+#[test]
+fn a_full_sync_from_an_earlier_read_keeps_the_changes_made_meanwhile() {
+    let mut e = Engine::new(ProxyConfig::default());
+    let mut w = writer(FakeMaps::default());
+    let cs = load(&mut e, &svc_yaml(&["10.244.0.1", "10.244.0.2"], ""));
+    w.apply(&cs, e.state()).unwrap();
+    w.full_sync(e.state()).unwrap();
+
+    for stale_journal in [false, true] {
+        let journal = w.start_journal();
+        let read = w.io.content.clone();
+        // Meanwhile: a backend replaced (the set flips to its other half, the old half is
+        // deleted) and a second service added.
+        let cs = load(
+            &mut e,
+            &(svc_yaml(&["10.244.0.1", "10.244.0.3"], "")
+                + &fixtures::service("t", "api", "10.96.0.11", &[Port::tcp("http", 80)])
+                + &fixtures::slice(
+                    "t",
+                    "api",
+                    "api-1",
+                    &[Port::tcp("http", 8080)],
+                    &[("10.244.0.9", None)],
+                )),
+        );
+        w.apply(&cs, e.state()).unwrap();
+        let programmed = w.io.content.clone();
+        let n = w.io.log.len();
+        let id = if stale_journal {
+            // A full sync ran in between: that read is dropped and the maps read again.
+            w.full_sync(e.state()).unwrap();
+            journal
+        } else {
+            journal
+        };
+        let r = w.full_sync_prepared(e.state(), id, read).unwrap();
+        assert_eq!(r.writes, 0, "{:?}", &w.io.log[n..]);
+        assert_eq!(w.io.content, programmed);
+        consistent(&w.io.content).unwrap();
+        let v = inspect::view(&w.io.content);
+        assert!(
+            v.iter()
+                .any(|p| p.backends == ["10.244.0.1:8080", "10.244.0.3:8080"]),
+            "{v:?}"
+        );
+        // Back to the first state for the next round.
+        let cs = load(&mut e, &svc_yaml(&["10.244.0.1", "10.244.0.2"], ""));
+        w.apply(&cs, e.state()).unwrap();
+    }
+}

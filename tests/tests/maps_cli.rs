@@ -217,3 +217,49 @@ fn max_services_resizes_the_pinned_maps_and_a_full_map_is_reported() {
     );
     assert!(all(3), "{}", maps());
 }
+
+/// The periodic full sync (read in the background while changes land) puts back an entry
+/// someone deleted from the maps, and keeps the changes made meanwhile.
+#[test]
+fn a_periodic_full_sync_repairs_a_deleted_frontend() {
+    use switchyard::dataplane::ebpf::io::{AyaMaps, MapIo, Op};
+    require_root();
+    let mut sb = Sandbox::create(
+        "sym4",
+        &[BackendSpec::new("a1", Ipv4Addr::new(10, 244, 1, 11))],
+    )
+    .unwrap();
+    let dir = sb.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("all.yaml"), (0..3).map(web).collect::<String>()).unwrap();
+    sb.start_daemon(&dir, "ebpf", "syncPeriod: 2s\n").unwrap();
+    let pins = sb.pin_dir.clone();
+    let dump = || AyaMaps::from_pins(&pins).and_then(|m| m.dump());
+    wait_for(
+        "three services programmed",
+        20,
+        || dump().is_ok_and(|d| d.frontends4.len() >= 3),
+        || sb.daemon_log(),
+    );
+    let before = dump().unwrap();
+    let (k, _) = before.frontends4.iter().next().unwrap();
+    let mut maps = AyaMaps::from_pins(&pins).unwrap();
+    maps.write(&Op::DelFrontend4(*k)).unwrap();
+    assert!(!dump().unwrap().frontends4.contains_key(k));
+    // A change lands while the repair is due.
+    std::fs::write(dir.join("more.yaml"), web(3)).unwrap();
+    wait_for(
+        "the deleted frontend back, the new service programmed",
+        15,
+        || {
+            dump().is_ok_and(|d| {
+                d.frontends4.contains_key(k) && d.frontends4.len() > before.frontends4.len()
+            })
+        },
+        || sb.daemon_log(),
+    );
+    let after = dump().unwrap();
+    for (key, v) in &before.frontends4 {
+        assert_eq!(after.frontends4.get(key), Some(v), "{after:?}");
+    }
+}

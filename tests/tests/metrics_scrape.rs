@@ -87,7 +87,11 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     ("switchyard_service_ports", "gauge", &[]),
     ("switchyard_backend", "gauge", &["backend", "reason"]),
     ("switchyard_dataplane_capacity_errors", "counter", &[]),
-    ("switchyard_dataplane_unprogrammed_service_ports", "gauge", &[]),
+    (
+        "switchyard_dataplane_unprogrammed_service_ports",
+        "gauge",
+        &[],
+    ),
     ("switchyard_tc_programs_reattached", "counter", &[]),
     ("switchyard_health_check_node_port_servers", "gauge", &[]),
     (

@@ -24,6 +24,21 @@ pub trait Dataplane: Send {
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError>;
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError>;
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
+    /// The slow, read-only half of a periodic full sync, to run without holding the
+    /// backend so changes keep landing meanwhile (eBPF: reading every map entry back takes
+    /// seconds at 100k services); its result goes to `full_sync_prepared`. `None`: this
+    /// backend has no such half (`full_sync` does it all).
+    fn full_sync_reader(&mut self) -> Option<FullSyncReader> {
+        None
+    }
+    /// A full sync from what `full_sync_reader`'s reader returned.
+    fn full_sync_prepared(
+        &mut self,
+        state: &DesiredState,
+        _prepared: Prepared,
+    ) -> Result<(), DataplaneError> {
+        self.full_sync(state)
+    }
     /// What this backend could not program for lack of capacity right now (for `/healthz`);
     /// `None` when everything fits.
     fn capacity_problem(&self) -> Option<String> {
@@ -39,6 +54,18 @@ pub trait Dataplane: Send {
     /// alive (`dns.interceptClusterDNS`); `None` when this backend cannot intercept.
     fn dns_redirector(&self) -> Option<Box<dyn DnsRedirector>> {
         None
+    }
+}
+
+/// Reads the kernel state for a full sync, off the sync loop's lock.
+pub type FullSyncReader = Box<dyn FnOnce() -> Result<Prepared, DataplaneError> + Send>;
+
+/// What a `FullSyncReader` read, for the backend that made it.
+pub struct Prepared(pub Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepared")
     }
 }
 

@@ -73,7 +73,7 @@ pub struct Dump {
 }
 
 impl Dump {
-    fn apply(&mut self, op: &Op) {
+    pub fn apply(&mut self, op: &Op) {
         match op {
             Op::PutFrontend4(k, v) => {
                 self.frontends4.insert(*k, *v);

@@ -299,6 +299,33 @@ impl Dataplane for EbpfDataplane {
         Ok(())
     }
 
+    fn full_sync_reader(&mut self) -> Option<super::FullSyncReader> {
+        let journal = self.writer.start_journal();
+        let dir = self.cfg.pin_dir.clone();
+        Some(Box::new(move || {
+            let _span = tracing::debug_span!("full_sync_read").entered();
+            let dump = io::MapIo::dump(&AyaMaps::from_pins(&dir)?)?;
+            Ok(super::Prepared(Box::new((journal, dump))))
+        }))
+    }
+
+    fn full_sync_prepared(
+        &mut self,
+        state: &DesiredState,
+        prepared: super::Prepared,
+    ) -> Result<(), DataplaneError> {
+        let r = match prepared.0.downcast::<(u64, io::Dump)>() {
+            Ok(p) => {
+                let (journal, dump) = *p;
+                self.writer.full_sync_prepared(state, journal, dump)?
+            }
+            Err(_) => self.writer.full_sync(state)?,
+        };
+        self.report(&r);
+        self.janitor.full(self.writer.ports(), state);
+        Ok(())
+    }
+
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         if let Err(e) = unreserve_ports(&self.cfg.pin_dir) {
             tracing::warn!(error = %e, "releasing the reserved NodePort range");

@@ -67,6 +67,10 @@ pub struct Writer<M> {
     /// Service ports left unprogrammed (or at their previous state) for lack of capacity,
     /// with the reason; retried by their next change and by every full sync.
     unprogrammed: BTreeMap<String, String>,
+    /// The writes made while a dump is read without the writer (`start_journal`), to bring
+    /// that dump up to date before a full sync uses it; with the journal's id.
+    journal: Option<(u64, Vec<Op>)>,
+    journals: u64,
 }
 
 impl<M> std::fmt::Debug for Writer<M> {
@@ -77,6 +81,9 @@ impl<M> std::fmt::Debug for Writer<M> {
             .finish_non_exhaustive()
     }
 }
+
+/// The most writes a journal holds (about 50 MB); see `Writer::start_journal`.
+const JOURNAL_MAX: usize = 1 << 20;
 
 fn other_base(b: u32) -> u32 {
     if b == SLOT_BASE_A {
@@ -143,7 +150,18 @@ impl<M: MapIo> Writer<M> {
             config: None,
             config6: None,
             unprogrammed: BTreeMap::new(),
+            journal: None,
+            journals: 0,
         }
+    }
+
+    /// Record every write from now on, for a dump read elsewhere meanwhile (a periodic full
+    /// sync reads the maps without holding the writer, so changes keep landing): returns
+    /// the id `full_sync_prepared` takes with that dump.
+    pub fn start_journal(&mut self) -> u64 {
+        self.journals += 1;
+        self.journal = Some((self.journals, Vec::new()));
+        self.journals
     }
 
     /// Note a port that did not fit, logging it only the first time.
@@ -166,6 +184,15 @@ impl<M: MapIo> Writer<M> {
 
     fn write(&mut self, op: &Op, report: &mut Report) -> Result<(), MapError> {
         report.writes += 1;
+        if let Some((_, j)) = &mut self.journal {
+            // Bounded: a dump nobody takes must not grow it forever (the full sync that
+            // would have used it then reads the maps again).
+            if j.len() < JOURNAL_MAX {
+                j.push(op.clone());
+            } else {
+                self.journal = None;
+            }
+        }
         self.io.write(op)
     }
 
@@ -441,10 +468,38 @@ impl<M: MapIo> Writer<M> {
 
     /// Make the maps hold exactly `state`.
     pub fn full_sync(&mut self, state: &DesiredState) -> Result<Report, MapError> {
-        let mut report = Report::default();
+        self.journal = None;
         let dump = self.io.dump()?;
+        self.full_sync_from(state, &dump)
+    }
+
+    /// A full sync from `dump`, read without the writer since `start_journal` returned
+    /// `journal`: the writes made meanwhile are replayed onto it first (each write sets or
+    /// removes one whole entry, so for every entry they touched the last one is what the
+    /// kernel holds; a hash-map walk misses no entry that was not touched). When that
+    /// journal is no longer the current one (a full sync ran meanwhile), the dump is
+    /// dropped and the maps read again.
+    pub fn full_sync_prepared(
+        &mut self,
+        state: &DesiredState,
+        journal: u64,
+        mut dump: Dump,
+    ) -> Result<Report, MapError> {
+        match self.journal.take() {
+            Some((id, ops)) if id == journal => {
+                for op in &ops {
+                    dump.apply(op);
+                }
+                self.full_sync_from(state, &dump)
+            }
+            _ => self.full_sync(state),
+        }
+    }
+
+    fn full_sync_from(&mut self, state: &DesiredState, dump: &Dump) -> Result<Report, MapError> {
+        let mut report = Report::default();
         if !self.adopted {
-            self.adopt(state, &dump);
+            self.adopt(state, dump);
             self.adopted = true;
         }
 
