@@ -191,13 +191,23 @@ fn run_with_manifests_and_no_backend_syncs_and_reports_health_and_metrics() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let m = http_get(&addr, "/metrics").unwrap();
+    // Healthy comes first (as kube-proxy: not unhealthy before the health timeout); the
+    // first sync follows.
+    let m = loop {
+        let m = http_get(&addr, "/metrics").unwrap_or_default();
+        if m.contains("switchyard_service_ports 11")
+            || start.elapsed() > std::time::Duration::from_secs(20)
+        {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(m.contains("switchyard_service_ports 11"), "{m}");
     assert!(
         m.contains("switchyard_backend{backend=\"none\",reason=\"requested\"} 1"),
         "{m}"
     );
-    // Present is not enough: the sync that made the daemon healthy was measured.
+    // Present is not enough: the first sync was measured.
     let value = |name: &str| -> f64 {
         m.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
