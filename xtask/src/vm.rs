@@ -3,11 +3,13 @@
 //! The kernel comes from `scripts/vm-kernel.sh` (apt download + unpack, never installed as
 //! the host's kernel). The test binaries are built on the host; the guest runs over the
 //! host's root filesystem (virtme-ng, `--disable-kvm`: this machine kind has no usable KVM),
-//! so it sees the same binaries and tools. The guest writes each binary's output and exit
-//! code into a directory shared read-write with the host; the host streams that output while
-//! the VM runs and fails when any binary failed, or when the VM ended without reporting.
+//! so it sees the same binaries and tools. The host lists the tests (libtest's `--list`); the
+//! guest runs each as its own process and writes its output and exit code into a directory
+//! shared read-write with the host; the host streams that output while the VM runs, stops a
+//! VM that goes silent (see `STALL`), and fails when any test failed or never reported.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,7 +75,74 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// One kernel: fetch it, boot it, run the binaries, report.
+/// One test to run in the guest: the binary's name (as given), its executable, the test's
+/// full name.
+struct Case {
+    binary: String,
+    exe: PathBuf,
+    test: String,
+}
+
+/// Every test the binaries would run with `args` (libtest's own `--list`, run on the host:
+/// the guest sees the same files).
+fn list_cases(binaries: &[(String, PathBuf)], args: &[String]) -> anyhow::Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for (name, exe) in binaries {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--list", "--format", "terse"]);
+        // Filters and --skip narrow the list; output options do not matter to it.
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "--skip" {
+                if let Some(v) = it.next() {
+                    cmd.args(["--skip", v]);
+                }
+            } else if a == "--exact" || a == "--ignored" || a == "--include-ignored" {
+                cmd.arg(a);
+            }
+        }
+        if let Some((_, filter)) = name.split_once(':') {
+            cmd.arg(filter);
+        }
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("listing the tests of {}", exe.display()))?;
+        if !out.status.success() {
+            bail!("{} --list failed", exe.display());
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(test) = line.strip_suffix(": test") {
+                cases.push(Case {
+                    binary: name.clone(),
+                    exe: exe.clone(),
+                    test: test.to_string(),
+                });
+            }
+        }
+    }
+    Ok(cases)
+}
+
+/// How one boot of the VM ended.
+enum Boot {
+    /// The guest ran every case it was given and powered off.
+    Finished,
+    /// No output for `STALL`: the VM was stopped; the cases from the first one without an
+    /// exit code on are still to run.
+    Stalled,
+}
+
+/// The longest a single test may run in the guest without writing a line before the VM is
+/// stopped as hung (the slowest scenario takes about 4 min under emulation).
+const STALL: Duration = Duration::from_mins(10);
+
+/// One kernel: fetch it, boot it, run the tests one by one, report.
+///
+/// Each test runs as its own process with its exit code in its own file. When the guest
+/// goes silent for `STALL` (a test or the emulated kernel hung: seen once in ~20 CI runs,
+/// QEMU spinning one core), the VM is stopped, the hang is reported by name, and a new VM
+/// runs the rest, that test first, once more; a test that hangs twice fails the run.
 fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> anyhow::Result<()> {
     let script = root().join("scripts/vm-kernel.sh");
     let out = Command::new("bash")
@@ -90,33 +159,152 @@ fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> 
     let (Some(vmlinuz), Some(vng)) = (lines.next(), lines.next()) else {
         bail!("{} printed no kernel and vng paths", script.display());
     };
+    let cases = list_cases(binaries, args)?;
+    if cases.is_empty() {
+        bail!(
+            "no test matched in {:?}",
+            binaries.iter().map(|b| &b.0).collect::<Vec<_>>()
+        );
+    }
     let work = root().join("target/vm").join(format!("run-{kernel}"));
     let _ = std::fs::remove_dir_all(&work);
     let shared = work.join("out");
     std::fs::create_dir_all(&shared)?;
-    let log = shared.join("log");
+    // Output options (--nocapture, ...) pass through; the selection is per case.
+    let mut passthrough = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--skip" {
+            it.next();
+        } else if !a.starts_with("--") || a == "--exact" {
+            // a filter: already applied by the listing
+        } else {
+            passthrough.push(shell_quote(a));
+        }
+    }
+    let started = Instant::now();
+    let mut next = 0usize;
+    let mut hung: Vec<usize> = Vec::new();
+    let mut boots = 0;
+    while next < cases.len() {
+        boots += 1;
+        match boot(
+            kernel,
+            vmlinuz,
+            vng,
+            &work,
+            &shared,
+            &cases,
+            next,
+            &passthrough,
+            started,
+            boots,
+        )? {
+            Boot::Finished => break,
+            Boot::Stalled => {
+                let first = (next..cases.len())
+                    .find(|i| !shared.join(format!("rc-{i}")).exists())
+                    .unwrap_or(cases.len());
+                if first == cases.len() {
+                    break;
+                }
+                let c = &cases[first];
+                eprintln!(
+                    "xtask: {kernel} VM: {} {} wrote nothing for {} min: VM stopped{}",
+                    c.binary,
+                    c.test,
+                    STALL.as_secs() / 60,
+                    if hung.contains(&first) {
+                        "; it hung twice, failing it"
+                    } else {
+                        "; a new VM runs it again, then the rest"
+                    }
+                );
+                if hung.contains(&first) {
+                    std::fs::write(shared.join(format!("rc-{first}")), "hung twice\n")?;
+                    next = first + 1;
+                } else {
+                    hung.push(first);
+                    next = first;
+                }
+            }
+        }
+    }
+    let took = started.elapsed();
+    let mut failed = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        match std::fs::read_to_string(shared.join(format!("rc-{i}"))) {
+            Ok(rc) if rc.trim() == "0" => {}
+            Ok(rc) => failed.push(format!("{} {} ({})", c.binary, c.test, rc.trim())),
+            Err(_) => failed.push(format!(
+                "{} {} never reported (VM crashed or stopped)",
+                c.binary, c.test
+            )),
+        }
+    }
+    let retried: Vec<String> = hung
+        .iter()
+        .map(|&i| format!("{} {}", cases[i].binary, cases[i].test))
+        .collect();
+    eprintln!(
+        "xtask: {kernel} VM: {} tests in {:.0} s, {boots} boot(s){}",
+        cases.len(),
+        took.as_secs_f64(),
+        if retried.is_empty() {
+            String::new()
+        } else {
+            format!("; hung once and run again: {}", retried.join(", "))
+        }
+    );
+    if !failed.is_empty() {
+        let console = work.join("console.log");
+        let tail = tail_lines(&console, 30);
+        bail!(
+            "on the {kernel} kernel, failed: {}\nlast console lines ({}):\n{tail}",
+            failed.join("; "),
+            console.display()
+        );
+    }
+    Ok(())
+}
+
+/// Boot the VM once and run `cases[from..]`, streaming the guest's log.
+#[allow(clippy::too_many_arguments)]
+fn boot(
+    kernel: &str,
+    vmlinuz: &str,
+    vng: &str,
+    work: &Path,
+    shared: &Path,
+    cases: &[Case],
+    from: usize,
+    passthrough: &[String],
+    started: Instant,
+    n: usize,
+) -> anyhow::Result<Boot> {
+    let log = shared.join(format!("log-{n}"));
     std::fs::write(&log, "")?;
+    let log_q = shell_quote(&log.to_string_lossy());
     let mut guest = String::from("#!/bin/sh\n");
     guest.push_str(&format!("cd {}\n", shell_quote(&root().to_string_lossy())));
     guest.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     guest.push_str(&format!("export SY_VM_KERNEL={}\n", shell_quote(kernel)));
     guest.push_str("export RUST_BACKTRACE=1\n");
-    let log_q = shell_quote(&log.to_string_lossy());
     guest.push_str(&format!(
         "echo \"== guest kernel $(uname -r)\" >> {log_q}\n"
     ));
-    let quoted_args: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
-    for (name, exe) in binaries {
-        let rc = shell_quote(&shared.join(format!("rc-{name}")).to_string_lossy());
-        let filter = name.split_once(':').map(|(_, f)| shell_quote(f));
+    for (i, c) in cases.iter().enumerate().skip(from) {
+        let rc = shell_quote(&shared.join(format!("rc-{i}")).to_string_lossy());
         guest.push_str(&format!(
-            "echo \"== {name}\" >> {log_q}\n{} --test-threads=1 {} {} >> {log_q} 2>&1\necho $? > {rc}\n",
-            shell_quote(&exe.to_string_lossy()),
-            quoted_args.join(" "),
-            filter.unwrap_or_default()
+            "echo \"== {} {}\" >> {log_q}\n{} --test-threads=1 --exact {} {} >> {log_q} 2>&1\necho $? > {rc}\n",
+            c.binary,
+            c.test,
+            shell_quote(&c.exe.to_string_lossy()),
+            shell_quote(&c.test),
+            passthrough.join(" "),
         ));
     }
-    let guest_path = work.join("guest.sh");
+    let guest_path = work.join(format!("guest-{n}.sh"));
     std::fs::write(&guest_path, guest)?;
     std::fs::set_permissions(
         &guest_path,
@@ -124,73 +312,66 @@ fn run_kernel(kernel: &str, binaries: &[(String, PathBuf)], args: &[String]) -> 
     )?;
 
     eprintln!("xtask: booting {vmlinuz} (software emulation; ~10 s to boot)");
-    let started = Instant::now();
-    let console = std::fs::File::create(work.join("console.log"))?;
+    let console = std::fs::File::create(work.join(format!("console-{n}.log")))?;
+    let _ = std::fs::remove_file(work.join("console.log"));
+    let _ = std::os::unix::fs::symlink(format!("console-{n}.log"), work.join("console.log"));
     let mut vm = Command::new(vng)
         .args(["--disable-kvm", "--memory", "4G", "--cpus", "2", "-v", "-r"])
         .arg(vmlinuz)
         .arg("--rwdir")
-        .arg(&shared)
+        .arg(shared)
         .arg("--exec")
         .arg(&guest_path)
         .current_dir(root())
         .stdin(Stdio::null())
         .stdout(console.try_clone()?)
         .stderr(console)
+        .process_group(0)
         .spawn()
         .context("spawning vng (virtme-ng)")?;
+    // vng runs QEMU as a child: stopping the VM means the whole process group.
+    let stop = |vm: &mut std::process::Child| {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", vm.id())])
+            .status();
+        let _ = vm.wait();
+    };
     let mut reader = std::fs::File::open(&log)?;
     let mut pos = 0u64;
-    let mut pump = |reader: &mut std::fs::File| -> anyhow::Result<()> {
+    let mut last_output = Instant::now();
+    let mut pump = |reader: &mut std::fs::File, last: &mut Instant| -> anyhow::Result<()> {
         reader.seek(SeekFrom::Start(pos))?;
         let mut buf = String::new();
         let n = reader.read_to_string(&mut buf)?;
+        if n > 0 {
+            *last = Instant::now();
+        }
         pos += n as u64;
         eprint!("{buf}");
         Ok(())
     };
-    let status = loop {
-        if let Some(s) = vm.try_wait()? {
-            break s;
+    loop {
+        if vm.try_wait()?.is_some() {
+            pump(&mut reader, &mut last_output)?;
+            return Ok(Boot::Finished);
         }
         if started.elapsed() > VM_TIMEOUT {
-            let _ = vm.kill();
-            let _ = vm.wait();
-            pump(&mut reader)?;
+            stop(&mut vm);
+            pump(&mut reader, &mut last_output)?;
             bail!(
                 "{kernel} VM still running after {} min: stopped (console: {})",
                 VM_TIMEOUT.as_secs() / 60,
                 work.join("console.log").display()
             );
         }
-        pump(&mut reader)?;
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    pump(&mut reader)?;
-    let took = started.elapsed();
-    let mut failed = Vec::new();
-    for (name, _) in binaries {
-        match std::fs::read_to_string(shared.join(format!("rc-{name}"))) {
-            Ok(rc) if rc.trim() == "0" => {}
-            Ok(rc) => failed.push(format!("{name} exited {}", rc.trim())),
-            Err(_) => failed.push(format!("{name} never reported (VM crashed or stopped)")),
+        if last_output.elapsed() > STALL {
+            stop(&mut vm);
+            pump(&mut reader, &mut last_output)?;
+            return Ok(Boot::Stalled);
         }
+        pump(&mut reader, &mut last_output)?;
+        std::thread::sleep(Duration::from_secs(1));
     }
-    eprintln!(
-        "xtask: {kernel} VM: {} binaries in {:.0} s (vng {status})",
-        binaries.len(),
-        took.as_secs_f64()
-    );
-    if !failed.is_empty() {
-        let console = work.join("console.log");
-        let tail = tail_lines(&console, 30);
-        bail!(
-            "on the {kernel} kernel: {}\nlast console lines ({}):\n{tail}",
-            failed.join("; "),
-            console.display()
-        );
-    }
-    Ok(())
 }
 
 fn tail_lines(p: &Path, n: usize) -> String {
