@@ -435,6 +435,20 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     }
     let after_text = scrape(&t)?;
     let after = programming_histogram(&after_text);
+    // A periodic full sync may still be reading (seconds at 100k): its figure waits for it.
+    let mut fulls_text = after_text.clone();
+    let waited = Instant::now();
+    while !super::smoke()
+        && metric(
+            &fulls_text,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+        ) < 2.0
+        && waited.elapsed() < Duration::from_secs(90)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        fulls_text = scrape(&t)?;
+    }
+    let after_text = fulls_text;
     // Full syncs after the first (periodic ones, every syncPeriod): the part that holds the
     // dataplane (the maps are read before, in the background).
     let fulls = metric(
