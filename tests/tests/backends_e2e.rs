@@ -773,7 +773,7 @@ fn a_full_sync_reattaches_a_detached_tc_program(b: &Backend) {
     };
     // A restarted daemon under software emulation on a busy machine took 11 s to start
     // (removing the other backends' rules runs the iptables tools several times).
-    c.until("NodePort up", Duration::from_secs(60), ask, all_ok);
+    c.until("NodePort up", Duration::from_mins(1), ask, all_ok);
     let before = tc_prog_ids(&c.sb);
     assert!(!before.is_empty(), "no tc program attached");
     if tc_mode(b) == "netlink" {
