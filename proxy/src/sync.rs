@@ -136,8 +136,7 @@ impl SyncLoop {
                 }
                 let full = need_full || prepared.is_some();
                 // A forced full sync (start, or after a failure) reads the maps itself.
-                let from = if need_full { None } else { prepared.take() };
-                prepared = None;
+                let from = prepared.take().filter(|_| !need_full);
                 let generation = *changed.borrow_and_update();
                 let result = self.sync_once(full, from).await;
                 self.progress.send_replace(generation);

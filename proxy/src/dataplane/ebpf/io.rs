@@ -282,7 +282,19 @@ fn pinned<T>(
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(err(name, "open pin"))?;
+    pinned_at(&dir.join(name), name, wrap)
+}
+
+/// The map `name` pinned at `path` (which need not be its usual place), typed.
+pub(crate) fn pinned_at<T>(
+    path: &std::path::Path,
+    name: &'static str,
+    wrap: fn(aya::maps::MapData) -> aya::maps::Map,
+) -> Result<T, MapError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let data = aya::maps::MapData::from_pin(path).map_err(err(name, "open pin"))?;
     T::try_from(wrap(data)).map_err(err(name, "open pin"))
 }
 

@@ -16,6 +16,7 @@ use switchyard_ebpf_common::{
     BackendValue, Frontend4Key, Frontend6Key, FrontendValue, SetValue, SlotKey, maps as m,
 };
 
+use super::io::{MapError, MapFault, pinned_at};
 use super::writer::Capacity;
 use crate::error::DataplaneError;
 
@@ -109,6 +110,16 @@ pub fn set_aside(pin_dir: &Path, wanted: &[SizedMap]) -> Result<Vec<Resize>, Dat
     Ok(moved)
 }
 
+fn fault(map: &'static str, op: &'static str, e: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Map {
+        source: MapError {
+            map,
+            op,
+            cause: MapFault::Aya(e),
+        },
+    }
+}
+
 /// Put the old pins back (the start failed): the maps they hold stay as they were.
 pub fn undo(resizes: &[Resize]) {
     for r in resizes {
@@ -119,25 +130,14 @@ pub fn undo(resizes: &[Resize]) {
     }
 }
 
-fn open_hash<K: aya::Pod, V: aya::Pod>(
-    name: &'static str,
-    path: &Path,
-) -> Result<HashMap<MapData, K, V>, DataplaneError> {
-    let fault = |cause| DataplaneError::Map {
-        source: super::io::MapError {
-            map: name,
-            op: "open for resizing",
-            cause,
-        },
-    };
-    let data = MapData::from_pin(path).map_err(|e| fault(super::io::MapFault::Aya(e)))?;
-    HashMap::try_from(Map::HashMap(data)).map_err(|e| fault(super::io::MapFault::Aya(e)))
-}
-
 fn copy<K: aya::Pod, V: aya::Pod>(r: &Resize) -> Result<usize, DataplaneError> {
-    let old = open_hash::<K, V>(r.map.name, &r.aside)?;
-    let mut new = open_hash::<K, V>(r.map.name, &r.pin)?;
-    let entries: Vec<(K, V)> = old.iter().filter_map(Result::ok).collect();
+    let name = r.map.name;
+    let old: HashMap<MapData, K, V> = pinned_at(&r.aside, name, Map::HashMap)?;
+    let mut new: HashMap<MapData, K, V> = pinned_at(&r.pin, name, Map::HashMap)?;
+    let entries = old
+        .iter()
+        .collect::<Result<Vec<(K, V)>, _>>()
+        .map_err(|e| fault(name, "read while resizing", e))?;
     if entries.len() > r.map.max_entries as usize {
         let per = u64::from(r.map.per_unit);
         return Err(DataplaneError::MapTooSmall {
@@ -149,13 +149,8 @@ fn copy<K: aya::Pod, V: aya::Pod>(r: &Resize) -> Result<usize, DataplaneError> {
         });
     }
     for (k, v) in &entries {
-        new.insert(k, v, 0).map_err(|e| DataplaneError::Map {
-            source: super::io::MapError {
-                map: r.map.name,
-                op: "copy while resizing",
-                cause: super::io::MapFault::Aya(e),
-            },
-        })?;
+        new.insert(k, v, 0)
+            .map_err(|e| fault(name, "copy while resizing", e))?;
     }
     Ok(entries.len())
 }
