@@ -302,6 +302,78 @@ fn malformed_and_oversized_packets_do_not_hurt_other_clients() {
     );
 }
 
+/// Many clients' queries queued at once (a UDP worker takes them in batches and sends the
+/// batch's answers together): every client gets one answer per query, with that query's ID
+/// and the answer to its own question, for cluster names, NXDOMAINs and forwarded names.
+#[test]
+fn a_burst_from_many_clients_gets_each_client_its_own_answers() {
+    use hickory_proto::op::{OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use std::str::FromStr;
+    let (up, _) = fake_upstream();
+    let m = examples_copy();
+    let (_d, p, _dir) = start(m.path(), up);
+    let asked = [
+        ("frontend.shop.svc.cluster.local.", Some("10.96.10.10")),
+        ("nothing-here.shop.svc.cluster.local.", None),
+        ("www.example.org.", Some("192.0.2.1")),
+    ];
+    let per_client = 40u16;
+    let clients: Vec<UdpSocket> = (0..16)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s
+        })
+        .collect();
+    // Every query first, then the answers: they queue up at the server.
+    for (c, s) in (0u16..).zip(&clients) {
+        for i in 0..per_client {
+            let mut q = Message::new((c << 8) | i, MessageType::Query, OpCode::Query);
+            q.metadata.recursion_desired = true;
+            let name = asked[usize::from(i) % asked.len()].0;
+            q.queries
+                .push(Query::query(Name::from_str(name).unwrap(), RecordType::A));
+            s.send_to(&q.to_vec().unwrap(), ("127.0.0.1", p)).unwrap();
+        }
+    }
+    let mut buf = [0u8; 4096];
+    for (c, s) in (0u16..).zip(&clients) {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..per_client {
+            let (n, _) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("client {c}: {} answers, then {e}", seen.len()));
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(
+                r.metadata.id >> 8,
+                c,
+                "client {c} got another client's answer"
+            );
+            let i = r.metadata.id & 0xff;
+            let (name, want) = asked[usize::from(i) % asked.len()];
+            assert_eq!(
+                r.queries[0].name().to_string(),
+                name,
+                "query {i} of client {c}"
+            );
+            let got: Vec<String> = r
+                .answers
+                .iter()
+                .filter_map(|a| match &a.data {
+                    RData::A(a) => Some(a.to_string()),
+                    _ => None,
+                })
+                .collect();
+            match want {
+                Some(addr) => assert_eq!(got, [addr], "{name} for client {c}"),
+                None => assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}"),
+            }
+            assert!(seen.insert(i), "client {c} got query {i} answered twice");
+        }
+    }
+}
+
 #[test]
 fn forwarding_caches_and_falls_back_to_tcp() {
     let (up, count) = fake_upstream();
