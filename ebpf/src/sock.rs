@@ -64,6 +64,31 @@ fn sock4_lookup(
     Some((set, dns_local(&set, set_id, proto, v)))
 }
 
+/// Record what a socket asked for, for recvmsg/getpeername. An unconnected UDP socket sends
+/// every datagram through sendmsg4: when the entry is already there (a lookup also keeps it
+/// from being the LRU's next victim), the update, with its LRU list locks, is skipped.
+#[inline(always)]
+fn remember4(key: &SockRev4Key, val: &SockRev4Value) {
+    if let Some(old) = unsafe { SOCK_REVNAT4.get(key) }
+        && old.addr == val.addr
+        && old.port == val.port
+    {
+        return;
+    }
+    let _ = SOCK_REVNAT4.insert(key, val, 0);
+}
+
+#[inline(always)]
+fn remember6(key: &SockRev6Key, val: &SockRev6Value) {
+    if let Some(old) = unsafe { SOCK_REVNAT6.get(key) }
+        && old.addr == val.addr
+        && old.port == val.port
+    {
+        return;
+    }
+    let _ = SOCK_REVNAT6.insert(key, val, 0);
+}
+
 /// connect4 / sendmsg4: frontend -> backend.
 #[inline(always)]
 fn sock4_forward(ctx: &SockAddrContext) -> i32 {
@@ -86,7 +111,7 @@ fn sock4_forward(ctx: &SockAddrContext) -> i32 {
                 pad: 0,
             };
             let val = SockRev4Value { addr, port, pad: 0 };
-            let _ = SOCK_REVNAT4.insert(&key, &val, 0);
+            remember4(&key, &val);
             count(set.service_id, 0, 0, 1);
             1
         }
@@ -166,7 +191,7 @@ fn sock6_forward(ctx: &SockAddrContext) -> i32 {
                     pad: [0; 3],
                 };
                 let val = SockRev6Value { addr, port, pad: 0 };
-                let _ = SOCK_REVNAT6.insert(&key, &val, 0);
+                remember6(&key, &val);
                 count(set.service_id, 0, 0, 1);
                 1
             }
@@ -203,7 +228,7 @@ fn sock6_forward(ctx: &SockAddrContext) -> i32 {
                 pad: [0; 3],
             };
             let val = SockRev6Value { addr, port, pad: 0 };
-            let _ = SOCK_REVNAT6.insert(&key, &val, 0);
+            remember6(&key, &val);
             count(set.service_id, 0, 0, 1);
             1
         }
