@@ -1467,10 +1467,12 @@ fn main() -> anyhow::Result<()> {
         if args.iter().any(|a| a == "--intercept-only") {
             return intercept_bench(if quick { 3 } else { 10 });
         }
-        return dns_bench(
-            if quick { 2000 } else { 10_000 },
-            if quick { 3 } else { 10 },
-        );
+        let services = match args.iter().find_map(|a| a.strip_prefix("--services=")) {
+            Some(n) => n.parse().context("--services=N")?,
+            None if quick => 2000,
+            None => 10_000,
+        };
+        return dns_bench(services, if quick { 3 } else { 10 });
     }
     let quick = args.iter().any(|a| a == "--quick");
     let services = if quick { 2000 } else { 10_000 };
