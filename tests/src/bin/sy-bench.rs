@@ -734,7 +734,11 @@ fn dnsperf(
         .args(["-c", "32", "-l", &secs.to_string()])
         .args(extra)
         .output()?;
-    let txt = String::from_utf8_lossy(&out.stdout).to_string();
+    dnsperf_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// QPS, average latency (ms) and response codes from dnsperf's summary.
+fn dnsperf_summary(txt: &str) -> anyhow::Result<(f64, f64, String)> {
     let qps: f64 = txt
         .lines()
         .find_map(|l| l.trim().strip_prefix("Queries per second:"))
@@ -1105,17 +1109,8 @@ fn intercept_bench(secs: u32) -> anyhow::Result<()> {
             "dnsperf -s {server} -p 53 -d {} -c 32 -l {secs}",
             queries.display()
         ))?;
-        let qps: f64 = txt
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Queries per second:"))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("dnsperf output: {txt}"))?;
-        let avg: f64 = txt
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Average Latency (s):"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0);
-        Ok((qps, avg * 1000.0))
+        let (qps, avg, _) = dnsperf_summary(&txt)?;
+        Ok((qps, avg))
     };
     // Each path is compared with the resolver addressed directly through the same daemon, the
     // two alternating (A B A B A B), and the median of each kept: one daemon's start-up work
