@@ -2,7 +2,9 @@
 //! trait, with the real (kernel maps through aya), a fake (in-memory, with an operation log)
 //! and a fault-injecting implementation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 
 use switchyard_ebpf_common::maps as m_name;
 
@@ -56,14 +58,15 @@ pub enum Op {
     DelLocalCidr6([u32; 4], u8),
 }
 
-/// The content of the service maps.
+/// The content of the service maps. The big maps are hash maps: a full sync at 100k
+/// services looks up two million entries in them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dump {
-    pub frontends4: BTreeMap<Frontend4Key, FrontendValue>,
-    pub frontends6: BTreeMap<Frontend6Key, FrontendValue>,
-    pub sets: BTreeMap<u32, SetValue>,
-    pub slots: BTreeMap<SlotKey, u32>,
-    pub backends: BTreeMap<u32, BackendValue>,
+    pub frontends4: HashMap<Frontend4Key, FrontendValue>,
+    pub frontends6: HashMap<Frontend6Key, FrontendValue>,
+    pub sets: HashMap<u32, SetValue>,
+    pub slots: HashMap<SlotKey, u32>,
+    pub backends: HashMap<u32, BackendValue>,
     pub ranges4: BTreeSet<(u32, u32, u8)>,
     pub config: Config,
     pub local_cidrs4: BTreeSet<(u32, u8)>,
