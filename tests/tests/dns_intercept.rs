@@ -81,6 +81,19 @@ fn metric(sb: &Sandbox, name: &str) -> f64 {
         .sum()
 }
 
+/// The node-local resolver's query counter moves. The UDP workers publish their counts in
+/// batches (on a short idle or once a second), so it is polled rather than read once.
+fn resolver_answered(sb: &Sandbox) {
+    until(
+        "the resolver's query counter",
+        Duration::from_secs(3),
+        || {
+            let answered = metric(sb, "coredns_dns_requests_total");
+            (answered < 1.0).then(|| format!("the resolver's counter did not move ({answered})"))
+        },
+    );
+}
+
 fn until(what: &str, within: Duration, mut ok: impl FnMut() -> Option<String>) -> Duration {
     let start = Instant::now();
     loop {
@@ -120,16 +133,7 @@ fn pods_dns_goes_to_the_node_local_resolver_and_back_to_the_endpoints_when_it_di
         let got = in_pod(&sb, &pod, "getent hosts web");
         (!got.contains("10.96.0.60")).then(|| format!("{got}\n{}", sb.daemon_log()))
     });
-    // The UDP workers publish their counts in batches (on a short idle or once a second),
-    // so the counter is polled rather than read once.
-    until(
-        "the resolver's query counter",
-        Duration::from_secs(3),
-        || {
-            let answered = metric(&sb, "coredns_dns_requests_total");
-            (answered < 1.0).then(|| format!("the resolver's counter did not move ({answered})"))
-        },
-    );
+    resolver_answered(&sb);
     let got = to_endpoints(&sb, &pod);
     assert!(
         !got.contains("ok a1"),
@@ -218,14 +222,7 @@ fn with_iptables_pods_dns_is_answered_locally_untracked_and_handed_back_on_stop(
         let got = sh(&["ip", "netns", "exec", &pod, "getent", "hosts", "web"]).unwrap_or_default();
         (!got.contains("10.96.0.60")).then(|| format!("{got}\n{}", sb.daemon_log()))
     });
-    until(
-        "the resolver's query counter",
-        Duration::from_secs(3),
-        || {
-            let answered = metric(&sb, "coredns_dns_requests_total");
-            (answered < 1.0).then(|| format!("the resolver's counter did not move ({answered})"))
-        },
-    );
+    resolver_answered(&sb);
     let got = plain(&sb);
     assert!(
         !got.contains("ok a1"),

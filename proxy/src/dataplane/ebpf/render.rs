@@ -314,10 +314,9 @@ impl Allocator {
             .iter()
             .zip(ids)
             .filter(|(_, id)| *id != 0)
-            .map(|(view, id)| (*view, id))
             .map(|(view, id)| SetSpec {
                 id,
-                view,
+                view: *view,
                 flags: 0,
                 affinity_timeout: 0,
                 service_id: 0,

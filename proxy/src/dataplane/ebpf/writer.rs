@@ -10,9 +10,9 @@
 //! then removed frontends, sets, ranges and backends are deleted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::net::IpAddr;
 
 use switchyard_ebpf_common::{
     Config, Config6, Frontend4Key, Frontend6Key, FrontendValue, SLOT_BASE_A, SLOT_BASE_B, SetValue,
