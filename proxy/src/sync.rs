@@ -117,8 +117,10 @@ impl SyncLoop {
         let mut retry = self.timing.retry;
         let mut pending = true;
         // A periodic full sync reads the kernel state in the background while changes keep
-        // landing (`reading`), then syncs from what it read (`prepared`).
+        // landing (`reading`), may compare it there with what is programmed (`checking`: the
+        // task running is that second step), then syncs from the result (`prepared`).
         let mut reading: Option<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>> = None;
+        let mut checking = false;
         let mut prepared: Option<Prepared> = None;
         loop {
             if pending || need_full || prepared.is_some() {
@@ -190,13 +192,26 @@ impl SyncLoop {
                 }, if reading.is_some() => {
                     reading = None;
                     match r {
-                        Ok(Ok(p)) => prepared = Some(p),
+                        Ok(Ok(p)) if !checking => match self.start_check(p).await {
+                            Ok(handle) => {
+                                reading = Some(handle);
+                                checking = true;
+                            }
+                            Err(Some(p)) => prepared = Some(p),
+                            Err(None) => need_full = true,
+                        },
+                        Ok(Ok(p)) => {
+                            checking = false;
+                            prepared = Some(p);
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %crate::error::chain(&e), "reading the maps for a periodic full sync; reading them again under the sync");
+                            checking = false;
                             need_full = true;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "the periodic full sync's read panicked; reading again under the sync");
+                            checking = false;
                             need_full = true;
                         }
                     }
@@ -220,6 +235,25 @@ impl SyncLoop {
         .ok()
         .flatten()?;
         Some(tokio::task::spawn_blocking(reader))
+    }
+
+    /// Hand a finished read to the backend's check step (`Dataplane::full_sync_check`),
+    /// started in the background; `Err` with what goes to the full sync when there is none
+    /// (`None`: the backend went away, a full sync reads again).
+    async fn start_check(
+        &self,
+        read: Prepared,
+    ) -> Result<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>, Option<Prepared>> {
+        let dp = Arc::clone(&self.dataplane);
+        let check = tokio::task::spawn_blocking(move || {
+            dp.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .full_sync_check(read)
+        })
+        .await
+        .map_err(|_| None)?
+        .map_err(Some)?;
+        Ok(tokio::task::spawn_blocking(check))
     }
 
     async fn sync_once(&self, full: bool, prepared: Option<Prepared>) -> Result<(), ()> {
@@ -251,7 +285,7 @@ impl SyncLoop {
             let links = (full || links_changed).then(|| dp.sync_links(&links, full));
             let state = if full {
                 match prepared {
-                    Some(p) => dp.full_sync_prepared(&state, p),
+                    Some(p) => dp.full_sync_prepared(&state, &changes, p),
                     None => dp.full_sync(&state),
                 }
             } else if changes.is_empty() {

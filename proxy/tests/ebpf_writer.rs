@@ -6,7 +6,7 @@
 use switchyard::dataplane::ebpf::inspect;
 use switchyard::dataplane::ebpf::io::{Dump, FakeMaps, FaultyMaps, MapIo, Op};
 use switchyard::dataplane::ebpf::render::RenderConfig;
-use switchyard::dataplane::ebpf::writer::{Capacity, Globals, Writer};
+use switchyard::dataplane::ebpf::writer::{Capacity, Checked, Globals, Writer};
 use switchyard::source::manifests::ManifestDir;
 use switchyard_ebpf_common::SlotKey;
 use switchyard_model::fixtures::{self, Port};
@@ -476,4 +476,154 @@ fn a_full_sync_from_an_earlier_read_keeps_the_changes_made_meanwhile() {
         let cs = load(&mut e, &svc_yaml(&["10.244.0.1", "10.244.0.2"], ""));
         w.apply(&cs, e.state()).unwrap();
     }
+}
+
+/// A periodic full sync that compares its read with what is programmed, without the writer:
+/// when the maps hold what was programmed, the check says so although changes landed
+/// between the read, the snapshot and the end, and the end programs only the changes since
+/// the last sync (what a full sync would write for them, and nothing else).
+#[test]
+fn a_periodic_check_of_maps_as_programmed_ends_with_only_the_changes() {
+    let mut e = Engine::new(ProxyConfig::default());
+    let mut w = writer(FakeMaps::default());
+    let cs = load(&mut e, &svc_yaml(&["10.244.0.1", "10.244.0.2"], ""));
+    w.apply(&cs, e.state()).unwrap();
+    w.full_sync(e.state()).unwrap();
+
+    let journal = w.start_journal();
+    let read = w.io.content.clone();
+    // Between the read and the snapshot: a backend replaced (its set flips halves).
+    let cs = load(&mut e, &svc_yaml(&["10.244.0.1", "10.244.0.3"], ""));
+    w.apply(&cs, e.state()).unwrap();
+    let snapshot = w.snapshot(journal).expect("a current read");
+    // Between the snapshot and the check's end: another flip, programmed as usual.
+    let cs = load(&mut e, &svc_yaml(&["10.244.0.4", "10.244.0.3"], ""));
+    w.apply(&cs, e.state()).unwrap();
+    let checked = snapshot.check(read);
+    assert!(matches!(checked, Checked::Clean { .. }), "{checked:?}");
+
+    // The changes not yet programmed when the check ends: a second service.
+    let extra = fixtures::service("t", "api", "10.96.0.11", &[Port::tcp("http", 80)])
+        + &fixtures::slice(
+            "t",
+            "api",
+            "api-1",
+            &[Port::tcp("http", 8080)],
+            &[("10.244.0.9", None)],
+        );
+    let cs = load(&mut e, &svc_yaml(&["10.244.0.4", "10.244.0.3"], &extra));
+    assert_eq!(cs.added.len(), 1);
+    let n = w.io.log.len();
+    let (r, clean) = w.full_sync_checked(e.state(), &cs, checked).unwrap();
+    assert!(clean);
+    let written = &w.io.log[n..];
+    assert_eq!(r.writes, written.len());
+    // Backend, set (slots + flip), frontend of the new service; nothing of the old one.
+    assert!(!written.is_empty() && written.len() <= 6, "{written:?}");
+    consistent(&w.io.content).unwrap();
+    let programmed = w.io.content.clone();
+    let r = w.full_sync(e.state()).unwrap();
+    assert_eq!(
+        r.writes,
+        0,
+        "a full sync found more to do: {:?}",
+        &w.io.log[n..]
+    );
+    assert_eq!(w.io.content, programmed);
+    let v = inspect::view(&w.io.content);
+    assert!(
+        v.iter()
+            .any(|p| p.backends == ["10.244.0.3:8080", "10.244.0.4:8080"]),
+        "{v:?}"
+    );
+    assert!(v.iter().any(|p| p.backends == ["10.244.0.9:8080"]), "{v:?}");
+}
+
+/// Drift in the maps (an entry removed, one corrupted, one stray, or a set moved to its
+/// other slot half by hand) is found by the check, and the end repairs it with a full sync
+/// from the read; a read made stale by a full sync in between gets no snapshot.
+#[test]
+fn a_periodic_check_finds_drift_and_the_full_sync_repairs_it() {
+    type Tamper = fn(&mut Dump);
+    let e = examples_engine();
+    let tampers: [(&str, Tamper); 4] = [
+        ("frontend removed", |d| {
+            let k = *d.frontends4.keys().next().unwrap();
+            d.frontends4.remove(&k);
+        }),
+        ("set emptied", |d| {
+            let (id, mut v) = d.sets.iter().map(|(a, b)| (*a, *b)).next().unwrap();
+            v.count = 0;
+            d.sets.insert(id, v);
+        }),
+        ("stray backend", |d| {
+            let v = d.backends.values().next().copied().unwrap();
+            d.backends.insert(4000, v);
+        }),
+        ("set moved to its other half", |d| {
+            let (id, mut v) = d
+                .sets
+                .iter()
+                .map(|(a, b)| (*a, *b))
+                .find(|(_, v)| v.count > 0)
+                .unwrap();
+            let other = if v.slot_base == switchyard_ebpf_common::SLOT_BASE_A {
+                switchyard_ebpf_common::SLOT_BASE_B
+            } else {
+                switchyard_ebpf_common::SLOT_BASE_A
+            };
+            for i in 0..v.count {
+                let be = d
+                    .slots
+                    .remove(&SlotKey {
+                        set_id: id,
+                        slot: v.slot_base + i,
+                    })
+                    .unwrap();
+                d.slots.insert(
+                    SlotKey {
+                        set_id: id,
+                        slot: other + i,
+                    },
+                    be,
+                );
+            }
+            v.slot_base = other;
+            d.sets.insert(id, v);
+        }),
+    ];
+    for (what, tamper) in tampers {
+        let mut w = writer(FakeMaps::default());
+        w.full_sync(e.state()).unwrap();
+        let good = w.io.content.clone();
+        tamper(&mut w.io.content);
+
+        let journal = w.start_journal();
+        let read = w.io.content.clone();
+        let checked = w.snapshot(journal).unwrap().check(read);
+        assert!(
+            matches!(checked, Checked::Drift { .. }),
+            "{what}: {checked:?}"
+        );
+        let (_, clean) = w
+            .full_sync_checked(e.state(), &switchyard_model::ChangeSet::default(), checked)
+            .unwrap();
+        assert!(!clean, "{what}");
+        consistent(&w.io.content).unwrap();
+        assert_eq!(inspect::view(&w.io.content), inspect::view(&good), "{what}");
+        let n = w.io.log.len();
+        assert_eq!(
+            w.full_sync(e.state()).unwrap().writes,
+            0,
+            "{what}: {:?}",
+            &w.io.log[n..]
+        );
+        assert!(!w.io.content.backends.contains_key(&4000), "{what}");
+    }
+
+    let mut w = writer(FakeMaps::default());
+    w.full_sync(e.state()).unwrap();
+    let journal = w.start_journal();
+    w.full_sync(e.state()).unwrap();
+    assert!(w.snapshot(journal).is_none(), "a stale read was checked");
 }

@@ -232,7 +232,12 @@ fn a_periodic_full_sync_repairs_a_deleted_frontend() {
     let dir = sb.dir.path().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("all.yaml"), (0..3).map(web).collect::<String>()).unwrap();
-    sb.start_daemon(&dir, "ebpf", "syncPeriod: 2s\n").unwrap();
+    sb.start_daemon(
+        &dir,
+        "ebpf",
+        "syncPeriod: 2s\nmetricsBindAddress: 127.0.0.1:10249\n",
+    )
+    .unwrap();
     let pins = sb.pin_dir.clone();
     let dump = || AyaMaps::from_pins(&pins).and_then(|m| m.dump());
     wait_for(
@@ -262,4 +267,48 @@ fn a_periodic_full_sync_repairs_a_deleted_frontend() {
     for (key, v) in &before.frontends4 {
         assert_eq!(after.frontends4.get(key), Some(v), "{after:?}");
     }
+    assert!(
+        sb.daemon_log()
+            .contains("the service maps differ from what was programmed"),
+        "the repair was not reported: {}",
+        sb.daemon_log()
+    );
+
+    // The periodic full syncs after it find the maps as programmed (checked beside the
+    // writer): they keep running, write nothing, and changes keep landing.
+    let ns = sb.node_ns();
+    let full_syncs = || {
+        switchyard_tests::sandbox::http_get_in(
+            &ns,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 10249)),
+            "/metrics",
+        )
+        .lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_full_proxy_rules_duration_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_default()
+    };
+    let fulls = full_syncs();
+    std::fs::write(dir.join("more2.yaml"), web(4)).unwrap();
+    wait_for(
+        "two more periodic full syncs, the fifth service programmed",
+        20,
+        || {
+            full_syncs() >= fulls + 2
+                && dump().is_ok_and(|d| d.frontends4.len() > after.frontends4.len())
+        },
+        || sb.daemon_log(),
+    );
+    let last = dump().unwrap();
+    for (key, v) in &after.frontends4 {
+        assert_eq!(last.frontends4.get(key), Some(v), "{last:?}");
+    }
+    assert_eq!(
+        sb.daemon_log()
+            .matches("the service maps differ from what was programmed")
+            .count(),
+        1,
+        "{}",
+        sb.daemon_log()
+    );
 }

@@ -31,10 +31,21 @@ pub trait Dataplane: Send {
     fn full_sync_reader(&mut self) -> Option<FullSyncReader> {
         None
     }
-    /// A full sync from what `full_sync_reader`'s reader returned.
+    /// When the reader is done: a second step that compares what it read with what is
+    /// programmed, also without holding the backend (eBPF: a periodic full sync that finds
+    /// the maps as programmed then holds the backend only to program `changes`, instead of
+    /// re-rendering every port under it). It gets what the reader returned (handed back
+    /// when there is no such step) and returns what goes to `full_sync_prepared`.
+    fn full_sync_check(&mut self, prepared: Prepared) -> Result<FullSyncReader, Prepared> {
+        Err(prepared)
+    }
+    /// A full sync from what `full_sync_reader`'s reader (or `full_sync_check`'s check)
+    /// returned. `changes` are the state's changes since the last sync, for a backend that
+    /// found nothing else to do.
     fn full_sync_prepared(
         &mut self,
         state: &DesiredState,
+        _changes: &ChangeSet,
         _prepared: Prepared,
     ) -> Result<(), DataplaneError> {
         self.full_sync(state)

@@ -104,6 +104,12 @@ impl Janitor {
         self.send(Job::Update(update), ct::may_strand_flows(changes));
     }
 
+    /// A sweep with no change to the index (a periodic full sync that found the maps as
+    /// programmed).
+    pub fn sweep(&self) {
+        self.send(Job::Update(Vec::new()), true);
+    }
+
     fn send(&self, job: Job, sweep: bool) {
         if self.tx.send(Request { job, sweep }).is_err() {
             tracing::error!(

@@ -30,7 +30,7 @@ pub use self::host::{cgroup2_root, cleanup_pins};
 use self::io::AyaMaps;
 pub use self::ports::{reserve_ports, unreserve_ports, with_reserved, without_reserved};
 use self::render::RenderConfig;
-use self::writer::{Capacity, Globals, Report, Writer};
+use self::writer::{Capacity, Checked, Globals, Report, Writer};
 use super::Dataplane;
 use crate::error::DataplaneError;
 use crate::metrics::Metrics;
@@ -309,12 +309,51 @@ impl Dataplane for EbpfDataplane {
         }))
     }
 
+    fn full_sync_check(
+        &mut self,
+        prepared: super::Prepared,
+    ) -> Result<super::FullSyncReader, super::Prepared> {
+        let (journal, dump) = match prepared.0.downcast::<(u64, io::Dump)>() {
+            Ok(p) => *p,
+            Err(other) => return Err(super::Prepared(other)),
+        };
+        let started = std::time::Instant::now();
+        let Some(snapshot) = self.writer.snapshot(journal) else {
+            return Err(super::Prepared(Box::new((journal, dump))));
+        };
+        tracing::debug!(
+            took_us = started.elapsed().as_micros(),
+            ?snapshot,
+            "periodic full sync: snapshot taken"
+        );
+        Ok(Box::new(move || {
+            let _span = tracing::debug_span!("full_sync_check").entered();
+            Ok(super::Prepared(Box::new(snapshot.check(dump))))
+        }))
+    }
+
     fn full_sync_prepared(
         &mut self,
         state: &DesiredState,
+        changes: &ChangeSet,
         prepared: super::Prepared,
     ) -> Result<(), DataplaneError> {
-        let r = match prepared.0.downcast::<(u64, io::Dump)>() {
+        let prepared = match prepared.0.downcast::<Checked>() {
+            Ok(checked) => {
+                let (r, clean) = self.writer.full_sync_checked(state, changes, *checked)?;
+                self.report(&r);
+                if clean {
+                    self.janitor
+                        .changed(changes, |k| self.writer.port(k), state);
+                    self.janitor.sweep();
+                } else {
+                    self.janitor.full(self.writer.ports(), state);
+                }
+                return Ok(());
+            }
+            Err(other) => other,
+        };
+        let r = match prepared.downcast::<(u64, io::Dump)>() {
             Ok(p) => {
                 let (journal, dump) = *p;
                 self.writer.full_sync_prepared(state, journal, dump)?

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
@@ -59,7 +60,8 @@ pub struct Writer<M> {
     cfg: RenderConfig,
     cap: Capacity,
     globals: Globals,
-    ports: HashMap<ServicePortKey, PortRender>,
+    /// What is programmed for each port (shared with a periodic check's snapshot).
+    ports: HashMap<ServicePortKey, Arc<PortRender>>,
     /// Current slot base of each programmed set.
     bases: HashMap<u32, u32>,
     live_slots: u64,
@@ -166,6 +168,63 @@ impl<M: MapIo> Writer<M> {
         self.journals
     }
 
+    /// Under the writer, when the maps read since `start_journal` returned `journal` are
+    /// in: freeze what that read is to be compared with (what is programmed now, and the
+    /// writes made since the read began), and begin a new journal from this moment. The
+    /// comparison (`Snapshot::check`) then runs without the writer. `None` (nothing taken)
+    /// when the read is stale (a full sync ran meanwhile) or a check cannot stand in for a
+    /// full sync: ports left unprogrammed are retried only by one.
+    pub fn snapshot(&mut self, journal: u64) -> Option<Snapshot> {
+        let current = self.journal.as_ref().is_some_and(|(id, _)| *id == journal);
+        if !current || !self.adopted || !self.unprogrammed.is_empty() {
+            return None;
+        }
+        let (config, config6) = (self.config?, self.config6?);
+        let (_, ops) = self.journal.take()?;
+        let journal = self.start_journal();
+        Some(Snapshot {
+            renders: self.ports.values().map(Arc::clone).collect(),
+            bases: self.bases.clone(),
+            config,
+            config6,
+            globals: self.globals.clone(),
+            ops,
+            journal,
+        })
+    }
+
+    /// The end of a periodic full sync checked without the writer (`snapshot`): when the
+    /// maps held exactly what was programmed, only `changes` (what the state gained since
+    /// the last sync) are programmed, and the result says so (`true`); otherwise a full
+    /// sync from the read repairs the maps.
+    pub fn full_sync_checked(
+        &mut self,
+        state: &DesiredState,
+        changes: &ChangeSet,
+        checked: Checked,
+    ) -> Result<(Report, bool), MapError> {
+        match checked {
+            Checked::Clean { journal }
+                if self.journal.as_ref().is_some_and(|(id, _)| *id == journal) =>
+            {
+                self.journal = None;
+                Ok((self.apply(changes, state)?, true))
+            }
+            Checked::Clean { .. } => Ok((self.full_sync(state)?, false)),
+            Checked::Drift {
+                journal,
+                dump,
+                writes,
+            } => {
+                tracing::warn!(
+                    writes,
+                    "the service maps differ from what was programmed; a full sync repairs them"
+                );
+                Ok((self.full_sync_prepared(state, journal, *dump)?, false))
+            }
+        }
+    }
+
     /// Note a port that did not fit, logging it only the first time.
     fn not_programmed(&mut self, key: &ServicePortKey, reason: &Exhausted, report: &mut Report) {
         let (port, reason) = (key.to_string(), reason.to_string());
@@ -259,9 +318,9 @@ impl<M: MapIo> Writer<M> {
         new: Option<&ServicePortState>,
         report: &mut Report,
     ) -> Result<(), MapError> {
-        let old = self.ports.get(key).cloned();
+        let old = self.ports.get(key).map(Arc::clone);
         let new_r = match new {
-            Some(s) => match self.render(s, old.as_ref()) {
+            Some(s) => match self.render(s, old.as_deref()) {
                 Ok(r) => Some(r),
                 Err(reason) => {
                     self.not_programmed(key, &reason, report);
@@ -274,7 +333,7 @@ impl<M: MapIo> Writer<M> {
             self.unprogrammed.remove(&key.to_string());
         }
         let empty = PortRender::default();
-        let o = old.as_ref().unwrap_or(&empty);
+        let o = old.as_deref().unwrap_or(&empty);
         let n = new_r.as_ref().unwrap_or(&empty);
 
         // 1. Backends and source ranges the new state references.
@@ -388,7 +447,7 @@ impl<M: MapIo> Writer<M> {
         }
         match new_r {
             Some(r) => {
-                self.ports.insert(key.clone(), r);
+                self.ports.insert(key.clone(), Arc::new(r));
             }
             None => {
                 self.ports.remove(key);
@@ -512,15 +571,16 @@ impl<M: MapIo> Writer<M> {
         // previous renders are moved out, not cloned: what is left of them afterwards is the
         // ports that went away.
         let mut previous = std::mem::take(&mut self.ports);
-        let mut desired: HashMap<ServicePortKey, PortRender> = HashMap::with_capacity(state.len());
+        let mut desired: HashMap<ServicePortKey, Arc<PortRender>> =
+            HashMap::with_capacity(state.len());
         let mut failed = BTreeSet::new();
         self.live_slots = 0;
         for s in state.values() {
             let old = previous.remove(&s.key);
-            match self.render(s, old.as_ref()) {
+            match self.render(s, old.as_deref()) {
                 Ok(r) => {
                     self.live_slots += r.sets.iter().map(|x| x.slots.len() as u64).sum::<u64>();
-                    desired.insert(s.key.clone(), r);
+                    desired.insert(s.key.clone(), Arc::new(r));
                 }
                 Err(reason) => {
                     self.not_programmed(&s.key, &reason, &mut report);
@@ -537,160 +597,34 @@ impl<M: MapIo> Writer<M> {
         drop(previous);
         self.unprogrammed.retain(|k, _| failed.contains(k));
 
-        // Global settings.
+        // Global settings, then every map entry: write exactly the difference.
         let c = self.config_for(state);
-        if dump.config != c {
-            self.write(&Op::PutConfig(c), &mut report)?;
-        }
-        self.config = Some(c);
-        let cidrs: BTreeSet<(u32, u8)> = self.globals.cluster_cidrs4.iter().copied().collect();
-        for c in cidrs.difference(&dump.local_cidrs4) {
-            self.write(&Op::PutLocalCidr4(c.0, c.1), &mut report)?;
-        }
-        for c in dump.local_cidrs4.difference(&cidrs) {
-            self.write(&Op::DelLocalCidr4(c.0, c.1), &mut report)?;
-        }
         let c6 = Config6 {
             snat_addr6: node_ipv6(state),
         };
-        if dump.config6 != c6 {
-            self.write(&Op::PutConfig6(c6), &mut report)?;
-        }
+        let globals = self.globals.clone();
+        let mut bases = HashMap::with_capacity(desired.len());
+        plan(
+            dump,
+            &Wanted {
+                renders: desired.values().map(|r| &**r),
+                config: c,
+                config6: c6,
+                globals: &globals,
+            },
+            &mut bases,
+            &mut |op| self.write(op, &mut report),
+        )?;
+        self.config = Some(c);
         self.config6 = Some(c6);
-        let cidrs6: BTreeSet<([u32; 4], u8)> =
-            self.globals.cluster_cidrs6.iter().copied().collect();
-        for c in cidrs6.difference(&dump.local_cidrs6) {
-            self.write(&Op::PutLocalCidr6(c.0, c.1), &mut report)?;
-        }
-        for c in dump.local_cidrs6.difference(&cidrs6) {
-            self.write(&Op::DelLocalCidr6(c.0, c.1), &mut report)?;
-        }
-
-        // Writes: backends, ranges, sets (slots then flip), frontends. Hash maps with the
-        // room they need: a million B-tree inserts and lookups were most of a 100k sync.
-        let backends: usize = desired.values().map(|r| r.backend_ids().count()).sum();
-        let mut want_backends = HashMap::with_capacity(backends);
-        let mut want_ranges = HashSet::new();
-        let mut want_ranges6 = HashSet::new();
-        let mut want_fe4 = HashMap::with_capacity(desired.len() * 2);
-        let mut want_fe6 = HashMap::new();
-        let mut want_sets: HashMap<u32, &SetSpec> = HashMap::with_capacity(desired.len());
-        for r in desired.values() {
-            for s in &r.sets {
-                want_sets.insert(s.id, s);
-                for (id, v) in &s.backends {
-                    want_backends.insert(*id, *v);
-                }
-            }
-            want_ranges.extend(r.ranges4.iter().copied());
-            want_ranges6.extend(r.ranges6.iter().copied());
-            want_fe4.extend(r.frontends4.iter().copied());
-            want_fe6.extend(r.frontends6.iter().copied());
-        }
-        for (id, v) in &want_backends {
-            if dump.backends.get(id) != Some(v) {
-                self.write(&Op::PutBackend(*id, *v), &mut report)?;
-            }
-        }
-        for r in &want_ranges {
-            if !dump.ranges4.contains(r) {
-                self.write(&Op::PutRange4(r.0, r.1, r.2), &mut report)?;
-            }
-        }
-        for r in &want_ranges6 {
-            if !dump.ranges6.contains(r) {
-                self.write(&Op::PutRange6(r.0, r.1, r.2), &mut report)?;
-            }
-        }
-        self.bases.clear();
-        for (id, s) in &want_sets {
-            let kernel = dump.sets.get(id);
-            let live_ok = kernel.is_some_and(|k| {
-                k.count as usize == s.slots.len()
-                    && s.slots
-                        .iter()
-                        .enumerate()
-                        .all(|(i, be)| dump.slots.get(&slot(*id, k.slot_base, i)) == Some(be))
-            });
-            let base = match kernel {
-                Some(k) if live_ok => {
-                    if *k != set_value(s, k.slot_base) {
-                        self.write(&Op::PutSet(*id, set_value(s, k.slot_base)), &mut report)?;
-                    }
-                    k.slot_base
-                }
-                _ => {
-                    let nb = kernel.map_or(SLOT_BASE_A, |k| other_base(k.slot_base));
-                    for (i, be) in s.slots.iter().enumerate() {
-                        self.write(&Op::PutSlot(slot(*id, nb, i), *be), &mut report)?;
-                    }
-                    self.write(&Op::PutSet(*id, set_value(s, nb)), &mut report)?;
-                    nb
-                }
-            };
-            self.bases.insert(*id, base);
-        }
-        // A slot is wanted when it lies in its set's live half (no map of every slot).
-        let wanted_slot = |k: &SlotKey, bases: &HashMap<u32, u32>| {
-            want_sets.get(&k.set_id).is_some_and(|s| {
-                bases
-                    .get(&k.set_id)
-                    .is_some_and(|b| k.slot >= *b && ((k.slot - b) as usize) < s.slots.len())
-            })
-        };
-        for (k, v) in &want_fe4 {
-            if dump.frontends4.get(k) != Some(v) {
-                self.write(&Op::PutFrontend4(*k, *v), &mut report)?;
-            }
-        }
-        for (k, v) in &want_fe6 {
-            if dump.frontends6.get(k) != Some(v) {
-                self.write(&Op::PutFrontend6(*k, *v), &mut report)?;
-            }
-        }
-        // Deletes: whatever the maps hold beyond the desired state.
-        for k in dump.frontends4.keys() {
-            if !want_fe4.contains_key(k) {
-                self.write(&Op::DelFrontend4(*k), &mut report)?;
-            }
-        }
-        for k in dump.frontends6.keys() {
-            if !want_fe6.contains_key(k) {
-                self.write(&Op::DelFrontend6(*k), &mut report)?;
-            }
-        }
-        for k in dump.sets.keys() {
-            if !want_sets.contains_key(k) {
-                self.write(&Op::DelSet(*k), &mut report)?;
-            }
-        }
-        for k in dump.slots.keys() {
-            if !wanted_slot(k, &self.bases) {
-                self.write(&Op::DelSlot(*k), &mut report)?;
-            }
-        }
-        for r in &dump.ranges4 {
-            if !want_ranges.contains(r) {
-                self.write(&Op::DelRange4(r.0, r.1, r.2), &mut report)?;
-            }
-        }
-        for r in &dump.ranges6 {
-            if !want_ranges6.contains(r) {
-                self.write(&Op::DelRange6(r.0, r.1, r.2), &mut report)?;
-            }
-        }
-        for k in dump.backends.keys() {
-            if !want_backends.contains_key(k) {
-                self.write(&Op::DelBackend(*k), &mut report)?;
-            }
-        }
+        self.bases = bases;
         self.ports = desired;
         Ok(report)
     }
 
     /// What is programmed for a port (for `switchyard` inspection and tests).
     pub fn port(&self, key: &ServicePortKey) -> Option<&PortRender> {
-        self.ports.get(key)
+        self.ports.get(key).map(|p| &**p)
     }
 
     /// (map, entries in use, capacity): service ports programmed, and backend slots live.
@@ -706,6 +640,245 @@ impl<M: MapIo> Writer<M> {
     }
 
     pub fn ports(&self) -> impl Iterator<Item = (&ServicePortKey, &PortRender)> {
-        self.ports.iter()
+        self.ports.iter().map(|(k, p)| (k, &**p))
     }
+}
+
+/// What a periodic check compares a read of the maps with (see `Writer::snapshot`).
+pub struct Snapshot {
+    renders: Vec<Arc<PortRender>>,
+    bases: HashMap<u32, u32>,
+    config: Config,
+    config6: Config6,
+    globals: Globals,
+    /// The writes made between the read's start and the snapshot.
+    ops: Vec<Op>,
+    /// The journal begun at the snapshot.
+    journal: u64,
+}
+
+/// A periodic check's outcome.
+#[derive(Debug)]
+pub enum Checked {
+    /// The maps held exactly what was programmed at the snapshot.
+    Clean { journal: u64 },
+    /// They did not: a full sync from `dump` (the read brought up to the snapshot) would
+    /// make `writes` writes (or none, when only the writer's idea of a set's live slot half
+    /// was wrong).
+    Drift {
+        journal: u64,
+        dump: Box<Dump>,
+        writes: usize,
+    },
+}
+
+impl Snapshot {
+    /// Compare `dump` (read since the journal the snapshot ended began) with the snapshot:
+    /// the same plan a full sync makes, with its writes counted instead of made.
+    pub fn check(self, mut dump: Dump) -> Checked {
+        for op in &self.ops {
+            dump.apply(op);
+        }
+        let mut bases = HashMap::with_capacity(self.bases.len());
+        let mut writes = 0usize;
+        let Ok(()) = plan::<std::convert::Infallible>(
+            &dump,
+            &Wanted {
+                renders: self.renders.iter().map(|r| &**r),
+                config: self.config,
+                config6: self.config6,
+                globals: &self.globals,
+            },
+            &mut bases,
+            &mut |_| {
+                writes += 1;
+                Ok(())
+            },
+        );
+        if writes == 0 && bases == self.bases {
+            Checked::Clean {
+                journal: self.journal,
+            }
+        } else {
+            Checked::Drift {
+                journal: self.journal,
+                dump: Box::new(dump),
+                writes,
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("ports", &self.renders.len())
+            .field("ops", &self.ops.len())
+            .field("journal", &self.journal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the maps should hold: every port's render and the node-wide settings.
+struct Wanted<'a, I> {
+    renders: I,
+    config: Config,
+    config6: Config6,
+    globals: &'a Globals,
+}
+
+/// Every write that makes the maps read as `dump` hold exactly `wanted`, in an order that
+/// never exposes a dangling entry: backends, ranges, sets (slots then flip), frontends, then
+/// the deletes. A set keeps its slot half when the kernel's is whole and right; otherwise it
+/// is written to the other half. `bases` gets every wanted set's live half.
+fn plan<'r, E>(
+    dump: &Dump,
+    wanted: &Wanted<'_, impl Iterator<Item = &'r PortRender> + Clone>,
+    bases: &mut HashMap<u32, u32>,
+    write: &mut dyn FnMut(&Op) -> Result<(), E>,
+) -> Result<(), E> {
+    let (c, c6) = (wanted.config, wanted.config6);
+    if dump.config != c {
+        write(&Op::PutConfig(c))?;
+    }
+    let cidrs: BTreeSet<(u32, u8)> = wanted.globals.cluster_cidrs4.iter().copied().collect();
+    for c in cidrs.difference(&dump.local_cidrs4) {
+        write(&Op::PutLocalCidr4(c.0, c.1))?;
+    }
+    for c in dump.local_cidrs4.difference(&cidrs) {
+        write(&Op::DelLocalCidr4(c.0, c.1))?;
+    }
+    if dump.config6 != c6 {
+        write(&Op::PutConfig6(c6))?;
+    }
+    let cidrs6: BTreeSet<([u32; 4], u8)> = wanted.globals.cluster_cidrs6.iter().copied().collect();
+    for c in cidrs6.difference(&dump.local_cidrs6) {
+        write(&Op::PutLocalCidr6(c.0, c.1))?;
+    }
+    for c in dump.local_cidrs6.difference(&cidrs6) {
+        write(&Op::DelLocalCidr6(c.0, c.1))?;
+    }
+
+    // Hash maps with the room they need: a million B-tree inserts and lookups were most of
+    // a 100k sync.
+    let renders = wanted.renders.clone();
+    let (ports, backends) = renders
+        .clone()
+        .fold((0, 0), |(p, b), r| (p + 1, b + r.backend_ids().count()));
+    let mut want_backends = HashMap::with_capacity(backends);
+    let mut want_ranges = HashSet::new();
+    let mut want_ranges6 = HashSet::new();
+    let mut want_fe4 = HashMap::with_capacity(ports * 2);
+    let mut want_fe6 = HashMap::new();
+    let mut want_sets: HashMap<u32, &SetSpec> = HashMap::with_capacity(ports);
+    for r in renders {
+        for s in &r.sets {
+            want_sets.insert(s.id, s);
+            for (id, v) in &s.backends {
+                want_backends.insert(*id, *v);
+            }
+        }
+        want_ranges.extend(r.ranges4.iter().copied());
+        want_ranges6.extend(r.ranges6.iter().copied());
+        want_fe4.extend(r.frontends4.iter().copied());
+        want_fe6.extend(r.frontends6.iter().copied());
+    }
+    for (id, v) in &want_backends {
+        if dump.backends.get(id) != Some(v) {
+            write(&Op::PutBackend(*id, *v))?;
+        }
+    }
+    for r in &want_ranges {
+        if !dump.ranges4.contains(r) {
+            write(&Op::PutRange4(r.0, r.1, r.2))?;
+        }
+    }
+    for r in &want_ranges6 {
+        if !dump.ranges6.contains(r) {
+            write(&Op::PutRange6(r.0, r.1, r.2))?;
+        }
+    }
+    bases.clear();
+    for (id, s) in &want_sets {
+        let kernel = dump.sets.get(id);
+        let live_ok = kernel.is_some_and(|k| {
+            k.count as usize == s.slots.len()
+                && s.slots
+                    .iter()
+                    .enumerate()
+                    .all(|(i, be)| dump.slots.get(&slot(*id, k.slot_base, i)) == Some(be))
+        });
+        let base = match kernel {
+            Some(k) if live_ok => {
+                if *k != set_value(s, k.slot_base) {
+                    write(&Op::PutSet(*id, set_value(s, k.slot_base)))?;
+                }
+                k.slot_base
+            }
+            _ => {
+                let nb = kernel.map_or(SLOT_BASE_A, |k| other_base(k.slot_base));
+                for (i, be) in s.slots.iter().enumerate() {
+                    write(&Op::PutSlot(slot(*id, nb, i), *be))?;
+                }
+                write(&Op::PutSet(*id, set_value(s, nb)))?;
+                nb
+            }
+        };
+        bases.insert(*id, base);
+    }
+    // A slot is wanted when it lies in its set's live half (no map of every slot).
+    let wanted_slot = |k: &SlotKey| {
+        want_sets.get(&k.set_id).is_some_and(|s| {
+            bases
+                .get(&k.set_id)
+                .is_some_and(|b| k.slot >= *b && ((k.slot - b) as usize) < s.slots.len())
+        })
+    };
+    for (k, v) in &want_fe4 {
+        if dump.frontends4.get(k) != Some(v) {
+            write(&Op::PutFrontend4(*k, *v))?;
+        }
+    }
+    for (k, v) in &want_fe6 {
+        if dump.frontends6.get(k) != Some(v) {
+            write(&Op::PutFrontend6(*k, *v))?;
+        }
+    }
+    // Deletes: whatever the maps hold beyond the wanted state.
+    for k in dump.frontends4.keys() {
+        if !want_fe4.contains_key(k) {
+            write(&Op::DelFrontend4(*k))?;
+        }
+    }
+    for k in dump.frontends6.keys() {
+        if !want_fe6.contains_key(k) {
+            write(&Op::DelFrontend6(*k))?;
+        }
+    }
+    for k in dump.sets.keys() {
+        if !want_sets.contains_key(k) {
+            write(&Op::DelSet(*k))?;
+        }
+    }
+    for k in dump.slots.keys() {
+        if !wanted_slot(k) {
+            write(&Op::DelSlot(*k))?;
+        }
+    }
+    for r in &dump.ranges4 {
+        if !want_ranges.contains(r) {
+            write(&Op::DelRange4(r.0, r.1, r.2))?;
+        }
+    }
+    for r in &dump.ranges6 {
+        if !want_ranges6.contains(r) {
+            write(&Op::DelRange6(r.0, r.1, r.2))?;
+        }
+    }
+    for k in dump.backends.keys() {
+        if !want_backends.contains_key(k) {
+            write(&Op::DelBackend(*k))?;
+        }
+    }
+    Ok(())
 }
