@@ -95,6 +95,9 @@ pub struct Metrics {
     pub conntrack_duration: Histogram,
     // Switchyard's own.
     pub sync_errors: Counter,
+    /// From a change's receipt to the sync that programmed it, with buckets fine enough
+    /// for an eBPF sync (kube-proxy's network programming buckets start at 250 ms).
+    pub change_to_programmed: Histogram,
     pub service_ports: Gauge,
     pub source_errors: Family<KindLabel, Counter>,
     pub watch_errors: Family<KindLabel, Counter>,
@@ -145,6 +148,7 @@ impl Metrics {
             conntrack_deleted: Family::default(),
             conntrack_duration: Histogram::new(sync_buckets()),
             sync_errors: Counter::default(),
+            change_to_programmed: Histogram::new(exponential_buckets(50e-6, 2.0, 20)),
             service_ports: Gauge::default(),
             source_errors: Family::default(),
             watch_errors: Family::default(),
@@ -263,6 +267,11 @@ impl Metrics {
             "switchyard_sync_errors",
             "Syncs the dataplane refused (retried as full syncs)",
             m.sync_errors
+        );
+        add!(
+            "switchyard_change_to_programmed_seconds",
+            "From the receipt of a Service, EndpointSlice or Node change to the sync that programmed it (the daemon's part of network programming, in buckets from 50 us)",
+            m.change_to_programmed
         );
         add!(
             "switchyard_service_ports",

@@ -85,6 +85,7 @@ const EXPECTED: &[(&str, &str, &[&str])] = &[
     ),
     ("switchyard_sync_errors", "counter", &[]),
     ("switchyard_service_ports", "gauge", &[]),
+    ("switchyard_change_to_programmed_seconds", "histogram", &[]),
     ("switchyard_backend", "gauge", &["backend", "reason"]),
     ("switchyard_dataplane_capacity_errors", "counter", &[]),
     (
