@@ -119,7 +119,7 @@ impl SyncLoop {
         // A periodic full sync reads the kernel state in the background while changes keep
         // landing (`reading`), may compare it there with what is programmed (`checking`: the
         // task running is that second step), then syncs from the result (`prepared`).
-        let mut reading: Option<Background> = None;
+        let mut reading: Option<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>> = None;
         let mut checking = false;
         let mut prepared: Option<Prepared> = None;
         loop {
@@ -222,7 +222,9 @@ impl SyncLoop {
 
     /// Start the read half of a periodic full sync in the background, when the backend
     /// has one (see `Dataplane::full_sync_reader`).
-    async fn start_read(&self) -> Option<Background> {
+    async fn start_read(
+        &self,
+    ) -> Option<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>> {
         let dp = Arc::clone(&self.dataplane);
         let reader = tokio::task::spawn_blocking(move || {
             dp.lock()
@@ -232,13 +234,16 @@ impl SyncLoop {
         .await
         .ok()
         .flatten()?;
-        background(reader)
+        Some(tokio::task::spawn_blocking(reader))
     }
 
     /// Hand a finished read to the backend's check step (`Dataplane::full_sync_check`),
     /// started in the background; `Err` with what goes to the full sync when there is none
     /// (`None`: the backend went away, a full sync reads again).
-    async fn start_check(&self, read: Prepared) -> Result<Background, Option<Prepared>> {
+    async fn start_check(
+        &self,
+        read: Prepared,
+    ) -> Result<tokio::task::JoinHandle<Result<Prepared, DataplaneError>>, Option<Prepared>> {
         let dp = Arc::clone(&self.dataplane);
         let check = tokio::task::spawn_blocking(move || {
             dp.lock()
@@ -248,7 +253,7 @@ impl SyncLoop {
         .await
         .map_err(|_| None)?
         .map_err(Some)?;
-        background(check).ok_or(None)
+        Ok(tokio::task::spawn_blocking(check))
     }
 
     async fn sync_once(&self, full: bool, prepared: Option<Prepared>) -> Result<(), ()> {
@@ -393,33 +398,4 @@ impl SyncLoop {
             }
         }
     }
-}
-
-/// The half of a periodic full sync running beside the sync loop; `Err` when it panicked.
-type Background = tokio::sync::oneshot::Receiver<Result<Prepared, DataplaneError>>;
-
-/// How much a background step yields to the sync loop: `nice` 10 (a tenth of the CPU
-/// against one busy thread of the default priority). Reading and comparing a million map
-/// entries takes seconds of CPU at 100k services; on a 2-core node at the default priority
-/// it slowed the changes programmed meanwhile by a millisecond. Not lower: it must still
-/// finish on a busy node (its journal of the writes made meanwhile is bounded).
-const BACKGROUND_NICE: i32 = 10;
-
-/// Run `job` on a thread of its own at a lower priority (not a pooled blocking thread: its
-/// priority would stay with the pool).
-fn background(job: crate::dataplane::FullSyncReader) -> Option<Background> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("sy-full-sync".into())
-        .spawn(move || {
-            if let Err(e) =
-                rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICE)
-            {
-                tracing::debug!(error = %e, "cannot lower the priority of the full sync's background half");
-            }
-            let _ = tx.send(job());
-        })
-        .map_err(|e| tracing::warn!(error = %e, "cannot start the full sync's background half"))
-        .ok()?;
-    Some(rx)
 }
