@@ -154,6 +154,18 @@ fn svc_yaml(backends: &[&str], extra: &str) -> String {
         + &fixtures::slice("t", "web", "web-1", &[Port::tcp("http", 8080)], &eps)
 }
 
+/// A second service, t/api, with one endpoint (10.244.0.9:8080).
+fn api_yaml() -> String {
+    fixtures::service("t", "api", "10.96.0.11", &[Port::tcp("http", 80)])
+        + &fixtures::slice(
+            "t",
+            "api",
+            "api-1",
+            &[Port::tcp("http", 8080)],
+            &[("10.244.0.9", None)],
+        )
+}
+
 fn load(e: &mut Engine, yaml: &str) -> switchyard_model::ChangeSet {
     let objs = manifest::parse("t", yaml).unwrap();
     e.replace_all(objs.services, objs.slices);
@@ -442,15 +454,7 @@ fn a_full_sync_from_an_earlier_read_keeps_the_changes_made_meanwhile() {
         // deleted) and a second service added.
         let cs = load(
             &mut e,
-            &(svc_yaml(&["10.244.0.1", "10.244.0.3"], "")
-                + &fixtures::service("t", "api", "10.96.0.11", &[Port::tcp("http", 80)])
-                + &fixtures::slice(
-                    "t",
-                    "api",
-                    "api-1",
-                    &[Port::tcp("http", 8080)],
-                    &[("10.244.0.9", None)],
-                )),
+            &(svc_yaml(&["10.244.0.1", "10.244.0.3"], "") + &api_yaml()),
         );
         w.apply(&cs, e.state()).unwrap();
         let programmed = w.io.content.clone();
@@ -503,15 +507,10 @@ fn a_periodic_check_of_maps_as_programmed_ends_with_only_the_changes() {
     assert!(matches!(checked, Checked::Clean { .. }), "{checked:?}");
 
     // The changes not yet programmed when the check ends: a second service.
-    let extra = fixtures::service("t", "api", "10.96.0.11", &[Port::tcp("http", 80)])
-        + &fixtures::slice(
-            "t",
-            "api",
-            "api-1",
-            &[Port::tcp("http", 8080)],
-            &[("10.244.0.9", None)],
-        );
-    let cs = load(&mut e, &svc_yaml(&["10.244.0.4", "10.244.0.3"], &extra));
+    let cs = load(
+        &mut e,
+        &svc_yaml(&["10.244.0.4", "10.244.0.3"], &api_yaml()),
+    );
     assert_eq!(cs.added.len(), 1);
     let n = w.io.log.len();
     let (r, clean) = w.full_sync_checked(e.state(), &cs, checked).unwrap();

@@ -439,17 +439,22 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
         fresh += 1;
         Ipv4Addr::from(fresh)
     };
+    // One change: the fourth endpoint of service `i` gets a new address; the time until the
+    // maps hold it.
+    let mut change = |i: usize| -> anyhow::Result<Duration> {
+        let a = next_addr();
+        eps[i][3] = a;
+        let t0 = Instant::now();
+        api.apply(Resource::EndpointSlice, slice_json(&services[i], &eps[i]));
+        until_backend(&maps, &services[i], a, t0)
+    };
     // The first changes after a cold start of 100k are slower (tens of ms for the first
     // few, outside the daemon's own sync: its receipt-to-programmed stays under a
     // millisecond), so a few go first, reported on their own row, not in the percentiles.
     let mut warmup = Vec::new();
     for k in 0..WARMUP {
         let i = usize::try_from((u64::from(k) * 104_729 + 7) % u64::from(n))?;
-        let a = next_addr();
-        eps[i][3] = a;
-        let t0 = Instant::now();
-        api.apply(Resource::EndpointSlice, slice_json(&services[i], &eps[i]));
-        warmup.push(until_backend(&maps, &services[i], a, t0)?);
+        warmup.push(change(i)?);
         if !super::smoke() {
             std::thread::sleep(Duration::from_millis(180));
         }
@@ -470,11 +475,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             std::thread::sleep(wait);
         }
         let i = usize::try_from((u64::from(k) * 7919 + 13) % u64::from(n))?;
-        let a = next_addr();
-        eps[i][3] = a;
-        let t0 = Instant::now();
-        api.apply(Resource::EndpointSlice, slice_json(&services[i], &eps[i]));
-        changes.push(until_backend(&maps, &services[i], a, t0)?);
+        changes.push(change(i)?);
     }
     let after_text = scrape(&t)?;
     let after = programming_histogram(&after_text);
