@@ -652,6 +652,23 @@ fn restart_keeps_open_connections_and_cleanup_leaves_nothing(b: &Backend) {
     );
     drop(held);
 
+    // The eBPF backend's start-up cleanup of other backends' rules creates no tables: in a
+    // namespace that had none, every packet would otherwise walk empty raw/filter chains.
+    if c.backend.name == "ebpf" {
+        for names in ["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"] {
+            let tables = c.sb.in_node(&["cat", names]).unwrap();
+            assert!(
+                tables.trim().is_empty(),
+                "{names} after two starts of the eBPF backend: {tables:?}"
+            );
+        }
+        let nft = c.sb.in_node(&["nft", "list", "tables"]).unwrap();
+        assert!(
+            nft.trim().is_empty(),
+            "nftables tables after two starts of the eBPF backend:\n{nft}"
+        );
+    }
+
     // cleanup: no pins, no tc links, no cgroup programs.
     let tc_progs = tc_prog_ids(&c.sb);
     assert_eq!(

@@ -108,16 +108,26 @@ impl DnsRedirector for IptablesDnsRedirect {
     }
 }
 
-/// Remove the hooks and chains (`switchyard cleanup`).
-pub fn cleanup(runner: &mut dyn Runner, flavor: Flavor) {
+/// Remove the hooks and chains (`switchyard cleanup`), going by `saved` (the flavor's IPv4
+/// `-save` output): only a table that holds one of our chains is touched. A command naming a
+/// table that does not exist would create it (iptables-legacy instantiates `raw` and `filter`
+/// in the namespace), and every packet would then walk its empty chains.
+pub fn cleanup(runner: &mut dyn Runner, flavor: Flavor, saved: &str) {
     let tool = Tool::new(flavor, IpFamily::IPv4);
+    let ours = |chain: &str| saved.lines().any(|l| l.starts_with(&format!(":{chain} ")));
     for (table, hook, chain) in HOOKS {
+        if !ours(chain) {
+            continue;
+        }
         while runner
             .command(tool, &["-t", table, "-D", hook, "-j", chain])
             .is_ok()
         {}
     }
     for (table, chain) in [("raw", NOTRACK), ("filter", ACCEPT)] {
+        if !ours(chain) {
+            continue;
+        }
         let _ = runner.command(tool, &["-t", table, "-F", chain]);
         let _ = runner.command(tool, &["-t", table, "-X", chain]);
     }

@@ -195,7 +195,9 @@ pub fn cleanup_flavor(flavor: Flavor) -> Result<(), DataplaneError> {
 
 /// `cleanup_flavor` through any runner.
 pub fn cleanup_with(runner: &mut dyn Runner, flavor: Flavor) -> Result<(), DataplaneError> {
-    dns::cleanup(runner, flavor);
+    if let Some(saved) = save(runner, flavor, IpFamily::IPv4) {
+        dns::cleanup(runner, flavor, &saved);
+    }
     cleanup_family(runner, flavor, IpFamily::IPv4)?;
     cleanup_family(runner, flavor, IpFamily::IPv6)
 }
@@ -223,21 +225,21 @@ fn cleanup_family(
     if e.nat.is_empty() && e.filter.is_empty() {
         return Ok(());
     }
-    let mut input = String::from("*nat\n");
-    for c in &e.nat {
-        input.push_str(&format!(":{c} - [0:0]\n"));
+    // Only the tables that hold our chains: a restore naming another would create it.
+    let mut input = String::new();
+    for (table, chains) in [("nat", &e.nat), ("filter", &e.filter)] {
+        if chains.is_empty() {
+            continue;
+        }
+        input.push_str(&format!("*{table}\n"));
+        for c in chains {
+            input.push_str(&format!(":{c} - [0:0]\n"));
+        }
+        for c in chains {
+            input.push_str(&format!("-X {c}\n"));
+        }
+        input.push_str("COMMIT\n");
     }
-    for c in &e.nat {
-        input.push_str(&format!("-X {c}\n"));
-    }
-    input.push_str("COMMIT\n*filter\n");
-    for c in &e.filter {
-        input.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    for c in &e.filter {
-        input.push_str(&format!("-X {c}\n"));
-    }
-    input.push_str("COMMIT\n");
     runner.restore(tool, &input).map_err(failed)
 }
 
