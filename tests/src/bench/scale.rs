@@ -49,6 +49,8 @@ struct Opts {
     churn: Duration,
     changes: u32,
     secs: u32,
+    /// Rounds of the connection-rate measurement (median reported).
+    conn_reps: u32,
 }
 
 /// One line of the table.
@@ -115,6 +117,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             3
         } else {
             8
+        },
+        conn_reps: match arg("--conn-reps=") {
+            Some(v) => v.parse().context("--conn-reps=N")?,
+            None if quick => 1,
+            None => 3,
         },
     };
     let floor = if peers { Some(bpf_floor()?) } else { None };
@@ -761,7 +768,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             goal: "≥ 1.0×".into(),
         });
     }
-    let conn = match conn_rows(n, o.secs, false) {
+    let conn = match conn_rows(n, o.secs, false, o.conn_reps) {
         Ok(c) => c,
         Err(e) => {
             rows.push(failed("new connections/s", &e));

@@ -532,9 +532,9 @@ fn wait_idle(max: Duration) {
 /// p99 vs direct).
 type ConnRow = (String, (f64, f64, f64), f64, f64);
 
-fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
+fn conn_bench(sizes: &[u32], secs: u32, reps: u32) -> anyhow::Result<()> {
     println!(
-        "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one\n"
+        "\n### New connections/s (wrk -t2 -c8 -d{secs}s, Connection: close), probed service = the last one, median of {reps} round(s)\n"
     );
     println!(
         "Each path runs in fresh namespaces on the peers' cluster model (pod CIDR 10.0.0.0/8, 10 endpoints per service). The kube-proxy row loads shared/peers/gen_iptables.py's rules into the node namespace.\n"
@@ -542,7 +542,7 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
     println!("| path | N services | conn/s | p50 ms | p99 ms | conn/s vs direct | p99 vs direct |");
     println!("|---|---|---|---|---|---|---|");
     for &n in sizes {
-        for (name, r, vs, p99_vs) in conn_rows(n, secs, true)? {
+        for (name, r, vs, p99_vs) in conn_rows(n, secs, true, reps)? {
             println!(
                 "| {name} | {n} | {:.0} | {:.3} | {:.3} | {vs:.2} | {p99_vs:.2} |",
                 r.0, r.1, r.2
@@ -553,8 +553,40 @@ fn conn_bench(sizes: &[u32], secs: u32) -> anyhow::Result<()> {
 }
 
 /// New connections/s to the last of `n` services, each path in fresh namespaces; the
-/// kube-proxy rules and Switchyard's iptables backend only with `all_paths`.
-fn conn_rows(n: u32, secs: u32, all_paths: bool) -> anyhow::Result<Vec<ConnRow>> {
+/// kube-proxy rules and Switchyard's iptables backend only with `all_paths`. With `reps` > 1
+/// every path is measured `reps` times, the rounds one after another (direct, peers, ours;
+/// again), and a row gives the median of its rounds: conn/s, and its ratio to the direct run
+/// of the same round (one run varies by about ±5 % on this machine; a ratio within a round
+/// cancels most of the drift between rounds).
+fn conn_rows(n: u32, secs: u32, all_paths: bool, reps: u32) -> anyhow::Result<Vec<ConnRow>> {
+    let mut rounds = Vec::new();
+    for _ in 0..reps.max(1) {
+        rounds.push(conn_round(n, secs, all_paths)?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let m = v.len() / 2;
+        if v.len() % 2 == 1 {
+            v[m]
+        } else {
+            f64::midpoint(v[m - 1], v[m])
+        }
+    };
+    let mut out = Vec::new();
+    for (i, (name, ..)) in rounds[0].iter().enumerate() {
+        let of = |f: fn(&ConnRow) -> f64| median(rounds.iter().map(|r| f(&r[i])).collect());
+        out.push((
+            name.clone(),
+            (of(|r| r.1.0), of(|r| r.1.1), of(|r| r.1.2)),
+            of(|r| r.2),
+            of(|r| r.3),
+        ));
+    }
+    Ok(out)
+}
+
+/// One round of `conn_rows`: every path once.
+fn conn_round(n: u32, secs: u32, all_paths: bool) -> anyhow::Result<Vec<ConnRow>> {
     let gen_iptables =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/gen_iptables.py");
     // The peer is the point of the table: without it there is nothing to compare with.
@@ -1447,6 +1479,12 @@ fn main() -> anyhow::Result<()> {
     if args.iter().any(|a| a == "scale") {
         return scale::run(&args);
     }
+    // Rounds of the connection-rate measurement: 3 unless quick or `--reps=N`.
+    let reps = match args.iter().find_map(|a| a.strip_prefix("--reps=")) {
+        Some(v) => v.parse().context("--reps=N")?,
+        None if args.iter().any(|a| a == "--quick") => 1,
+        None => 3,
+    };
     if args.iter().any(|a| a == "iptables") {
         let quick = args.iter().any(|a| a == "--quick");
         let sizes: &[u32] = if quick {
@@ -1455,7 +1493,7 @@ fn main() -> anyhow::Result<()> {
             &[1000, 5000, 10_000]
         };
         iptables_sync_bench(sizes)?;
-        return conn_bench(sizes, if quick { 3 } else { 8 });
+        return conn_bench(sizes, if quick { 3 } else { 8 }, reps);
     }
     if args.iter().any(|a| a == "dns") {
         let quick = args.iter().any(|a| a == "--quick");
@@ -1485,8 +1523,8 @@ fn main() -> anyhow::Result<()> {
             .map(str::parse)
             .collect::<Result<_, _>>()
             .context("--sizes=N,N,...")?;
-        return conn_bench(&sizes, if quick { 3 } else { 8 });
+        return conn_bench(&sizes, if quick { 3 } else { 8 }, reps);
     }
-    conn_bench(&sizes, if quick { 3 } else { 8 })?;
+    conn_bench(&sizes, if quick { 3 } else { 8 }, reps)?;
     Ok(())
 }
