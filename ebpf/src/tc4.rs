@@ -254,23 +254,29 @@ pub(crate) fn try_tc(ctx: &TcContext) -> Result<i32, i64> {
         }
     }
 
-    let internal = LOCAL_CIDRS4
-        .get(&LpmKey::new(32, Cidr4 { addr: p.saddr }))
-        .is_some();
-    let fkey = Frontend4Key {
+    // Every frontend the tc path serves has an external-scope entry (the internal-only ones
+    // are the socket LB's loopback NodePorts): a packet to anything else leaves after one
+    // hash lookup, before the source-address trie is walked.
+    let mut fkey = Frontend4Key {
         addr: p.daddr,
         port: p.dport,
         proto: p.proto,
-        scope: if internal {
-            SCOPE_INTERNAL
-        } else {
-            SCOPE_EXTERNAL
-        },
+        scope: SCOPE_EXTERNAL,
     };
-    let Some(fe) = (unsafe { FRONTENDS4.get(&fkey) }) else {
+    let Some(ext) = (unsafe { FRONTENDS4.get(&fkey) }) else {
         return Ok(TCX_NEXT);
     };
-    let fe = *fe;
+    let mut fe = *ext;
+    if LOCAL_CIDRS4
+        .get(&LpmKey::new(32, Cidr4 { addr: p.saddr }))
+        .is_some()
+    {
+        fkey.scope = SCOPE_INTERNAL;
+        let Some(int) = (unsafe { FRONTENDS4.get(&fkey) }) else {
+            return Ok(TCX_NEXT);
+        };
+        fe = *int;
+    }
     // A TCP segment other than a SYN with no flow entry, to a NodePort, is most likely a
     // reply to one of the node's own connections whose ephemeral port is in the NodePort
     // range: leave it to the stack.

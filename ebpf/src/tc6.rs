@@ -293,23 +293,27 @@ fn established6(p: &Packet6, tcp_flags: u32, plan: &mut Plan6) -> i32 {
 #[inline(never)]
 fn choose6(p: &Packet6, tcp_flags: u32, plan: &mut Plan6) -> i32 {
     let tcp_flags = tcp_flags as u8;
-    let internal = LOCAL_CIDRS6
-        .get(&LpmKey::new(128, Cidr6 { addr: p.saddr }))
-        .is_some();
-    let fkey = Frontend6Key {
+    // As in `tc4`: the external entry first, the source-address trie only for frontends.
+    let mut fkey = Frontend6Key {
         addr: p.daddr,
         port: p.dport,
         proto: p.proto,
-        scope: if internal {
-            SCOPE_INTERNAL
-        } else {
-            SCOPE_EXTERNAL
-        },
+        scope: SCOPE_EXTERNAL,
     };
-    let Some(fe) = (unsafe { FRONTENDS6.get(&fkey) }) else {
+    let Some(ext) = (unsafe { FRONTENDS6.get(&fkey) }) else {
         return TCX_NEXT;
     };
-    let fe = *fe;
+    let mut fe = *ext;
+    if LOCAL_CIDRS6
+        .get(&LpmKey::new(128, Cidr6 { addr: p.saddr }))
+        .is_some()
+    {
+        fkey.scope = SCOPE_INTERNAL;
+        let Some(int) = (unsafe { FRONTENDS6.get(&fkey) }) else {
+            return TCX_NEXT;
+        };
+        fe = *int;
+    }
     if fe.flags & FE_NODEPORT != 0
         && p.proto == IPPROTO_TCP
         && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN

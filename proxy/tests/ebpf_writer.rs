@@ -3,12 +3,12 @@
 //! re-adoption after a restart, and recovery from a failed write. No root needed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use switchyard::dataplane::ebpf::inspect;
 use switchyard::dataplane::ebpf::io::{Dump, FakeMaps, FaultyMaps, MapIo, Op};
 use switchyard::dataplane::ebpf::render::RenderConfig;
 use switchyard::dataplane::ebpf::writer::{Capacity, Checked, Globals, Writer};
+use switchyard::dataplane::ebpf::{inspect, render};
 use switchyard::source::manifests::ManifestDir;
-use switchyard_ebpf_common::SlotKey;
+use switchyard_ebpf_common::{Frontend4Key, Frontend6Key, SCOPE_EXTERNAL, SCOPE_INTERNAL, SlotKey};
 use switchyard_model::fixtures::{self, Port};
 use switchyard_model::plan::Plan;
 use switchyard_model::{Engine, ProxyConfig, Selector, manifest};
@@ -120,6 +120,35 @@ fn maps_match_the_model_for_the_examples() {
     }
     assert!(checked >= 12, "{checked}");
     consistent(&w.io.content).unwrap();
+    // The tc path looks a packet's destination up in the external scope first and leaves
+    // on a miss: every frontend has an external entry, except the socket LB's loopback
+    // NodePorts (which the tc path must not serve).
+    let d = &w.io.content;
+    let mut internal = 0;
+    for k in d.frontends4.keys().filter(|k| k.scope == SCOPE_INTERNAL) {
+        let ip = std::net::Ipv4Addr::from(k.addr.to_ne_bytes());
+        let ext = Frontend4Key {
+            scope: SCOPE_EXTERNAL,
+            ..*k
+        };
+        assert_eq!(
+            d.frontends4.contains_key(&ext),
+            !ip.is_loopback(),
+            "{ip}:{}",
+            u16::from_be(k.port)
+        );
+        internal += 1;
+    }
+    for k in d.frontends6.keys().filter(|k| k.scope == SCOPE_INTERNAL) {
+        let ext = Frontend6Key {
+            scope: SCOPE_EXTERNAL,
+            ..*k
+        };
+        let loopback = k.addr == render::addr6(std::net::Ipv6Addr::LOCALHOST);
+        assert_eq!(d.frontends6.contains_key(&ext), !loopback, "{k:?}");
+        internal += 1;
+    }
+    assert!(internal >= 12, "{internal}");
     // The affinity service carries its timeout; eTP=Local's external key keeps the client.
     let cart = views
         .iter()
