@@ -246,7 +246,9 @@ impl EbpfDataplane {
         Ok(dp)
     }
 
-    fn report(&self, r: &Report) {
+    /// Metrics after a sync; `changes`: the ports a partial sync touched (the per-port
+    /// counters' labels follow only those), `None` after a full sync.
+    fn report(&self, r: &Report, changes: Option<&ChangeSet>) {
         self.metrics
             .dataplane_capacity_errors
             .inc_by(r.capacity_errors.len() as u64);
@@ -259,13 +261,18 @@ impl EbpfDataplane {
             self.metrics.map_entries.get_or_create(&label).set(n(used));
             self.metrics.map_capacity.get_or_create(&label).set(n(max));
         }
-        if let Some(c) = &self.counters {
-            c.set_ports(
-                self.writer
-                    .ports()
-                    .map(|(k, p)| (p.service_id, stats::ServicePortLabels::of(k)))
-                    .collect(),
-            );
+        let Some(c) = &self.counters else { return };
+        match changes {
+            None => c.set_ports(self.writer.ports().map(|(k, p)| (k, p.service_id))),
+            Some(changes) => {
+                let keys = changes
+                    .added
+                    .iter()
+                    .map(|s| &s.key)
+                    .chain(changes.changed.iter().map(|c| &c.new.key))
+                    .chain(changes.removed.iter().map(|s| &s.key));
+                c.update(keys.map(|k| (k, self.writer.port(k).map(|p| p.service_id))));
+            }
         }
     }
 }
@@ -277,7 +284,7 @@ impl Dataplane for EbpfDataplane {
 
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.apply(changes, state)?;
-        self.report(&r);
+        self.report(&r, Some(changes));
         self.janitor
             .changed(changes, |k| self.writer.port(k), state);
         Ok(())
@@ -294,7 +301,7 @@ impl Dataplane for EbpfDataplane {
 
     fn full_sync(&mut self, state: &DesiredState) -> Result<(), DataplaneError> {
         let r = self.writer.full_sync(state)?;
-        self.report(&r);
+        self.report(&r, None);
         self.janitor.full(self.writer.ports(), state);
         Ok(())
     }
@@ -341,7 +348,7 @@ impl Dataplane for EbpfDataplane {
         let prepared = match prepared.0.downcast::<Checked>() {
             Ok(checked) => {
                 let (r, clean) = self.writer.full_sync_checked(state, changes, *checked)?;
-                self.report(&r);
+                self.report(&r, clean.then_some(changes));
                 if clean {
                     self.janitor
                         .changed(changes, |k| self.writer.port(k), state);
@@ -360,7 +367,7 @@ impl Dataplane for EbpfDataplane {
             }
             Err(_) => self.writer.full_sync(state)?,
         };
-        self.report(&r);
+        self.report(&r, None);
         self.janitor.full(self.writer.ports(), state);
         Ok(())
     }

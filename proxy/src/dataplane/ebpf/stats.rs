@@ -3,7 +3,7 @@
 //! programmed service ports (at most `maxServices`); the switch is off by default because a
 //! large cluster's every port is a series.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -43,8 +43,10 @@ impl ServicePortLabels {
 #[derive(Debug, Clone)]
 pub struct ServiceCounters {
     pin_dir: PathBuf,
-    /// service id -> labels, replaced after every sync.
-    ports: Arc<Mutex<BTreeMap<u32, ServicePortLabels>>>,
+    /// service id and labels of every programmed port: replaced after a full sync, updated
+    /// for the ports a change touched otherwise (rebuilding 100k label sets per endpoint
+    /// change cost the sync a walk of every port).
+    ports: Arc<Mutex<HashMap<ServicePortKey, (u32, ServicePortLabels)>>>,
 }
 
 impl ServiceCounters {
@@ -55,21 +57,52 @@ impl ServiceCounters {
         }
     }
 
-    pub fn set_ports(&self, ports: BTreeMap<u32, ServicePortLabels>) {
+    /// Every programmed port: (key, service id).
+    pub fn set_ports<'a>(&self, ports: impl Iterator<Item = (&'a ServicePortKey, u32)>) {
+        let all = ports
+            .map(|(k, id)| (k.clone(), (id, ServicePortLabels::of(k))))
+            .collect();
         *self
             .ports
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = ports;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = all;
+    }
+
+    /// The ports a change touched, each with its service id now (`None`: not programmed).
+    pub fn update<'a>(&self, touched: impl Iterator<Item = (&'a ServicePortKey, Option<u32>)>) {
+        let mut ports = self
+            .ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (k, id) in touched {
+            match id {
+                Some(id) => match ports.get_mut(k) {
+                    Some(e) => e.0 = id,
+                    None => {
+                        ports.insert(k.clone(), (id, ServicePortLabels::of(k)));
+                    }
+                },
+                None => {
+                    ports.remove(k);
+                }
+            }
+        }
+    }
+
+    /// Service id -> labels of every programmed port, as a scrape reads them.
+    pub fn labels(&self) -> BTreeMap<u32, ServicePortLabels> {
+        self.ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|(id, l)| (*id, l.clone()))
+            .collect()
     }
 }
 
 impl Collector for ServiceCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let ports = self
-            .ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let ports = self.labels();
         let counters = match read_counters_of(&self.pin_dir, ports.keys().copied()) {
             Ok(c) => c,
             Err(e) => {
@@ -106,5 +139,43 @@ impl Collector for ServiceCounters {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_model::{Protocol, ServiceKey};
+
+    fn key(name: &str) -> ServicePortKey {
+        ServicePortKey {
+            service: ServiceKey {
+                namespace: "t".into(),
+                name: name.into(),
+            },
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::IPv4,
+        }
+    }
+
+    /// A change updates only the ports it touched: one added, one whose id changed, one
+    /// removed, one left unprogrammed; the others keep their labels.
+    #[test]
+    fn a_change_updates_the_labels_of_the_ports_it_touched() {
+        let c = ServiceCounters::new(PathBuf::from("/nonexistent"));
+        let (a, b, d, e) = (key("a"), key("b"), key("d"), key("e"));
+        c.set_ports([(&a, 1), (&b, 2), (&d, 4)].into_iter());
+        c.update([(&b, Some(7)), (&d, None), (&e, Some(5)), (&key("x"), None)].into_iter());
+        let got: Vec<(u32, String)> = c
+            .labels()
+            .into_iter()
+            .map(|(id, l)| (id, l.service))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, "a".into()), (5, "e".into()), (7, "b".into())],
+            "{got:?}"
+        );
     }
 }
