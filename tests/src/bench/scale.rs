@@ -34,7 +34,8 @@ use switchyard_tests::sandbox::{http_get_in, in_netns};
 
 use super::{
     CLUSTER_CIDR, DnsServers, PEER_TIMEOUT, PeerService, Topo, conn_rows, dns_servers, dnsperf,
-    dnsperf_p99, kube_proxy_restore, pct, peer_model_manifests, peer_service, wait_idle,
+    dnsperf_p99, kube_proxy_restore, map_capacity, pct, peer_model_manifests, peer_service,
+    wait_idle,
 };
 
 const METRICS: &str = "127.0.0.1:10249";
@@ -235,10 +236,9 @@ fn slice_json(p: &PeerService, eps: &[Ipv4Addr]) -> Value {
 /// The daemon's config: defaults, but for the addresses of this sandbox and maps sized for
 /// `n` services (the defaults hold 65 536 services and 1 Mi backends).
 fn config(tag: &str, n: u32) -> String {
-    let services = (n + n / 4).next_power_of_two().max(65_536);
-    let backends = (n * 20).next_power_of_two().max(1 << 20);
     format!(
-        "clusterCIDR: {CLUSTER_CIDR}\nhealthzBindAddress: ''\nmetricsBindAddress: {METRICS}\nbpfPinDir: /sys/fs/bpf/{tag}\nmaxServices: {services}\nmaxBackends: {backends}\n"
+        "clusterCIDR: {CLUSTER_CIDR}\nhealthzBindAddress: ''\nmetricsBindAddress: {METRICS}\nbpfPinDir: /sys/fs/bpf/{tag}\n{}",
+        map_capacity(n)
     )
 }
 

@@ -262,10 +262,11 @@ impl Topo {
         Ok(t)
     }
 
-    fn start_daemon(&mut self, manifests: &Path, backend: &str) -> anyhow::Result<()> {
+    fn start_daemon(&mut self, manifests: &Path, backend: &str, n: u32) -> anyhow::Result<()> {
         let config = format!(
-            "clusterCIDR: {CLUSTER_CIDR}\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n",
-            self.tag
+            "clusterCIDR: {CLUSTER_CIDR}\nsyncPeriod: 60s\nminSyncPeriod: 100ms\nhealthzBindAddress: ''\nmetricsBindAddress: ''\niptablesMode: legacy\nbpfPinDir: /sys/fs/bpf/{}\n{}",
+            self.tag,
+            map_capacity(n)
         );
         self.start_daemon_with(
             &[
@@ -405,6 +406,13 @@ fn wait_ok(t: &Topo, from_node: bool, url_addr: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The eBPF map sizes for `n` services × 10 endpoints (the defaults hold 65 536 services).
+fn map_capacity(n: u32) -> String {
+    let services = (n + n / 4).next_power_of_two().max(65_536);
+    let backends = (n * 20).next_power_of_two().max(1 << 20);
+    format!("maxServices: {services}\nmaxBackends: {backends}\n")
 }
 
 /// The peers' cluster model (shared/peers/cluster_model.py): pod CIDR 10.0.0.0/8, so the
@@ -656,7 +664,7 @@ fn conn_round(n: u32, secs: u32, all_paths: bool) -> anyhow::Result<Vec<ConnRow>
                 t.node_sh("iptables-legacy -t nat -F; iptables-legacy -t nat -X; iptables-legacy -F; iptables-legacy -X");
             }
             Path_::Ebpf => {
-                t.start_daemon(&dir, "ebpf")?;
+                t.start_daemon(&dir, "ebpf", n)?;
                 wait_ok(&t, false, &vip)?;
                 wait_ok(&t, true, &vip)?;
                 wait_idle(Duration::from_mins(2));
@@ -673,7 +681,7 @@ fn conn_round(n: u32, secs: u32, all_paths: bool) -> anyhow::Result<Vec<ConnRow>
                 ));
             }
             Path_::IptablesLegacy => {
-                t.start_daemon(&dir, "iptables")?;
+                t.start_daemon(&dir, "iptables", n)?;
                 wait_ok(&t, false, &vip)?;
                 wait_idle(Duration::from_mins(2));
                 let _ = t.wrk(false, &vip_url, 1)?;
