@@ -151,8 +151,7 @@ impl ServiceRecords {
         for slice in slices {
             for ep in slice.endpoints.iter().filter(|ep| svc.counts_as_ready(ep)) {
                 let host = ep
-                    .hostname
-                    .as_deref()
+                    .hostname()
                     .map_or_else(|| Snapshot::dashed(&ep.address), str::to_ascii_lowercase);
                 let ep_name = format!("{host}.{name}");
                 endpoints.insert((ep_name.clone(), ep.address));

@@ -9,9 +9,10 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 
 use crate::error::ModelError;
+use crate::intern::intern;
 use crate::types::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey,
-    ServicePort, ServiceType, TrafficDistribution,
+    Endpoint, EndpointExtra, EndpointPort, EndpointSlice, IpFamily, Node, Protocol, Service,
+    ServiceKey, ServicePort, ServiceType, TrafficDistribution,
 };
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -491,21 +492,26 @@ pub fn endpoint_slice(
         let serving = cond.serving.unwrap_or(ready);
         let terminating = cond.terminating.unwrap_or(false);
         let hints = ep.hints.as_ref();
-        endpoints.push(Endpoint {
-            address,
-            ready,
-            serving,
-            terminating,
-            node_name: ep.node_name.clone(),
-            zone: ep.zone.clone(),
-            hostname: ep.hostname.clone(),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
-        });
+        endpoints.push(
+            Endpoint {
+                address,
+                ready,
+                serving,
+                terminating,
+                node_name: ep.node_name.as_deref().map(intern),
+                zone: ep.zone.as_deref().map(intern),
+                extra: None,
+            }
+            .with_extra(EndpointExtra {
+                hostname: ep.hostname.clone(),
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+            }),
+        );
     }
 
     Ok(Some(EndpointSlice {

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod engine;
 pub mod error;
 pub mod fixtures;
+pub mod intern;
 pub mod manifest;
 pub mod plan;
 pub mod selector;
@@ -20,6 +21,6 @@ pub use state::{
     ServicePortState,
 };
 pub use types::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, Node, Pod, Protocol, Service, ServiceKey,
-    ServicePort, ServiceType,
+    Endpoint, EndpointExtra, EndpointPort, EndpointSlice, IpFamily, Node, Pod, Protocol, Service,
+    ServiceKey, ServicePort, ServiceType,
 };

@@ -87,7 +87,7 @@ impl PlanServicePort {
         let has_external = s.frontends.iter().any(|f| f.kind.is_external());
         PlanServicePort {
             service: s.key.service.to_string(),
-            port_name: s.key.port_name.clone(),
+            port_name: s.key.port_name.to_string(),
             protocol: s.key.protocol.to_string(),
             family: s.key.family.to_string(),
             frontends: s

@@ -62,7 +62,7 @@ pub struct ProxyConfig {
 pub struct ServicePortKey {
     pub service: ServiceKey,
     /// The service port's name; empty for the single unnamed port.
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub protocol: Protocol,
     pub family: IpFamily,
 }
@@ -354,7 +354,7 @@ pub fn compute_service(
         for sp in &svc.ports {
             let key = ServicePortKey {
                 service: svc.key.clone(),
-                port_name: sp.name.clone(),
+                port_name: Arc::from(sp.name.as_str()),
                 protocol: sp.protocol,
                 family,
             };
@@ -416,8 +416,8 @@ pub fn compute_service(
                         serving: svc.counts_as_serving(ep),
                         terminating: ep.terminating,
                         local: ep.node_name.as_deref() == Some(cfg.node_name.as_str()),
-                        zone_hints: ep.zone_hints.as_deref(),
-                        node_hints: ep.node_hints.as_deref(),
+                        zone_hints: ep.zone_hints(),
+                        node_hints: ep.node_hints(),
                     };
                     // An endpoint listed in two slices (during controller handover) counts
                     // once; the ready copy wins.

@@ -63,11 +63,9 @@ pub fn slice(i: u32, eps: u32) -> EndpointSlice {
                 ready: true,
                 serving: true,
                 terminating: false,
-                node_name: Some(format!("node-{}", e % 3)),
+                node_name: Some(crate::intern::intern(&format!("node-{}", e % 3))),
                 zone: None,
-                hostname: None,
-                zone_hints: None,
-                node_hints: None,
+                extra: None,
             })
             .collect(),
     }

@@ -4,22 +4,25 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-/// Namespace and name of a Service (or any namespaced object).
+/// Namespace and name of a Service (or any namespaced object). Every index of every layer
+/// (engine, desired state, DNS, dataplane writers) keys on a clone of it, so the strings are
+/// shared: a clone costs two reference counts, not two allocations.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: Arc::from(namespace.as_ref()),
+            name: Arc::from(name.as_ref()),
         }
     }
 }
@@ -151,20 +154,65 @@ impl Service {
     }
 }
 
-/// One endpoint of an EndpointSlice (only `addresses[0]` is used, as kube-proxy does).
+/// One endpoint of an EndpointSlice (only `addresses[0]` is used, as kube-proxy does). A
+/// million of these are held at 100k services, so the common fields are inline (node name and
+/// zone shared, see `intern`) and the rare ones (hostname, hints) boxed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Endpoint {
     pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    #[serde(flatten)]
+    pub extra: Option<Box<EndpointExtra>>,
+}
+
+/// The fields few endpoints carry: a hostname (StatefulSet pods behind a headless service)
+/// and topology hints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct EndpointExtra {
     pub hostname: Option<String>,
     /// `hints.forZones`; `None` when the endpoint carries no zone hints.
     pub zone_hints: Option<Vec<String>>,
     /// `hints.forNodes`; `None` when the endpoint carries no node hints.
     pub node_hints: Option<Vec<String>>,
+}
+
+impl Endpoint {
+    /// A ready, serving endpoint at `address` with nothing else set.
+    #[must_use]
+    pub fn ready_at(address: IpAddr) -> Endpoint {
+        Endpoint {
+            address,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            extra: None,
+        }
+    }
+
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref()?.hostname.as_deref()
+    }
+
+    pub fn zone_hints(&self) -> Option<&[String]> {
+        self.extra.as_ref()?.zone_hints.as_deref()
+    }
+
+    pub fn node_hints(&self) -> Option<&[String]> {
+        self.extra.as_ref()?.node_hints.as_deref()
+    }
+
+    /// Keep `extra` only when it holds something.
+    #[must_use]
+    pub fn with_extra(mut self, extra: EndpointExtra) -> Endpoint {
+        self.extra = (extra != EndpointExtra::default()).then(|| Box::new(extra));
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

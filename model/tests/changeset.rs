@@ -38,7 +38,7 @@ fn add_change_remove_are_exact() {
     let cs = e.sync();
     assert_eq!(cs.len(), 1);
     let ch = &cs.changed[0];
-    assert_eq!(ch.new.key.service.name, "a");
+    assert_eq!(&*ch.new.key.service.name, "a");
     assert_eq!(ch.backends_added.len(), 1);
     assert_eq!(ch.backends_added[0].addr.to_string(), "10.0.0.3");
     assert_eq!(ch.backends_removed[0].addr.to_string(), "10.0.0.2");
@@ -60,7 +60,7 @@ fn add_change_remove_are_exact() {
     e.delete_service(&switchyard_model::ServiceKey::new("ns", "b"));
     let cs = e.sync();
     assert_eq!(cs.removed.len(), 1);
-    assert_eq!(cs.removed[0].key.service.name, "b");
+    assert_eq!(&*cs.removed[0].key.service.name, "b");
     assert_eq!(e.state().len(), 1);
 }
 
@@ -124,5 +124,5 @@ fn sync_touches_only_dirty_services() {
     e.upsert_slice(slice("s7-1", "s7", &["10.0.0.7"]));
     let cs = e.sync();
     assert_eq!(cs.len(), 1);
-    assert_eq!(cs.changed[0].new.key.service.name, "s7");
+    assert_eq!(&*cs.changed[0].new.key.service.name, "s7");
 }

@@ -108,7 +108,7 @@ fn load_reports_file_document_and_field() {
     let mut md = manifests::ManifestDir::new(dir.path());
     let (objs, errors) = md.load().unwrap();
     assert_eq!(objs.services.len(), 1, "the good document is used");
-    assert_eq!(objs.services[0].key.name, "ok");
+    assert_eq!(&*objs.services[0].key.name, "ok");
     let msg = errors[0].to_string();
     assert!(msg.contains("x.yaml: document 2: Service default/bad: spec.ports[0].protocol: unsupported protocol \"ICMP\" (want TCP, UDP or SCTP) (not loaded)"), "{msg}");
 }
@@ -156,7 +156,7 @@ fn ten_thousand_services_one_document_in_ten_broken() {
         |objs: &switchyard_model::manifest::Objects| -> std::collections::BTreeMap<String, String> {
             objs.services
                 .iter()
-                .map(|s| (s.key.name.clone(), s.cluster_ips[0].to_string()))
+                .map(|s| (s.key.name.to_string(), s.cluster_ips[0].to_string()))
                 .collect()
         };
 

@@ -55,7 +55,7 @@ fn held(store: &Store) -> Held {
             .services()
             .map(|s| {
                 let ips: Vec<String> = s.cluster_ips.iter().map(ToString::to_string).collect();
-                (s.key.name.clone(), ips.join(","))
+                (s.key.name.to_string(), ips.join(","))
             })
             .collect(),
         slices: e

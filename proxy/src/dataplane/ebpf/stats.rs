@@ -26,9 +26,9 @@ pub struct ServicePortLabels {
 impl ServicePortLabels {
     pub fn of(k: &ServicePortKey) -> ServicePortLabels {
         ServicePortLabels {
-            namespace: k.service.namespace.clone(),
-            service: k.service.name.clone(),
-            port: k.port_name.clone(),
+            namespace: k.service.namespace.to_string(),
+            service: k.service.name.to_string(),
+            port: k.port_name.to_string(),
             protocol: k.protocol.as_str().into(),
             ip_family: match k.family {
                 IpFamily::IPv4 => "IPv4",
