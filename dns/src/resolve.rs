@@ -251,7 +251,7 @@ fn answer_zone(snap: &Snapshot, req: &Message, key: &str, qtype: RecordType) -> 
         ));
         // A target inside the zone is answered here too; outside, the client's resolver goes on.
         if in_zone(&target, zone)
-            && let Some(trecs) = snap.names.get(&target)
+            && let Some(trecs) = snap.names.get(target.as_str())
         {
             for r in trecs.iter().filter(|r| matches(r, qtype)) {
                 m.answers
@@ -265,7 +265,7 @@ fn answer_zone(snap: &Snapshot, req: &Message, key: &str, qtype: RecordType) -> 
         m.answers
             .push(Record::from_rdata(q.name().clone(), ttl, rdata(r)));
         if let Rec::Srv { target, .. } = r
-            && let Some(trecs) = snap.names.get(target)
+            && let Some(trecs) = snap.names.get(target.as_str())
         {
             for t in trecs.iter().filter(|t| matches!(t, Rec::Addr(_))) {
                 let rec = Record::from_rdata(fqdn(target), ttl, rdata(t));

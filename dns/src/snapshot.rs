@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use switchyard_model::{EndpointSlice, IpFamily, Protocol, Service, ServiceKey, ServiceType};
 
@@ -51,8 +52,9 @@ pub struct Snapshot {
     /// False until the first sync: queries in the zone get SERVFAIL.
     pub synced: bool,
     pub cfg: ZoneConfig,
-    pub names: imbl::HashMap<String, Vec<Rec>>,
-    pub ptr: imbl::HashMap<IpAddr, Vec<String>>,
+    /// Names and record sets are shared with the builder's per-service index (one copy each).
+    pub names: imbl::HashMap<Arc<str>, Arc<[Rec]>>,
+    pub ptr: imbl::HashMap<IpAddr, Vec<Arc<str>>>,
     /// Serial for the SOA: changes with every rebuild.
     pub serial: u32,
 }
@@ -198,11 +200,39 @@ impl ServiceRecords {
     }
 }
 
+/// What the builder keeps of one service to replace it later: its names and PTRs, the very
+/// `Arc`s the snapshot holds.
+#[derive(Debug, Clone)]
+struct Stored {
+    namespace: String,
+    names: Vec<(Arc<str>, Arc<[Rec]>)>,
+    ptrs: Vec<(IpAddr, Arc<str>)>,
+}
+
+impl Stored {
+    /// Holds exactly the records of `r`.
+    fn same_as(&self, r: &ServiceRecords) -> bool {
+        self.namespace == r.namespace
+            && self.names.len() == r.names.len()
+            && self
+                .names
+                .iter()
+                .zip(&r.names)
+                .all(|((n, v), (rn, rv))| **n == **rn && **v == **rv)
+            && self.ptrs.len() == r.ptrs.len()
+            && self
+                .ptrs
+                .iter()
+                .zip(&r.ptrs)
+                .all(|((a, t), (ra, rt))| a == ra && **t == **rt)
+    }
+}
+
 /// Keeps the zone up to date one service at a time and publishes immutable snapshots.
 #[derive(Debug, Clone)]
 pub struct ZoneBuilder {
     snap: Snapshot,
-    services: HashMap<ServiceKey, ServiceRecords>,
+    services: HashMap<ServiceKey, Stored>,
     /// Services per lowercase namespace (the `<ns>.svc.<zone>` node lives while > 0).
     namespaces: HashMap<String, usize>,
 }
@@ -212,14 +242,15 @@ impl ZoneBuilder {
         let mut snap = Snapshot::empty(cfg);
         let zone = snap.cfg.zone.clone();
         for n in [zone.clone(), format!("svc.{zone}")] {
-            snap.names.insert(n, Vec::new());
+            snap.names.insert(n.into(), Arc::from([]));
         }
         snap.names.insert(
-            format!("dns-version.{zone}"),
-            vec![Rec::Txt("1.1.0".into())],
+            format!("dns-version.{zone}").into(),
+            Arc::from([Rec::Txt("1.1.0".into())]),
         );
         if snap.cfg.pods == PodsMode::Insecure {
-            snap.names.insert(format!("pod.{zone}"), Vec::new());
+            snap.names
+                .insert(format!("pod.{zone}").into(), Arc::from([]));
         }
         ZoneBuilder {
             snap,
@@ -243,12 +274,12 @@ impl ZoneBuilder {
     /// Replace the records of one service (`None`: the service is gone).
     pub fn set(&mut self, key: &ServiceKey, records: Option<ServiceRecords>) {
         if let Some(old) = self.services.remove(key) {
-            if records.as_ref() == Some(&old) {
+            if records.as_ref().is_some_and(|r| old.same_as(r)) {
                 self.services.insert(key.clone(), old);
                 return;
             }
-            for n in old.names.keys() {
-                self.snap.names.remove(n);
+            for (n, _) in &old.names {
+                self.snap.names.remove(&**n);
             }
             for (ip, t) in &old.ptrs {
                 if let Some(v) = self.snap.ptr.get_mut(ip) {
@@ -263,26 +294,45 @@ impl ZoneBuilder {
                 *c -= 1;
                 if *c == 0 {
                     self.namespaces.remove(&old.namespace);
-                    self.snap.names.remove(&ns_key);
+                    self.snap.names.remove(ns_key.as_str());
                 }
             }
         }
         let Some(new) = records else { return };
-        for (n, recs) in &new.names {
-            self.snap.names.insert(n.clone(), recs.clone());
+        let names: Vec<(Arc<str>, Arc<[Rec]>)> = new
+            .names
+            .into_iter()
+            .map(|(n, recs)| (Arc::from(n), Arc::from(recs)))
+            .collect();
+        for (n, recs) in &names {
+            self.snap.names.insert(Arc::clone(n), Arc::clone(recs));
         }
-        for (ip, t) in &new.ptrs {
-            let v = self.snap.ptr.entry(*ip).or_default();
-            v.push(t.clone());
+        let mut ptrs = Vec::with_capacity(new.ptrs.len());
+        for (ip, t) in new.ptrs {
+            // A PTR target is one of the service's own names: share that copy.
+            let t = names
+                .iter()
+                .find(|(n, _)| **n == *t)
+                .map_or_else(|| Arc::from(t), |(n, _)| Arc::clone(n));
+            let v = self.snap.ptr.entry(ip).or_default();
+            v.push(Arc::clone(&t));
             v.sort();
+            ptrs.push((ip, t));
         }
         let c = self.namespaces.entry(new.namespace.clone()).or_default();
         if *c == 0 {
             let ns_key = format!("{}.svc.{}", new.namespace, self.snap.cfg.zone);
-            self.snap.names.insert(ns_key, Vec::new());
+            self.snap.names.insert(ns_key.into(), Arc::from([]));
         }
         *c += 1;
-        self.services.insert(key.clone(), new);
+        self.services.insert(
+            key.clone(),
+            Stored {
+                namespace: new.namespace,
+                names,
+                ptrs,
+            },
+        );
     }
 
     /// The zone as it is now, marked synced, with `serial` for its SOA.
