@@ -63,6 +63,15 @@ impl ChangeSet {
         self.added.len() + self.changed.len() + self.removed.len()
     }
 
+    /// Every port key this change set touches: added, changed, then removed.
+    pub fn keys(&self) -> impl Iterator<Item = &ServicePortKey> {
+        self.added
+            .iter()
+            .map(|s| &s.key)
+            .chain(self.changed.iter().map(|c| &c.new.key))
+            .chain(self.removed.iter().map(|s| &s.key))
+    }
+
     /// The diff of one service port, `None` for no change.
     fn diff_port(
         old: &Arc<ServicePortState>,

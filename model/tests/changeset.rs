@@ -65,6 +65,23 @@ fn add_change_remove_are_exact() {
 }
 
 #[test]
+fn keys_name_every_touched_port_once() {
+    let mut e = engine();
+    e.upsert_service(svc("a", "10.96.0.1"));
+    e.upsert_service(svc("b", "10.96.0.2"));
+    e.sync();
+
+    // One of each: c added, a changed, b removed.
+    e.upsert_service(svc("c", "10.96.0.3"));
+    e.upsert_slice(slice("a-1", "a", &["10.0.0.1"]));
+    e.delete_service(&switchyard_model::ServiceKey::new("ns", "b"));
+    let cs = e.sync();
+    let names: Vec<&str> = cs.keys().map(|k| &*k.service.name).collect();
+    assert_eq!(names, ["c", "a", "b"]);
+    assert_eq!(cs.keys().count(), cs.len());
+}
+
+#[test]
 fn changes_that_net_to_nothing_produce_nothing() {
     let mut e = engine();
     e.upsert_service(svc("a", "10.96.0.1"));

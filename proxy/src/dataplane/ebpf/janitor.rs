@@ -92,13 +92,8 @@ impl Janitor {
         port: impl Fn(&ServicePortKey) -> Option<&'a PortRender>,
         state: &DesiredState,
     ) {
-        let keys = changes
-            .added
-            .iter()
-            .map(|s| &s.key)
-            .chain(changes.changed.iter().map(|c| &c.new.key))
-            .chain(changes.removed.iter().map(|s| &s.key));
-        let update = keys
+        let update = changes
+            .keys()
             .map(|k| (k.clone(), port(k).map(|p| PortSummary::of(k, p, state))))
             .collect();
         self.send(Job::Update(update), ct::may_strand_flows(changes));

@@ -265,13 +265,11 @@ impl EbpfDataplane {
         match changes {
             None => c.set_ports(self.writer.ports().map(|(k, p)| (k, p.service_id))),
             Some(changes) => {
-                let keys = changes
-                    .added
-                    .iter()
-                    .map(|s| &s.key)
-                    .chain(changes.changed.iter().map(|c| &c.new.key))
-                    .chain(changes.removed.iter().map(|s| &s.key));
-                c.update(keys.map(|k| (k, self.writer.port(k).map(|p| p.service_id))));
+                c.update(
+                    changes
+                        .keys()
+                        .map(|k| (k, self.writer.port(k).map(|p| p.service_id))),
+                );
             }
         }
     }
