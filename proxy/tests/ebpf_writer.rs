@@ -331,6 +331,88 @@ fn capacity_overflow_names_the_service_and_keeps_the_rest() {
     assert!(r.capacity_errors.is_empty(), "{r:?}");
 }
 
+/// A log sink for one test: what `tracing` writes while `f` runs.
+fn logged(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let out = sink.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || out.clone())
+        .finish();
+    tracing::subscriber::with_default(sub, f);
+    String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+}
+
+#[test]
+fn many_services_beyond_capacity_log_a_few_lines_and_one_summary() {
+    // 40 services, room for 15 (16 ids, 0 unused): 25 cannot be programmed. An operator at 100k services with
+    // maps for 64k must not get one ERROR line per service.
+    let yaml: String = (0..40)
+        .map(|i| {
+            let name = format!("s{i}");
+            fixtures::service(
+                "t",
+                &name,
+                &format!("10.96.1.{i}"),
+                &[Port::tcp("http", 80)],
+            ) + &fixtures::slice(
+                "t",
+                &name,
+                &format!("{name}-1"),
+                &[Port::tcp("http", 8080)],
+                &[(&*format!("10.244.1.{i}"), None)],
+            )
+        })
+        .collect();
+    let mut e = Engine::new(ProxyConfig::default());
+    let mut w = Writer::new(
+        FakeMaps::default(),
+        RenderConfig::default(),
+        Capacity {
+            services: 16,
+            backends: 1024,
+            slots: 1 << 14,
+        },
+        Globals::default(),
+    );
+    let cs = load(&mut e, &yaml);
+    let mut r = None;
+    let log = logged(|| r = Some(w.apply(&cs, e.state()).unwrap()));
+    let r = r.unwrap();
+    assert_eq!(r.capacity_errors.len(), 25, "{r:?}");
+    assert_eq!(w.unprogrammed().len(), 25);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(
+        lines.len(),
+        11,
+        "10 ports one by one, then one summary:\n{log}"
+    );
+    let summary = lines[10];
+    assert!(
+        summary.contains("cannot program 15 more service ports")
+            && summary.contains("raise maxServices")
+            && summary.contains("total_unprogrammed=25"),
+        "{summary}"
+    );
+    // The same ports still not fitting on the next full sync are not logged again.
+    let log = logged(|| {
+        w.full_sync(e.state()).unwrap();
+    });
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 #[test]
 fn full_sync_repairs_drift_and_a_restart_adopts_without_writes() {
     let e = examples_engine();

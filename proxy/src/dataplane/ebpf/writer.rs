@@ -71,6 +71,10 @@ pub struct Writer<M> {
     /// Service ports left unprogrammed (or at their previous state) for lack of capacity,
     /// with the reason; retried by their next change and by every full sync.
     unprogrammed: BTreeMap<String, String>,
+    /// Ports newly left unprogrammed in the current pass: logged one by one up to
+    /// `LOG_EACH`, the rest counted (by reason) for one summary line at the pass's end.
+    newly_unprogrammed: usize,
+    unlogged: BTreeMap<String, usize>,
     /// The writes made while a dump is read without the writer (`start_journal`), to bring
     /// that dump up to date before a full sync uses it; with the journal's id.
     journal: Option<(u64, Vec<Op>)>,
@@ -85,6 +89,10 @@ impl<M> std::fmt::Debug for Writer<M> {
             .finish_non_exhaustive()
     }
 }
+
+/// How many newly unprogrammed ports one pass logs one by one; past it, one summary line
+/// (at 100k services with maps for 64k that is tens of thousands of ports).
+const LOG_EACH: usize = 10;
 
 /// The most writes a journal holds (about 50 MB); see `Writer::start_journal`.
 const JOURNAL_MAX: usize = 1 << 20;
@@ -154,6 +162,8 @@ impl<M: MapIo> Writer<M> {
             config: None,
             config6: None,
             unprogrammed: BTreeMap::new(),
+            newly_unprogrammed: 0,
+            unlogged: BTreeMap::new(),
             journal: None,
             journals: 0,
         }
@@ -229,13 +239,34 @@ impl<M: MapIo> Writer<M> {
     fn not_programmed(&mut self, key: &ServicePortKey, reason: &Exhausted, report: &mut Report) {
         let (port, reason) = (key.to_string(), reason.to_string());
         if self.unprogrammed.get(&port) != Some(&reason) {
-            tracing::error!(service_port = %port, %reason, "cannot program service: map capacity exhausted; its previous state (if any) stays");
+            self.newly_unprogrammed += 1;
+            if self.newly_unprogrammed <= LOG_EACH {
+                tracing::error!(service_port = %port, %reason, "cannot program service: map capacity exhausted; its previous state (if any) stays");
+            } else {
+                *self.unlogged.entry(reason.clone()).or_default() += 1;
+            }
         }
         report.capacity_errors.push(CapacityError {
             service_port: port.clone(),
             reason: reason.clone(),
         });
         self.unprogrammed.insert(port, reason);
+    }
+
+    /// The end of a pass: one line for the newly unprogrammed ports not logged one by one.
+    fn summarise_unprogrammed(&mut self) {
+        let (shown, unlogged) = (
+            std::mem::take(&mut self.newly_unprogrammed).min(LOG_EACH),
+            std::mem::take(&mut self.unlogged),
+        );
+        for (reason, count) in unlogged {
+            tracing::error!(
+                count,
+                %reason,
+                total_unprogrammed = self.unprogrammed.len(),
+                "cannot program {count} more service ports (beyond the {shown} above): map capacity exhausted; their previous state (if any) stays"
+            );
+        }
     }
 
     /// The service ports not programmed for lack of capacity right now, with the reason.
@@ -469,6 +500,7 @@ impl<M: MapIo> Writer<M> {
         for a in &changes.added {
             self.apply_port(&a.key, Some(a), &mut report)?;
         }
+        self.summarise_unprogrammed();
         Ok(report)
     }
 
@@ -619,6 +651,7 @@ impl<M: MapIo> Writer<M> {
         self.config6 = Some(c6);
         self.bases = bases;
         self.ports = desired;
+        self.summarise_unprogrammed();
         Ok(report)
     }
 
