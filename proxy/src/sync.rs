@@ -35,6 +35,9 @@ pub struct SyncTiming {
     pub retry: Duration,
 }
 
+/// The most port changes a sync applies inline (`Dataplane::applies_inline`).
+const INLINE_MAX: usize = 64;
+
 pub struct SyncLoop {
     store: Arc<Store>,
     /// Behind a mutex only to move it into the blocking pool and back; nothing else holds it.
@@ -276,6 +279,26 @@ impl SyncLoop {
             changed = changes.changed.len(),
             removed = changes.removed.len()
         );
+        // A small change to a backend that applies inline runs right here (see
+        // `Dataplane::applies_inline`); the lock is free unless a full sync holds it.
+        if !full && !links_changed && changes.len() <= INLINE_MAX {
+            let guard = match self.dataplane.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut dp) = guard.filter(|dp| dp.applies_inline()) {
+                let _enter = span.enter();
+                // A panic is handled as one on the blocking thread would be (the sync loop
+                // goes on, with a full sync).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    (dp.apply(&changes, &state), None, dp.capacity_problem())
+                }))
+                .map_err(|_| "the inline apply panicked".to_string());
+                drop(dp);
+                return self.synced(full, started, &out, r);
+            }
+        }
         let result = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut dp = dp.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -299,7 +322,27 @@ impl SyncLoop {
             let capacity = dp.capacity_problem();
             (state.and(links.unwrap_or(Ok(()))), problem, capacity)
         })
-        .await;
+        .await
+        .map_err(|e| e.to_string());
+        self.synced(full, started, &out, result)
+    }
+
+    /// The end of a sync attempt: health, metrics, hooks.
+    #[allow(clippy::type_complexity)]
+    fn synced(
+        &self,
+        full: bool,
+        started: Instant,
+        out: &SyncOutput,
+        result: Result<
+            (
+                Result<(), DataplaneError>,
+                Option<Option<String>>,
+                Option<String>,
+            ),
+            String,
+        >,
+    ) -> Result<(), ()> {
         // An interface without its program is a black hole for traffic from outside the
         // node: unhealthy at once (not only after the health timeout), until it attaches.
         // So is a service that did not fit the maps (as a failed sync is for kube-proxy).
@@ -382,7 +425,7 @@ impl SyncLoop {
                     "synced"
                 );
                 for h in &self.hooks {
-                    h(&out);
+                    h(out);
                 }
                 Ok(())
             }

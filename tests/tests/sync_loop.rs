@@ -136,7 +136,17 @@ async fn nothing_is_programmed_before_every_initial_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_within_min_sync_period_coalesce_into_one_apply() {
-    let rec = RecordingDataplane::default();
+    coalesce(false).await;
+}
+
+/// The same with a backend whose small applies run on the sync task itself (eBPF).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_within_min_sync_period_coalesce_into_one_inline_apply() {
+    coalesce(true).await;
+}
+
+async fn coalesce(inline: bool) {
+    let rec = RecordingDataplane::applying_inline(inline);
     let mut run = start(
         Box::new(rec.clone()),
         Duration::from_millis(400),
@@ -200,7 +210,16 @@ async fn full_resync_every_sync_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_apply_is_retried_as_a_full_sync_with_the_change() {
-    let rec = RecordingDataplane::default();
+    failed_apply_retried(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_inline_apply_is_retried_as_a_full_sync_with_the_change() {
+    failed_apply_retried(true).await;
+}
+
+async fn failed_apply_retried(inline: bool) {
+    let rec = RecordingDataplane::applying_inline(inline);
     // Call 1 is the initial full sync; call 2 (the first apply) fails.
     let faulty = FaultyDataplane::new(rec.clone(), vec![2]);
     let run = start(

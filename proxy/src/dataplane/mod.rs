@@ -50,6 +50,13 @@ pub trait Dataplane: Send {
     ) -> Result<(), DataplaneError> {
         self.full_sync(state)
     }
+    /// A small `apply` takes microseconds (map writes, no process to run), so the sync
+    /// loop runs it on its own task instead of handing it to a blocking thread and back:
+    /// each hand-off is a thread wake-up, which on a busy node is what a change's tail
+    /// latency is made of.
+    fn applies_inline(&self) -> bool {
+        false
+    }
     /// What this backend could not program for lack of capacity right now (for `/healthz`);
     /// `None` when everything fits.
     fn capacity_problem(&self) -> Option<String> {
@@ -145,9 +152,19 @@ pub enum Call {
 pub struct RecordingDataplane {
     pub calls: Arc<Mutex<Vec<(Instant, Call)>>>,
     pushed: Arc<tokio::sync::Notify>,
+    /// What `applies_inline` answers (the sync loop's two ways of running an apply).
+    pub inline: bool,
 }
 
 impl RecordingDataplane {
+    /// A recorder whose `applies_inline` answers `inline`.
+    pub fn applying_inline(inline: bool) -> Self {
+        RecordingDataplane {
+            inline,
+            ..RecordingDataplane::default()
+        }
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.timed_calls().into_iter().map(|(_, c)| c).collect()
     }
@@ -188,6 +205,9 @@ impl RecordingDataplane {
 impl Dataplane for RecordingDataplane {
     fn name(&self) -> &'static str {
         "recording"
+    }
+    fn applies_inline(&self) -> bool {
+        self.inline
     }
     fn apply(&mut self, changes: &ChangeSet, state: &DesiredState) -> Result<(), DataplaneError> {
         self.push(Call::Apply {
@@ -259,6 +279,9 @@ impl<D: Dataplane> Dataplane for FaultyDataplane<D> {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.tick()?;
         self.inner.cleanup()
+    }
+    fn applies_inline(&self) -> bool {
+        self.inner.applies_inline()
     }
     fn sync_links(&mut self, links: &[String], verify: bool) -> Result<(), DataplaneError> {
         self.inner.sync_links(links, verify)

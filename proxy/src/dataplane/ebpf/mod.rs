@@ -288,6 +288,10 @@ impl Dataplane for EbpfDataplane {
         Ok(())
     }
 
+    fn applies_inline(&self) -> bool {
+        true
+    }
+
     fn capacity_problem(&self) -> Option<String> {
         let u = self.writer.unprogrammed();
         let (port, reason) = u.iter().next()?;
