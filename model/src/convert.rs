@@ -451,7 +451,8 @@ pub fn endpoint_slice(
         ));
     }
 
-    let mut ports = Vec::new();
+    // Sized exactly: a million endpoints are held for as long as their slices live.
+    let mut ports = Vec::with_capacity(n_ports);
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         // A nil port means "all ports"; kube-proxy cannot program that and skips it.
         let Some(port) = p.port else { continue };
@@ -467,7 +468,7 @@ pub fn endpoint_slice(
         });
     }
 
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let Some(first) = ep.addresses.first() else {
             return Err(ModelError::MissingField {
