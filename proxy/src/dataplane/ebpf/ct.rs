@@ -10,7 +10,7 @@
 //! deleted flow is balanced again: a UDP client moves to a live endpoint, a TCP client
 //! gets a reset from one at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use switchyard_ebpf_common::{CT_REVERSE, Ct4Key, Ct4Value, Ct6Key, Ct6Value};
@@ -35,20 +35,35 @@ fn endpoint(addr: IpAddr, port: u16) -> Endpoint {
 
 /// For each service port's id, the endpoints its flows may still use: for UDP the ones
 /// balanced to, for other protocols every endpoint its slices list.
+/// Each list is sorted (a million endpoints at 100k services: a sorted slice costs a third
+/// of a hash set's memory, and a lookup is a handful of comparisons).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LiveEndpoints(pub HashMap<u32, HashSet<Endpoint>>);
+pub struct LiveEndpoints(pub HashMap<u32, Box<[Endpoint]>>);
+
+impl LiveEndpoints {
+    /// Set the endpoints of service port `id` (any order, duplicates allowed).
+    pub fn set(&mut self, id: u32, mut eps: Vec<Endpoint>) {
+        eps.sort_unstable();
+        eps.dedup();
+        self.0.insert(id, eps.into_boxed_slice());
+    }
+
+    pub fn contains(&self, id: u32, ep: &Endpoint) -> bool {
+        self.0
+            .get(&id)
+            .is_some_and(|eps| eps.binary_search(ep).is_ok())
+    }
+}
 
 pub fn live_endpoints<'a>(
     ports: impl Iterator<Item = (&'a ServicePortKey, &'a PortRender)>,
     state: &DesiredState,
 ) -> LiveEndpoints {
-    let mut out: HashMap<u32, HashSet<Endpoint>> = HashMap::new();
+    let mut out = LiveEndpoints::default();
     for (k, p) in ports {
-        out.entry(p.service_id)
-            .or_default()
-            .extend(port_live(k, p, state));
+        out.set(p.service_id, port_live(k, p, state));
     }
-    LiveEndpoints(out)
+    out
 }
 
 /// The endpoints one service port's flows may still use (see `LiveEndpoints`).
@@ -150,10 +165,7 @@ pub fn stale<V: Flow>(
         if v.is_reverse() {
             continue;
         }
-        let alive = endpoints
-            .0
-            .get(&v.service_id())
-            .is_some_and(|eps| eps.contains(&v.endpoint()));
+        let alive = endpoints.contains(v.service_id(), &v.endpoint());
         if !alive {
             out.push((k, v.reverse_key(proto)));
         }

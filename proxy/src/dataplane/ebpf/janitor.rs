@@ -178,18 +178,20 @@ fn run(dir: &Path, rx: &mpsc::Receiver<Request>, metrics: &Metrics) {
 /// endpoints at 100k services).
 #[derive(Default)]
 struct Index {
-    ports: HashMap<ServicePortKey, PortSummary>,
+    /// Each port's id and frontends (to take it out of `fronts` again); its live endpoints
+    /// are kept once, in `live`.
+    ports: HashMap<ServicePortKey, (u32, Box<[Endpoint]>)>,
     live: LiveEndpoints,
     fronts: socks::Frontends,
 }
 
 impl Index {
     fn set(&mut self, k: ServicePortKey, s: Option<PortSummary>) {
-        if let Some(old) = self.ports.remove(&k) {
-            self.live.0.remove(&old.service_id);
-            for f in &old.frontends {
+        if let Some((id, frontends)) = self.ports.remove(&k) {
+            self.live.0.remove(&id);
+            for f in &frontends {
                 if let Some(ids) = self.fronts.0.get_mut(f) {
-                    ids.retain(|id| *id != old.service_id);
+                    ids.retain(|x| *x != id);
                     if ids.is_empty() {
                         self.fronts.0.remove(f);
                     }
@@ -197,15 +199,12 @@ impl Index {
             }
         }
         if let Some(s) = s {
-            self.live
-                .0
-                .entry(s.service_id)
-                .or_default()
-                .extend(s.live.iter().copied());
+            self.live.set(s.service_id, s.live);
             for f in &s.frontends {
                 self.fronts.0.entry(*f).or_default().push(s.service_id);
             }
-            self.ports.insert(k, s);
+            self.ports
+                .insert(k, (s.service_id, s.frontends.into_boxed_slice()));
         }
     }
 }

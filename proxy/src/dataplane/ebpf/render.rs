@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use switchyard_ebpf_common::{
     BE_LOCAL, BackendValue, FE_NODEPORT, FE_SNAT, FE_SOURCE_RANGES, Frontend4Key, Frontend6Key,
@@ -100,14 +100,16 @@ fn setting(what: &str) -> &'static str {
     }
 }
 
-/// Ids `1..=limit`, reused after release.
+/// Ids `1..=limit`, reused after release. Which are in use is a bitmap: a million
+/// backend ids take 128 KiB instead of a 10 MB hash set.
 #[derive(Debug, Clone)]
 pub struct Ids {
     what: &'static str,
     limit: u32,
     next: u32,
     free: Vec<u32>,
-    used: HashSet<u32>,
+    used: Vec<u64>,
+    in_use: usize,
 }
 
 impl Ids {
@@ -117,20 +119,42 @@ impl Ids {
             limit,
             next: 1,
             free: Vec::new(),
-            used: HashSet::new(),
+            used: Vec::new(),
+            in_use: 0,
         }
+    }
+
+    fn is_used(&self, id: u32) -> bool {
+        self.used
+            .get((id / 64) as usize)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    /// Mark `id` used; false when it already was.
+    fn mark(&mut self, id: u32) -> bool {
+        let word = (id / 64) as usize;
+        if self.used.len() <= word {
+            self.used.resize(word + 1, 0);
+        }
+        let bit = 1 << (id % 64);
+        if self.used[word] & bit != 0 {
+            return false;
+        }
+        self.used[word] |= bit;
+        self.in_use += 1;
+        true
     }
 
     pub fn alloc(&mut self) -> Result<u32, Exhausted> {
         while let Some(id) = self.free.pop() {
-            if self.used.insert(id) {
+            if self.mark(id) {
                 return Ok(id);
             }
         }
         while self.next <= self.limit {
             let id = self.next;
             self.next += 1;
-            if self.used.insert(id) {
+            if self.mark(id) {
                 return Ok(id);
             }
         }
@@ -142,17 +166,19 @@ impl Ids {
 
     /// Claim a specific id (re-adopting what a previous run left in the kernel).
     pub fn reserve(&mut self, id: u32) -> bool {
-        id != 0 && id <= self.limit && self.used.insert(id)
+        id != 0 && id <= self.limit && self.mark(id)
     }
 
     pub fn release(&mut self, id: u32) {
-        if self.used.remove(&id) {
+        if self.is_used(id) {
+            self.used[(id / 64) as usize] &= !(1 << (id % 64));
+            self.in_use -= 1;
             self.free.push(id);
         }
     }
 
     pub fn in_use(&self) -> usize {
-        self.used.len()
+        self.in_use
     }
 }
 
@@ -162,10 +188,10 @@ impl Ids {
 /// port's ids: cloning its three strings per lookup was a third of a 100k-service sync).
 #[derive(Debug, Clone)]
 pub struct Allocator {
-    /// Per port, its set id for each view (0: none).
-    sets: HashMap<ServicePortKey, [u32; 3]>,
+    /// Per port, its set id for each view, then its service id (0: none); one map, not
+    /// two: each entry holds a clone of the port's key.
+    ports: HashMap<ServicePortKey, [u32; 4]>,
     set_ids: Ids,
-    services: HashMap<ServicePortKey, u32>,
     service_ids: Ids,
     backends: HashMap<(u32, IpAddr, u16), u32>,
     backend_ids: Ids,
@@ -181,12 +207,14 @@ fn view_index(view: View) -> usize {
 
 const VIEWS: [View; 3] = [View::Internal, View::Cluster, View::External];
 
+/// Where a port's service id sits among its ids (after the three views' sets).
+const SERVICE: usize = 3;
+
 impl Allocator {
     pub fn new(max_services: u32, max_backends: u32) -> Allocator {
         Allocator {
-            sets: HashMap::new(),
+            ports: HashMap::new(),
             set_ids: Ids::new("backend set", max_services.saturating_mul(3)),
-            services: HashMap::new(),
             // Service ids index the per-CPU counters array, sized by max_services.
             service_ids: Ids::new("service", max_services.saturating_sub(1)),
             backends: HashMap::new(),
@@ -195,7 +223,7 @@ impl Allocator {
     }
 
     fn set_id(&self, key: &ServicePortKey, view: View) -> Option<u32> {
-        self.sets
+        self.ports
             .get(key)
             .map(|ids| ids[view_index(view)])
             .filter(|id| *id != 0)
@@ -206,16 +234,23 @@ impl Allocator {
             return Ok(id);
         }
         let id = self.set_ids.alloc()?;
-        self.sets.entry(key.clone()).or_default()[view_index(view)] = id;
+        self.ports.entry(key.clone()).or_default()[view_index(view)] = id;
         Ok(id)
     }
 
+    fn service_id(&self, key: &ServicePortKey) -> Option<u32> {
+        self.ports
+            .get(key)
+            .map(|ids| ids[SERVICE])
+            .filter(|id| *id != 0)
+    }
+
     fn service(&mut self, key: &ServicePortKey) -> Result<u32, Exhausted> {
-        if let Some(id) = self.services.get(key) {
-            return Ok(*id);
+        if let Some(id) = self.service_id(key) {
+            return Ok(id);
         }
         let id = self.service_ids.alloc()?;
-        self.services.insert(key.clone(), id);
+        self.ports.entry(key.clone()).or_default()[SERVICE] = id;
         Ok(id)
     }
 
@@ -233,15 +268,15 @@ impl Allocator {
         if self.set_id(key, view).is_some() || !self.set_ids.reserve(id) {
             return false;
         }
-        self.sets.entry(key.clone()).or_default()[view_index(view)] = id;
+        self.ports.entry(key.clone()).or_default()[view_index(view)] = id;
         true
     }
 
     pub fn adopt_service(&mut self, key: &ServicePortKey, id: u32) -> bool {
-        if self.services.contains_key(key) || !self.service_ids.reserve(id) {
+        if self.service_id(key).is_some() || !self.service_ids.reserve(id) {
             return false;
         }
-        self.services.insert(key.clone(), id);
+        self.ports.entry(key.clone()).or_default()[SERVICE] = id;
         true
     }
 
@@ -269,22 +304,19 @@ impl Allocator {
         for s in &old.sets {
             if !new_sets.contains(&s.id) {
                 let slot = self
-                    .sets
+                    .ports
                     .get_mut(key)
                     .map(|ids| &mut ids[view_index(s.view)])
                     .filter(|id| **id == s.id);
                 match slot {
                     Some(id) => *id = 0,
                     None => {
-                        for ids in self.sets.values_mut() {
-                            for id in ids.iter_mut().filter(|id| **id == s.id) {
+                        for ids in self.ports.values_mut() {
+                            for id in ids[..SERVICE].iter_mut().filter(|id| **id == s.id) {
                                 *id = 0;
                             }
                         }
                     }
-                }
-                if self.sets.get(key).is_some_and(|ids| ids == &[0; 3]) {
-                    self.sets.remove(key);
                 }
                 self.set_ids.release(s.id);
             }
@@ -301,15 +333,20 @@ impl Allocator {
             }
         }
         if new.is_none()
-            && let Some(id) = self.services.remove(key)
+            && let Some(ids) = self.ports.get_mut(key)
+            && ids[SERVICE] != 0
         {
-            self.service_ids.release(id);
+            self.service_ids.release(ids[SERVICE]);
+            ids[SERVICE] = 0;
+        }
+        if self.ports.get(key).is_some_and(|ids| ids == &[0; 4]) {
+            self.ports.remove(key);
         }
     }
 
     /// The ids held for a port, as a render with no content (to release after a failure).
     pub fn port_ids(&self, key: &ServicePortKey) -> PortRender {
-        let ids = self.sets.get(key).copied().unwrap_or_default();
+        let ids = self.ports.get(key).copied().unwrap_or_default();
         let sets = VIEWS
             .iter()
             .zip(ids)
@@ -441,6 +478,7 @@ pub fn render_port(
             Route::Reject => flags |= SET_REJECT,
             Route::Drop => flags |= SET_DROP,
             Route::Backends(bs) => {
+                backends.reserve_exact(bs.len());
                 for b in bs {
                     backends.push((alloc.backend(id, b)?, backend_value(id, proto, b)));
                 }
@@ -598,7 +636,48 @@ pub fn render_port(
     out.sets.sort_by_key(|s| s.id);
     out.frontends4.sort_by_key(|(k, _)| *k);
     out.frontends6.sort_by_key(|(k, _)| *k);
+    // Held for as long as the port is programmed: no spare capacity from pushing.
+    out.sets.shrink_to_fit();
+    out.frontends4.shrink_to_fit();
+    out.frontends6.shrink_to_fit();
     out.ranges4.sort_unstable();
     out.ranges6.sort_unstable();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Ids;
+
+    #[test]
+    fn ids_run_to_the_limit_and_are_reused_after_release() {
+        let mut ids = Ids::new("backend", 200);
+        let got: Vec<u32> = (0..200).map(|_| ids.alloc().unwrap()).collect();
+        assert_eq!(got, (1..=200).collect::<Vec<_>>());
+        assert_eq!(ids.in_use(), 200);
+        let e = ids.alloc().unwrap_err();
+        assert_eq!(e.to_string(), "backend capacity 200 exhausted (raise maxBackends)");
+        // Released ids (across bitmap words) come back; a double release counts once.
+        ids.release(64);
+        ids.release(130);
+        ids.release(130);
+        assert_eq!(ids.in_use(), 198);
+        let mut again = [ids.alloc().unwrap(), ids.alloc().unwrap()];
+        again.sort_unstable();
+        assert_eq!(again, [64, 130]);
+        assert!(ids.alloc().is_err());
+    }
+
+    #[test]
+    fn reserved_ids_are_skipped_by_alloc() {
+        let mut ids = Ids::new("service", 1000);
+        assert!(ids.reserve(1) && ids.reserve(2) && ids.reserve(700));
+        assert!(!ids.reserve(2), "already held");
+        assert!(!ids.reserve(0) && !ids.reserve(1001), "outside 1..=limit");
+        assert_eq!(ids.alloc().unwrap(), 3);
+        ids.release(700);
+        assert_eq!(ids.alloc().unwrap(), 700);
+        assert_eq!(ids.in_use(), 4);
+    }
 }

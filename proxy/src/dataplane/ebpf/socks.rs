@@ -65,10 +65,10 @@ pub fn stale(
         .into_iter()
         .filter(|t| !local.contains(&t.endpoint))
         .filter(|t| {
-            !frontends.0.get(&t.frontend).is_some_and(|ids| {
-                ids.iter()
-                    .any(|id| live.0.get(id).is_some_and(|e| e.contains(&t.endpoint)))
-            })
+            !frontends
+                .0
+                .get(&t.frontend)
+                .is_some_and(|ids| ids.iter().any(|id| live.contains(*id, &t.endpoint)))
         })
         .map(|t| (t.cookie, t))
         .collect()
