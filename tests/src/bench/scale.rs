@@ -526,6 +526,28 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     let (c50, c99) = (pct(&mut changes, 0.5), pct(&mut changes, 0.99));
     let cmax = changes.iter().max().copied().unwrap_or_default();
 
+    // The harness's own share of those figures: the same kind of change, from the fake API
+    // server to a bare watch reader in the node namespace (no parsing, no daemon work).
+    let mut bare = Vec::new();
+    {
+        let rv = api.apply(Resource::EndpointSlice, slice_json(&services[0], &eps[0]));
+        let reader = BareWatch::start(&t, rv)?;
+        for k in 0..o.changes {
+            let i = usize::try_from((u64::from(k) * 6007 + 29) % u64::from(n))?;
+            let a = next_addr();
+            eps[i][3] = a;
+            reader.want(&a.to_string());
+            let t0 = Instant::now();
+            api.apply(Resource::EndpointSlice, slice_json(&services[i], &eps[i]));
+            bare.push(reader.seen(t0)?);
+            if !super::smoke() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let (b50, b99) = (pct(&mut bare, 0.5), pct(&mut bare, 0.99));
+    let bmax = bare.iter().max().copied().unwrap_or_default();
+
     // Churn: 1% of the slices per minute, evenly spread.
     let interval = Duration::from_secs_f64(6000.0 / f64::from(n));
     let churn_start = Instant::now();
@@ -656,6 +678,23 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             format!("{:.0}× (p50)", c50.as_secs_f64() * 1e9 / f.0)
         }),
         goal: "p99 ≤ 1 ms".into(),
+    });
+    rows.push(Row {
+        figure: "the harness alone: the same changes from the fake API server to a bare watch reader, p50 / p99 / max",
+        n,
+        ours: format!(
+            "{:.0} / {:.0} / {:.0} µs",
+            b50.as_secs_f64() * 1e6,
+            b99.as_secs_f64() * 1e6,
+            bmax.as_secs_f64() * 1e6
+        ),
+        peer: "the end-to-end row above".into(),
+        ratio: format!(
+            "{:.2} / {:.2} of it",
+            b50.as_secs_f64() / c50.as_secs_f64().max(1e-9),
+            b99.as_secs_f64() / c99.as_secs_f64().max(1e-9)
+        ),
+        goal: String::new(),
     });
     rows.push(Row {
         figure: "the same changes, the daemon's part (receipt → programmed, switchyard_change_to_programmed_seconds): p50 / p99 bucket",
@@ -821,4 +860,68 @@ fn dns_rows(n: u32, secs: u32) -> anyhow::Result<Vec<Row>> {
         ratio: format!("{:.2}×", ours.0 / knot.0),
         goal: "≥ 1.0×".into(),
     }])
+}
+
+/// A watch of EndpointSlices read as raw bytes on a thread of its own: when the text it was
+/// told to want appears, it notes the time.
+struct BareWatch {
+    want: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    seen: std::sync::mpsc::Receiver<Instant>,
+}
+
+impl BareWatch {
+    fn start(t: &Topo, rv: u64) -> anyhow::Result<BareWatch> {
+        use std::io::{Read, Write};
+        let mut s = in_netns(&t.node(), || {
+            std::net::TcpStream::connect(("127.0.0.1", API_PORT))
+        })??;
+        s.set_nodelay(true)?;
+        write!(
+            s,
+            "GET /apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion={rv} HTTP/1.1\r\nHost: api\r\n\r\n"
+        )?;
+        let want = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let (tx, seen) = std::sync::mpsc::channel();
+        let w = std::sync::Arc::clone(&want);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            // The tail of the previous read, so a match split between two reads is found.
+            let mut text = String::new();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let at = Instant::now();
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                let mut want = w.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if want.as_ref().is_some_and(|x| text.contains(x.as_str())) {
+                    *want = None;
+                    if tx.send(at).is_err() {
+                        return;
+                    }
+                }
+                let keep = text.len().saturating_sub(64);
+                let keep = (keep..text.len())
+                    .find(|i| text.is_char_boundary(*i))
+                    .unwrap_or(text.len());
+                text.drain(..keep);
+            }
+        });
+        Ok(BareWatch { want, seen })
+    }
+
+    fn want(&self, what: &str) {
+        *self
+            .want
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!("\"{what}\""));
+    }
+
+    fn seen(&self, since: Instant) -> anyhow::Result<Duration> {
+        let at = self
+            .seen
+            .recv_timeout(Duration::from_secs(10))
+            .context("the bare watch reader did not see the change within 10 s")?;
+        Ok(at.saturating_duration_since(since))
+    }
 }

@@ -657,7 +657,10 @@ mod tests {
         assert_eq!(got, (1..=200).collect::<Vec<_>>());
         assert_eq!(ids.in_use(), 200);
         let e = ids.alloc().unwrap_err();
-        assert_eq!(e.to_string(), "backend capacity 200 exhausted (raise maxBackends)");
+        assert_eq!(
+            e.to_string(),
+            "backend capacity 200 exhausted (raise maxBackends)"
+        );
         // Released ids (across bitmap words) come back; a double release counts once.
         ids.release(64);
         ids.release(130);
