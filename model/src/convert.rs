@@ -21,6 +21,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// The prefix of the annotations that select a dataplane option (`Service::annotations`).
+pub const ANNOTATION_PREFIX: &str = "switchyard.io/";
+
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 fn object_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -230,11 +233,15 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
         }
     }
 
-    let annotations: BTreeMap<String, String> = meta
-        .annotations
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
+    let no_annotations = BTreeMap::new();
+    let all_annotations = meta.annotations.as_ref().unwrap_or(&no_annotations);
+    // Only the annotations a dataplane reads are kept (the source ranges are read here):
+    // `kubectl.kubernetes.io/last-applied-configuration` alone is the whole object again,
+    // a kilobyte or more for every Service.
+    let annotations: BTreeMap<String, String> = all_annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut load_balancer_source_ranges = Vec::new();
     match spec
@@ -256,7 +263,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ModelError> {
             }
         }
         None => {
-            if let Some(v) = annotations.get(ANNOTATION_SOURCE_RANGES) {
+            if let Some(v) = all_annotations.get(ANNOTATION_SOURCE_RANGES) {
                 for r in v.split(',').filter(|r| !r.trim().is_empty()) {
                     let net = parse_source_range(r).map_err(|reason| {
                         ModelError::invalid(

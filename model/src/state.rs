@@ -527,7 +527,7 @@ pub fn compute_service(
                 annotations: svc
                     .annotations
                     .iter()
-                    .filter(|(k, _)| k.starts_with("switchyard.io/"))
+                    .filter(|(k, _)| k.starts_with(crate::convert::ANNOTATION_PREFIX))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             });

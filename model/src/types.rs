@@ -122,6 +122,7 @@ pub struct ServicePort {
 pub struct Service {
     pub key: ServiceKey,
     pub labels: BTreeMap<String, String>,
+    /// Only the `switchyard.io/` ones (`convert::ANNOTATION_PREFIX`).
     pub annotations: BTreeMap<String, String>,
     pub service_type: ServiceType,
     /// `spec.clusterIPs` (falling back to `spec.clusterIP`); empty for headless services.

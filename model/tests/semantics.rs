@@ -793,3 +793,42 @@ fn a_slice_beyond_the_api_servers_limits_is_refused_naming_it() {
         .collect();
     assert!(manifest::parse("ok.yaml", &slice("web-1", "web", "http", 8080, &eps)).is_ok());
 }
+
+/// A Service keeps only the annotations a dataplane reads; the source-ranges annotation
+/// still applies, and `last-applied-configuration` (the whole object again) is not held.
+#[test]
+fn only_switchyard_annotations_are_kept() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: lb
+  namespace: t
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"apiVersion":"v1","kind":"Service"}'
+    service.beta.kubernetes.io/load-balancer-source-ranges: 10.1.0.0/16
+    switchyard.io/lb-algorithm: maglev
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  ports: [{name: http, port: 80, protocol: TCP, nodePort: 30050}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.5}]
+"#;
+    let svc = manifest::parse("lb.yaml", yaml).unwrap().services.remove(0);
+    assert_eq!(
+        svc.annotations
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["switchyard.io/lb-algorithm"]
+    );
+    assert_eq!(
+        svc.load_balancer_source_ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["10.1.0.0/16"]
+    );
+}
