@@ -524,12 +524,8 @@ pub fn compute_service(
                     svc.load_balancer_source_ranges.clone()
                 },
                 health_check_node_port: svc.health_check_node_port.filter(|_| etp_local),
-                annotations: svc
-                    .annotations
-                    .iter()
-                    .filter(|(k, _)| k.starts_with(crate::convert::ANNOTATION_PREFIX))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+                // Only `switchyard.io/` ones: conversion keeps no others.
+                annotations: svc.annotations.clone(),
             });
         }
     }

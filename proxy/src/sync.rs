@@ -38,6 +38,17 @@ pub struct SyncTiming {
 /// The most port changes a sync applies inline (`Dataplane::applies_inline`).
 const INLINE_MAX: usize = 64;
 
+/// What a sync attempt returns from the dataplane: the sync's result, the interfaces'
+/// problem (`None`: links not synced), the capacity problem; `Err`: it panicked.
+type Attempt = Result<
+    (
+        Result<(), DataplaneError>,
+        Option<Option<String>>,
+        Option<String>,
+    ),
+    String,
+>;
+
 pub struct SyncLoop {
     store: Arc<Store>,
     /// Behind a mutex only to move it into the blocking pool and back; nothing else holds it.
@@ -280,7 +291,8 @@ impl SyncLoop {
             removed = changes.removed.len()
         );
         // A small change to a backend that applies inline runs right here (see
-        // `Dataplane::applies_inline`); the lock is free unless a full sync holds it.
+        // `Dataplane::applies_inline`). Only this loop takes the lock, so it is free; a
+        // lock found held falls back to the blocking thread rather than wait on this task.
         if !full && !links_changed && changes.len() <= INLINE_MAX {
             let guard = match self.dataplane.try_lock() {
                 Ok(g) => Some(g),
@@ -328,20 +340,12 @@ impl SyncLoop {
     }
 
     /// The end of a sync attempt: health, metrics, hooks.
-    #[allow(clippy::type_complexity)]
     fn synced(
         &self,
         full: bool,
         started: Instant,
         out: &SyncOutput,
-        result: Result<
-            (
-                Result<(), DataplaneError>,
-                Option<Option<String>>,
-                Option<String>,
-            ),
-            String,
-        >,
+        result: Attempt,
     ) -> Result<(), ()> {
         // An interface without its program is a black hole for traffic from outside the
         // node: unhealthy at once (not only after the health timeout), until it attaches.

@@ -380,6 +380,18 @@ fn until_backend(
     }
 }
 
+/// p50, p99 and max of `v`.
+fn quantiles(v: &mut [Duration]) -> (Duration, Duration, Duration) {
+    let max = v.iter().max().copied().unwrap_or_default();
+    (pct(v, 0.5), pct(v, 0.99), max)
+}
+
+/// `p50 / p99 / max µs`.
+fn micros3((a, b, c): (Duration, Duration, Duration)) -> String {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    format!("{:.0} / {:.0} / {:.0} µs", us(a), us(b), us(c))
+}
+
 fn mib(v: (f64, f64)) -> String {
     format!("{:.0} MiB ({:.0} anon)", v.0, v.1)
 }
@@ -523,8 +535,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     let metric_p99 = bucket_quantile(&before, &after, 0.99);
     let measured_mean =
         changes.iter().sum::<Duration>().as_secs_f64() / f64::from(o.changes.max(1));
-    let (c50, c99) = (pct(&mut changes, 0.5), pct(&mut changes, 0.99));
-    let cmax = changes.iter().max().copied().unwrap_or_default();
+    let (c50, c99, cmax) = quantiles(&mut changes);
 
     // The harness's own share of those figures: the same kind of change, from the fake API
     // server to a bare watch reader in the node namespace (no parsing, no daemon work).
@@ -545,8 +556,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
             }
         }
     }
-    let (b50, b99) = (pct(&mut bare, 0.5), pct(&mut bare, 0.99));
-    let bmax = bare.iter().max().copied().unwrap_or_default();
+    let (b50, b99, bmax) = quantiles(&mut bare);
 
     // Churn: 1% of the slices per minute, evenly spread.
     let interval = Duration::from_secs_f64(6000.0 / f64::from(n));
@@ -665,12 +675,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     rows.push(Row {
         figure: "one endpoint change (200 over 36 s), watch event → maps, p50 / p99 / max",
         n,
-        ours: format!(
-            "{:.0} / {:.0} / {:.0} µs",
-            c50.as_secs_f64() * 1e6,
-            c99.as_secs_f64() * 1e6,
-            cmax.as_secs_f64() * 1e6
-        ),
+        ours: micros3((c50, c99, cmax)),
         peer: floor.map_or(NO_PEERS.into(), |f| {
             format!("{:.2} µs (one single update)", f.0 / 1000.0)
         }),
@@ -682,12 +687,7 @@ fn size(n: u32, o: &Opts, floor: Option<(f64, f64)>) -> anyhow::Result<Vec<Row>>
     rows.push(Row {
         figure: "the harness alone: the same changes from the fake API server to a bare watch reader, p50 / p99 / max",
         n,
-        ours: format!(
-            "{:.0} / {:.0} / {:.0} µs",
-            b50.as_secs_f64() * 1e6,
-            b99.as_secs_f64() * 1e6,
-            bmax.as_secs_f64() * 1e6
-        ),
+        ours: micros3((b50, b99, bmax)),
         peer: "the end-to-end row above".into(),
         ratio: format!(
             "{:.2} / {:.2} of it",

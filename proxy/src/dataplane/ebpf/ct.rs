@@ -35,6 +35,7 @@ fn endpoint(addr: IpAddr, port: u16) -> Endpoint {
 
 /// For each service port's id, the endpoints its flows may still use: for UDP the ones
 /// balanced to, for other protocols every endpoint its slices list.
+///
 /// Each list is sorted (a million endpoints at 100k services: a sorted slice costs a third
 /// of a hash set's memory, and a lookup is a handful of comparisons).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -124,19 +124,22 @@ impl Ids {
         }
     }
 
+    /// The word of the bitmap that holds `id`, and its bit there.
+    fn bit(id: u32) -> (usize, u64) {
+        ((id / 64) as usize, 1 << (id % 64))
+    }
+
     fn is_used(&self, id: u32) -> bool {
-        self.used
-            .get((id / 64) as usize)
-            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+        let (word, bit) = Ids::bit(id);
+        self.used.get(word).is_some_and(|w| w & bit != 0)
     }
 
     /// Mark `id` used; false when it already was.
     fn mark(&mut self, id: u32) -> bool {
-        let word = (id / 64) as usize;
+        let (word, bit) = Ids::bit(id);
         if self.used.len() <= word {
             self.used.resize(word + 1, 0);
         }
-        let bit = 1 << (id % 64);
         if self.used[word] & bit != 0 {
             return false;
         }
@@ -171,7 +174,8 @@ impl Ids {
 
     pub fn release(&mut self, id: u32) {
         if self.is_used(id) {
-            self.used[(id / 64) as usize] &= !(1 << (id % 64));
+            let (word, bit) = Ids::bit(id);
+            self.used[word] &= !bit;
             self.in_use -= 1;
             self.free.push(id);
         }
